@@ -1,0 +1,150 @@
+"""The codec seam: pure functions from a flat float32 vector (plus codec state) to bytes and back.
+
+A codec turns one update (a delta or a gradient, flat float32 in manifest order, see
+``sdk.bundle``) into the bytes an ``Update`` carries, and back. Codecs are named; a *codec spec*
+``"name:k=v,k2=v2"`` names a codec and its parameters, so the bytes on the wire say how to decode
+them. State (e.g. the error-feedback residual of sparsifying codecs) is a dict of numpy arrays so it
+can be saved with safetensors, never with pickle.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping, Protocol, runtime_checkable
+
+import numpy as np
+
+from ..errors import ConfigError, WireError
+from .dense import DenseCodec
+
+CodecState = dict[str, np.ndarray]
+ParamValue = bool | int | float | str
+
+# Names and keys must not contain the spec's separators (':', ',', '=').
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@runtime_checkable
+class Codec(Protocol):
+    """What every codec provides. ``lossless`` is True when ``decode(encode(v)) == v`` exactly."""
+
+    name: str
+    lossless: bool
+
+    def encode(
+        self, vector: np.ndarray, state: CodecState | None, params: Mapping[str, Any]
+    ) -> tuple[bytes, CodecState | None]:
+        """Bytes for ``vector`` and the codec's next state (``None`` for stateless codecs)."""
+        ...
+
+    def decode(self, data: bytes, size: int, params: Mapping[str, Any]) -> np.ndarray:
+        """A writable float32 vector of shape ``(size,)``; malformed ``data`` raises WireError."""
+        ...
+
+
+_REGISTRY: dict[str, Codec] = {}
+
+
+def register(codec: Codec) -> None:
+    """Make ``codec`` available by its name. Registering the same object twice is a no-op."""
+    if not isinstance(codec, Codec):
+        raise ConfigError(f"{codec!r} is not a codec: it needs name, lossless, encode and decode")
+    name = codec.name
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ConfigError(f"codec name {name!r} is invalid: use letters, digits, '_', '-', '.'")
+    existing = _REGISTRY.get(name)
+    if existing is not None and existing is not codec:
+        raise ConfigError(f"codec {name!r} is already registered ({existing!r})")
+    _REGISTRY[name] = codec
+
+
+def get_codec(name: str) -> Codec:
+    """The registered codec called ``name``; an unknown name raises WireError listing the known ones."""
+    codec = _REGISTRY.get(name) if isinstance(name, str) else None
+    if codec is None:
+        raise WireError(f"unknown codec {name!r} (known: {', '.join(codec_names()) or 'none'})")
+    return codec
+
+
+def codec_names() -> tuple[str, ...]:
+    """Names of the registered codecs, sorted."""
+    return tuple(sorted(_REGISTRY))
+
+
+def _parse_value(text: str) -> ParamValue:
+    # Numbers and booleans are typed so codecs need not parse them; anything else stays a string.
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_codec_spec(spec: str) -> tuple[str, dict[str, ParamValue]]:
+    """Split ``"name:k=v,k2=v2"`` into ``("name", {"k": v, "k2": v2})``.
+
+    Values that read as ``true``/``false``, an int or a float are converted; others stay strings.
+    Bad syntax (empty name, missing ``=``, empty or repeated key, empty value) raises ConfigError.
+    """
+    if not isinstance(spec, str):
+        raise ConfigError(f"codec spec must be a string, got {type(spec).__name__}")
+    name, sep, rest = spec.strip().partition(":")
+    name = name.strip()
+    if not _NAME_RE.match(name):
+        raise ConfigError(f"codec spec {spec!r}: bad codec name {name!r}")
+    params: dict[str, ParamValue] = {}
+    if not sep:
+        return name, params
+    if not rest.strip():
+        raise ConfigError(f"codec spec {spec!r}: ':' must be followed by k=v parameters")
+    for item in rest.split(","):
+        key, eq, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq or not _KEY_RE.match(key) or not value:
+            raise ConfigError(f"codec spec {spec!r}: expected key=value, got {item.strip()!r}")
+        if key in params:
+            raise ConfigError(f"codec spec {spec!r}: parameter {key!r} given twice")
+        params[key] = _parse_value(value)
+    return name, params
+
+
+def _format_value(value: ParamValue) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()  # the way _parse_value reads booleans
+    if isinstance(value, float):
+        return repr(value)  # every digit, so the number reads back exactly
+    return str(value)
+
+
+def format_codec_spec(name: str, params: Mapping[str, ParamValue] | None = None) -> str:
+    """The spec string that ``parse_codec_spec`` reads back as ``(name, params)``."""
+    if not _NAME_RE.match(name):
+        raise ConfigError(f"bad codec name {name!r}")
+    if not params:
+        return name
+    items = []
+    for key, value in sorted(params.items()):
+        text = _format_value(value)
+        if not _KEY_RE.match(key) or not text or any(c in text for c in ":,=") or text != text.strip():
+            raise ConfigError(f"codec parameter {key}={value!r} cannot be written in a spec")
+        items.append(f"{key}={text}")
+    return f"{name}:{','.join(items)}"
+
+
+# Built-in codecs, available as soon as the package is imported.
+register(DenseCodec())
+
+__all__ = [
+    "Codec",
+    "CodecState",
+    "DenseCodec",
+    "codec_names",
+    "format_codec_spec",
+    "get_codec",
+    "parse_codec_spec",
+    "register",
+]

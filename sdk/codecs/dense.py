@@ -1,0 +1,42 @@
+"""The ``dense`` codec: the vector's raw float32 bytes, little-endian. Lossless; the baseline every
+compressing codec is measured against."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..errors import WireError
+
+# Explicit little-endian so big-endian peers read the same numbers.
+_WIRE_DTYPE = np.dtype("<f4")
+
+
+class DenseCodec:
+    """Raw float32 little-endian; stateless (any state passed in is handed back unchanged)."""
+
+    name = "dense"
+    lossless = True
+
+    def encode(
+        self, vector: np.ndarray, state: dict[str, np.ndarray] | None, params: Mapping[str, Any]
+    ) -> tuple[bytes, dict[str, np.ndarray] | None]:
+        # Any byte order of float32 is fine: the bytes are written little-endian either way.
+        if not isinstance(vector, np.ndarray) or vector.ndim != 1 or vector.dtype.newbyteorder("=") != np.float32:
+            raise WireError(
+                f"dense codec: expected a 1-D float32 vector, got {getattr(vector, 'dtype', type(vector).__name__)} "
+                f"with shape {getattr(vector, 'shape', '?')}"
+            )
+        return vector.astype(_WIRE_DTYPE, copy=False).tobytes(), state
+
+    def decode(self, data: bytes, size: int, params: Mapping[str, Any]) -> np.ndarray:
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 0:
+            raise WireError(f"dense codec: size must be a non-negative int, got {size!r}")
+        expected = 4 * int(size)
+        if len(data) != expected:
+            raise WireError(f"dense codec: {len(data)} bytes for {size} float32 values (expected {expected})")
+        # astype copies: the result is writable and does not pin the frame's buffer.
+        return np.frombuffer(data, dtype=_WIRE_DTYPE).astype(np.float32)
+
+    def __repr__(self) -> str:
+        return "DenseCodec()"

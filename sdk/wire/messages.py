@@ -1,0 +1,254 @@
+"""The five messages devices and the aggregator exchange. Field names are the protocol: every field
+except ``payload`` travels in a frame's JSON header, so renaming one breaks peers.
+
+Constructors validate and normalise (lists -> tuples, ints -> floats where a float is meant, mappings
+-> plain dicts of JSON values) and raise WireError naming the field, so a message decoded from a frame
+is exactly as trustworthy as one built in code.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, Mapping
+
+from ..errors import WireError
+
+PAYLOAD_KINDS = ("params", "delta", "none")
+_MAX_JSON_DEPTH = 32  # hyperparams / info are small config trees; deeper is a bug or an attack
+
+
+def _fail(owner: object, name: str, problem: str) -> WireError:
+    return WireError(f"{type(owner).__name__}.{name}: {problem}")
+
+
+def _set(owner: object, name: str, value: Any) -> None:
+    object.__setattr__(owner, name, value)  # normalising a frozen dataclass in __post_init__
+
+
+def _check_str(owner: object, name: str, allow_empty: bool = False) -> None:
+    value = getattr(owner, name)
+    if not isinstance(value, str):
+        raise _fail(owner, name, f"expected a string, got {type(value).__name__}")
+    if not allow_empty and not value:
+        raise _fail(owner, name, "must not be empty")
+
+
+def _check_count(owner: object, name: str) -> None:
+    value = getattr(owner, name)
+    # bool is an int subclass; True as a round id is a bug, not a number.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _fail(owner, name, f"expected an int, got {type(value).__name__}")
+    if value < 0:
+        raise _fail(owner, name, f"must be >= 0, got {value}")
+
+
+def _check_bool(owner: object, name: str) -> None:
+    value = getattr(owner, name)
+    if not isinstance(value, bool):
+        raise _fail(owner, name, f"expected a bool, got {type(value).__name__}")
+
+
+def _as_float(owner: object, name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _fail(owner, name, f"expected a number, got {type(value).__name__}")
+    try:
+        return float(value)
+    except OverflowError as exc:  # an int too large for a double
+        raise _fail(owner, name, f"number out of range ({exc})") from None
+
+
+def _check_bytes(owner: object, name: str) -> None:
+    value = getattr(owner, name)
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise _fail(owner, name, f"expected bytes, got {type(value).__name__}")
+    if not isinstance(value, bytes):
+        _set(owner, name, bytes(value))
+
+
+def _check_float_map(owner: object, name: str) -> None:
+    """str -> float; NaN and inf are allowed because a diverging loss must still be reportable."""
+    value = getattr(owner, name)
+    if not isinstance(value, Mapping):
+        raise _fail(owner, name, f"expected a mapping, got {type(value).__name__}")
+    result: dict[str, float] = {}
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise _fail(owner, name, f"keys must be strings, got {key!r}")
+        result[key] = _as_float(owner, f"{name}[{key!r}]", item)
+    _set(owner, name, result)
+
+
+def _json_value(owner: object, path: str, value: Any, depth: int = 0) -> Any:
+    """A copy of ``value`` made of dict/list/str/int/float/bool/None only, or WireError naming the path."""
+    if depth > _MAX_JSON_DEPTH:
+        raise _fail(owner, path, f"nested deeper than {_MAX_JSON_DEPTH} levels")
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise _fail(owner, path, f"keys must be strings, got {key!r}")
+            out[key] = _json_value(owner, f"{path}[{key!r}]", item, depth + 1)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_json_value(owner, f"{path}[{i}]", item, depth + 1) for i, item in enumerate(value)]
+    raise _fail(owner, path, f"{type(value).__name__} is not JSON-able")
+
+
+def _check_json_map(owner: object, name: str) -> None:
+    value = getattr(owner, name)
+    if not isinstance(value, Mapping):
+        raise _fail(owner, name, f"expected a mapping, got {type(value).__name__}")
+    _set(owner, name, _json_value(owner, name, value))
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """Aggregator -> devices: round ``round_id`` starts from ``model_version``; ``selected`` devices
+    train and answer before ``deadline_unix_s``. The payload is the model (``params``), a change to
+    apply (``delta``), or nothing (``none``), encoded with ``codec`` (a codec spec)."""
+
+    round_id: int
+    model_version: int
+    strategy: str
+    selected: tuple[str, ...]
+    deadline_unix_s: float
+    hyperparams: Mapping[str, Any]
+    payload_kind: str
+    codec: str
+    payload: bytes
+
+    def __post_init__(self) -> None:
+        _check_count(self, "round_id")
+        _check_count(self, "model_version")
+        _check_str(self, "strategy")
+        if not isinstance(self.selected, (list, tuple)):
+            raise _fail(self, "selected", f"expected a list of device ids, got {type(self.selected).__name__}")
+        if not all(isinstance(d, str) and d for d in self.selected):
+            raise _fail(self, "selected", "every device id must be a non-empty string")
+        _set(self, "selected", tuple(self.selected))
+        deadline = _as_float(self, "deadline_unix_s", self.deadline_unix_s)
+        if not math.isfinite(deadline):
+            raise _fail(self, "deadline_unix_s", f"must be finite, got {deadline}")
+        _set(self, "deadline_unix_s", deadline)
+        _check_json_map(self, "hyperparams")
+        _check_str(self, "payload_kind")
+        if self.payload_kind not in PAYLOAD_KINDS:
+            raise _fail(self, "payload_kind", f"{self.payload_kind!r} is not one of {PAYLOAD_KINDS}")
+        _check_str(self, "codec")
+        _check_bytes(self, "payload")
+        if self.payload_kind == "none" and self.payload:
+            raise _fail(self, "payload", f"payload_kind 'none' but {len(self.payload)} payload bytes")
+
+
+@dataclass(frozen=True)
+class Update:
+    """Device -> aggregator: the device's contribution to ``round_id``, computed from
+    ``model_version`` over ``num_examples`` examples. ``update_id`` is unique per attempt so the
+    aggregator can drop QoS 1 redeliveries; ``codec`` is the spec that decodes ``payload``."""
+
+    device_id: str
+    round_id: int
+    model_version: int
+    update_id: str
+    num_examples: int
+    codec: str
+    payload: bytes
+    metrics: Mapping[str, float]
+
+    def __post_init__(self) -> None:
+        _check_str(self, "device_id")
+        _check_count(self, "round_id")
+        _check_count(self, "model_version")
+        _check_str(self, "update_id")
+        _check_count(self, "num_examples")
+        _check_str(self, "codec")
+        _check_bytes(self, "payload")
+        _check_float_map(self, "metrics")
+
+
+@dataclass(frozen=True)
+class Ack:
+    """Aggregator -> device: whether update ``update_id`` was accepted; ``reason`` is a short code when not."""
+
+    device_id: str
+    round_id: int
+    update_id: str
+    accepted: bool
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        _check_str(self, "device_id")
+        _check_count(self, "round_id")
+        _check_str(self, "update_id")
+        _check_bool(self, "accepted")
+        _check_str(self, "reason", allow_empty=True)
+
+
+@dataclass(frozen=True)
+class Status:
+    """Device -> everyone: online or not (the offline one is the MQTT last will), plus free-form info."""
+
+    device_id: str
+    online: bool
+    info: Mapping[str, Any]
+
+    def __post_init__(self) -> None:
+        _check_str(self, "device_id")
+        _check_bool(self, "online")
+        _check_json_map(self, "info")
+
+
+@dataclass(frozen=True)
+class DeviceMetrics:
+    """Device -> aggregator: measurements for one round (latency_s, bytes_up, joules…)."""
+
+    device_id: str
+    round_id: int
+    values: Mapping[str, float]
+
+    def __post_init__(self) -> None:
+        _check_str(self, "device_id")
+        _check_count(self, "round_id")
+        _check_float_map(self, "values")
+
+
+Message = Announcement | Update | Ack | Status | DeviceMetrics
+MESSAGE_CLASSES: tuple[type, ...] = (Announcement, Update, Ack, Status, DeviceMetrics)
+
+
+def header_fields(message: Message) -> dict[str, Any]:
+    """Every field except ``payload``, as JSON-able values (tuples become lists)."""
+    header = {f.name: getattr(message, f.name) for f in fields(message) if f.name != "payload"}
+    if "selected" in header:
+        header["selected"] = list(header["selected"])
+    return header
+
+
+def has_payload(cls: type) -> bool:
+    return any(f.name == "payload" for f in fields(cls))
+
+
+def from_header(cls: type, header: Mapping[str, Any], payload: bytes) -> Message:
+    """Build ``cls`` from a decoded header (+ payload); missing or unknown fields raise WireError."""
+    names = {f.name for f in fields(cls)} - {"payload"}
+    required = {
+        f.name for f in fields(cls)
+        if f.name != "payload" and f.default is MISSING and f.default_factory is MISSING
+    }
+    unknown = sorted(set(header) - names)
+    if unknown:
+        raise WireError(f"bad header: {cls.__name__} has no field(s) {', '.join(unknown)}")
+    missing = sorted(required - set(header))
+    if missing:
+        raise WireError(f"bad header: {cls.__name__} is missing field(s) {', '.join(missing)}")
+    kwargs = dict(header)
+    if has_payload(cls):
+        kwargs["payload"] = payload
+    elif payload:
+        raise WireError(f"bad length: {cls.__name__} carries no payload but the frame has {len(payload)} bytes")
+    try:
+        return cls(**kwargs)
+    except WireError as exc:
+        raise WireError(f"bad header: {exc}") from None
