@@ -15,6 +15,9 @@ from .errors import ConfigError, EdgetrainError
 COMMAND_MODULES: tuple[str, ...] = (
     "export.cli",
     "sdk.local_train",
+    "sdk.device_cli",
+    "aggregator.cli",
+    "aggregator.simulate",
 )
 
 

@@ -1,0 +1,120 @@
+"""``edgetrain aggregate``: the server side of a fleet, over a broker."""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from sdk.cli_args import add_broker_args, broker_config, limit_threads, positive_float, positive_int
+
+
+def add_round_args(p: argparse.ArgumentParser) -> None:
+    """Flags shared by ``aggregate`` and ``simulate``: strategy, selection, local training, validation."""
+    g = p.add_argument_group("rounds")
+    g.add_argument("--rounds", type=positive_int, default=10, help="rounds to run (default 10)")
+    g.add_argument("--strategy", default="fedavg",
+                   help="fedavg | fedprox | fedavgm | fedadam | fedyogi | fedadagrad (default fedavg)")
+    g.add_argument("--fraction", type=positive_float, default=1.0, help="C: share of live devices per round (default 1)")
+    g.add_argument("--min-devices", type=positive_int, default=2, help="M: fewer updates → the round is retried (default 2)")
+    g.add_argument("--round-timeout", type=positive_float, default=120.0, help="round deadline in seconds (default 120)")
+    g.add_argument("--join-timeout", type=positive_float, default=180.0,
+                   help="seconds to wait for M live devices before a round (default 180)")
+    g.add_argument("--local-epochs", type=positive_int, default=1, help="E (default 1)")
+    g.add_argument("--batch-size", type=positive_int, default=32, help="B (default 32)")
+    g.add_argument("--lr", type=positive_float, default=0.05, help="device learning rate (default 0.05)")
+    g.add_argument("--momentum", type=float, default=0.9, help="device SGD momentum (default 0.9)")
+    g.add_argument("--prox-mu", type=float, default=0.01, help="FedProx mu (fedprox only; default 0.01)")
+    g.add_argument("--server-lr", type=positive_float, help="server learning rate (fedavgm, fedadam…)")
+    g.add_argument("--server-momentum", type=float, help="server momentum (fedavgm)")
+    g.add_argument("--codec", default="dense", help="uplink codec spec NAME[:k=v,…] (default dense)")
+    g.add_argument("--max-norm", type=positive_float, help="reject updates whose L2 norm exceeds this")
+    g.add_argument("--max-examples", type=positive_int, help="cap the example count a device may claim")
+    g.add_argument("--seed", type=int, default=0, help="selection seed (default 0)")
+    g.add_argument("--eval-examples", type=positive_int, help="evaluate on the first N test examples only")
+    g.add_argument("--data-dir", type=Path, help="Fashion-MNIST IDX directory")
+    g.add_argument("--threads", type=positive_int, help="intra-op threads for evaluation")
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("aggregate", help="run rounds for a fleet over a broker",
+                              description="Run federated rounds: choose devices, announce, collect and validate "
+                                          "updates, aggregate, evaluate, checkpoint.")
+    add_broker_args(p)
+    p.add_argument("--fleet", required=True, help="fleet name")
+    p.add_argument("--bundle", required=True, type=Path, help="training bundle directory")
+    p.add_argument("--out", type=Path, default=Path("runs/aggregate"), help="run directory (default runs/aggregate)")
+    p.add_argument("--resume", action="store_true", help="continue from the last completed round in --out")
+    add_round_args(p)
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.set_defaults(func=run)
+
+
+def make_strategy_from_args(args: argparse.Namespace):
+    from .strategy import make_strategy
+
+    kwargs: dict[str, Any] = dict(fraction=args.fraction, min_devices=args.min_devices, local_epochs=args.local_epochs,
+                                  batch_size=args.batch_size, lr=args.lr, momentum=args.momentum)
+    if args.strategy == "fedprox":
+        kwargs["mu"] = args.prox_mu
+    if args.server_lr is not None:
+        kwargs["server_lr"] = args.server_lr
+    if args.server_momentum is not None:
+        kwargs["server_momentum"] = args.server_momentum
+    return make_strategy(args.strategy, **kwargs)
+
+
+def build_aggregator(args: argparse.Namespace, broker, out_dir: Path, bundle: Path, fleet: str, resume: bool):
+    """The service with its strategy, evaluation runtime and test data, from parsed flags."""
+    from sdk.bundle import load_manifest, read_initial_parameters
+    from sdk.data import load_split, to_model_input
+    from sdk.runtime import load_runtime
+    from sdk.transport import Transport
+
+    from .service import Aggregator, AggregatorConfig
+
+    config = AggregatorConfig(fleet=fleet, out_dir=out_dir, rounds=args.rounds, round_timeout_s=args.round_timeout,
+                              join_timeout_s=args.join_timeout, seed=args.seed, resume=resume,
+                              uplink_codec=args.codec, max_norm=args.max_norm, max_examples=args.max_examples)
+    strategy = make_strategy_from_args(args)
+    manifest = load_manifest(bundle)
+    runtime = load_runtime(bundle, manifest)
+    limit_threads(args.threads)
+    test = load_split("test", args.data_dir)
+    n = args.eval_examples or len(test.labels)
+    test_data = (to_model_input(test.images[:n], manifest.input_mean, manifest.input_std), test.labels[:n])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # A fresh run starts a clean session; a resumed one picks up updates queued while it was down.
+    transport = Transport(broker, client_id=f"edgetrain-aggregator-{fleet}", clean_start=not resume)
+    return Aggregator(config, strategy, transport, runtime, read_initial_parameters(bundle, manifest), test_data)
+
+
+def print_round(progress) -> None:
+    """One line per finished round; a live counter on a terminal."""
+    if progress.record is None:
+        if sys.stderr.isatty():
+            print(f"\rround {progress.round_id}/{progress.rounds}: {progress.reported}/{progress.chosen} updates",
+                  end="", file=sys.stderr, flush=True)
+        return
+    r = progress.record
+    acc = "   -  " if r.accuracy is None else f"{100 * r.accuracy:5.2f}%"
+    rejected = sum(r.devices_rejected.values())
+    print(f"\rround {r.round_id:3d}/{progress.rounds}  acc {acc}  updates {r.devices_reported}/{r.devices_chosen}"
+          f"  rejected {rejected}  up {r.bytes_up / 1e6:7.2f} MB  down {r.bytes_down / 1e6:7.2f} MB"
+          f"  {r.round_wall_s:6.1f} s" + ("  (retried)" if r.retried else ""), flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level, format="%(asctime)s aggregator %(levelname)s %(message)s")
+    aggregator = build_aggregator(args, broker_config(args), args.out, args.bundle, args.fleet, args.resume)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    records = aggregator.run(stop, on_progress=print_round)
+    final = records[-1] if records else None
+    if final is not None and final.accuracy is not None:
+        print(f"final test accuracy {100 * final.accuracy:.2f}% after round {final.round_id}; results in {args.out}")
+    return 0

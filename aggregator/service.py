@@ -1,0 +1,336 @@
+"""The aggregator service: rounds over the broker, on top of the pure pieces.
+
+Each round: wait for enough live devices → ``strategy.configure_round`` → announce (retained) →
+collect until every chosen device reported or the deadline passed → ``validate_update`` on every
+update before the strategy sees it → ``strategy.aggregate`` (streaming) → evaluate → checkpoint
+atomically → one line in ``metrics.jsonl``. Too few updates by the deadline: the round is announced
+again with a new deadline (updates already accepted are kept; devices that already answered skip
+it), at most ``max_attempts`` times. Network callbacks only queue; everything else runs here.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from sdk import topics, wire
+from sdk.codecs import get_codec, parse_codec_spec
+from sdk.errors import ConfigError, EdgetrainError, UpdateRejected, WireError
+from sdk.runtime import Runtime
+from sdk.transport import Transport
+
+from .checkpoint import Checkpoint, load_latest, rng_from_state, rng_state, save_checkpoint
+from .results import MetricsLog, RoundRecord, plot_run, write_summary
+from .strategy import Strategy
+from .validation import REJECT_DUPLICATE, ValidationContext, validate_update
+
+_log = logging.getLogger(__name__)
+
+
+class RunStopped(EdgetrainError):
+    """The run was asked to stop (signal, or the simulation lost its devices) before it finished."""
+
+
+@dataclass(frozen=True)
+class AggregatorConfig:
+    fleet: str
+    out_dir: Path
+    rounds: int
+    round_timeout_s: float = 60.0
+    join_timeout_s: float = 120.0  # how long to wait for enough live devices before a round
+    max_attempts: int = 3  # announcements of one round before the run fails
+    seed: int = 0
+    resume: bool = False
+    uplink_codec: str = "dense"  # codec spec the devices are told to use
+    max_norm: float | None = None
+    max_examples: int | None = None
+    eval_every: int = 1
+
+    def __post_init__(self) -> None:
+        topics.validate_name(self.fleet, "fleet")
+        if self.rounds < 1:
+            raise ConfigError(f"rounds must be >= 1, got {self.rounds}")
+        if not self.round_timeout_s > 0:
+            raise ConfigError(f"round timeout must be > 0 s, got {self.round_timeout_s}")
+        if self.max_attempts < 1:
+            raise ConfigError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        get_codec(parse_codec_spec(self.uplink_codec)[0])  # unknown codec: fail before any round
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the service reports to a progress display while a round runs."""
+
+    round_id: int
+    rounds: int
+    reported: int
+    chosen: int
+    record: RoundRecord | None = None  # set once the round closed
+
+
+@dataclass
+class _RoundTally:
+    bytes_up: int = 0
+    bytes_down: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    detail: list[str] = field(default_factory=list)
+    capped: int = 0
+
+
+class Aggregator:
+    """Runs ``config.rounds`` rounds of ``strategy`` over ``transport``; evaluates with ``runtime``."""
+
+    def __init__(self, config: AggregatorConfig, strategy: Strategy, transport: Transport, runtime: Runtime,
+                 initial_params: np.ndarray, test_data: tuple[np.ndarray, np.ndarray]) -> None:
+        self.config = config
+        self.strategy = strategy
+        self.transport = transport
+        self.runtime = runtime
+        self.params = initial_params.astype(np.float32, copy=True)
+        self.test_x, self.test_y = test_data
+        self.model_version = 0
+        self.next_round = 1
+        self.rng = np.random.default_rng(config.seed)
+        self.live: set[str] = set()
+        self.seen_update_ids: set[str] = set()
+        self.metrics = MetricsLog(config.out_dir)
+        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self._reassemblers: dict[str, wire.Reassembler] = {}
+        self._early: list[tuple[str, wire.Update, int]] = []  # updates for the round about to open
+        self._stop = threading.Event()
+        if config.resume:
+            self._restore()
+
+    # -- resume ----------------------------------------------------------------------------
+    def _restore(self) -> None:
+        ckpt = load_latest(self.config.out_dir)
+        if ckpt is None:
+            _log.info("no checkpoint in %s; starting from round 1", self.config.out_dir)
+            self.metrics.truncate_after(0)
+            return
+        self.params = ckpt.params.copy()
+        self.model_version = ckpt.model_version
+        self.next_round = ckpt.round_completed + 1
+        self.rng = rng_from_state(ckpt.rng_state)
+        self.strategy.load_state_dict(ckpt.strategy_state, ckpt.strategy_meta)
+        dropped = self.metrics.truncate_after(ckpt.round_completed)
+        _log.info("resumed after round %d (model version %d); %d metric line(s) after it dropped",
+                  ckpt.round_completed, ckpt.model_version, dropped)
+
+    # -- network → queue --------------------------------------------------------------------
+    def _enqueue(self, topic: str, payload: bytes) -> None:  # network thread: only queue
+        self._inbox.put((topic, payload))
+
+    def start(self) -> None:
+        fleet = self.config.fleet
+        for topic_filter in (topics.update_filter(fleet), topics.status_filter(fleet)):
+            self.transport.subscribe(topic_filter, self._enqueue)
+        self.transport.connect()
+
+    def _pump(self, until: Callable[[], bool], deadline_mono: float, tally: _RoundTally | None,
+              ctx: ValidationContext | None) -> None:
+        """Handle incoming messages until ``until()`` holds or the monotonic deadline passes."""
+        while not until():
+            if self._stop.is_set():
+                raise RunStopped(f"stopped during round {self.next_round}; --resume continues from the last "
+                                 "completed round")
+            left = deadline_mono - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                topic, payload = self._inbox.get(timeout=min(left, 0.2))
+            except queue.Empty:
+                continue
+            self._handle(topic, payload, tally, ctx)
+
+    def _handle(self, topic: str, payload: bytes, tally: _RoundTally | None, ctx: ValidationContext | None) -> None:
+        fleet = self.config.fleet
+        kind = topic.split("/")[2] if topic.count("/") >= 3 else ""
+        try:
+            device = topics.device_from_topic(topic, fleet, kind)
+        except EdgetrainError:
+            _log.warning("message on unexpected topic %r ignored", topic)
+            return
+        if kind == "status":
+            self._on_status(device, payload)
+            return
+        if tally is not None:
+            tally.bytes_up += len(payload)
+        try:
+            message = self._reassemblers.setdefault(device, wire.Reassembler()).feed(payload)
+        except WireError as exc:
+            self._count_rejection(tally, "malformed", f"frame on {topic}: {exc}")
+            return
+        if message is None:
+            return  # a chunk; the message is not whole yet
+        if not isinstance(message, wire.Update):
+            self._count_rejection(tally, "malformed", f"{type(message).__name__} on update topic {topic}")
+            return
+        if ctx is None:
+            if message.round_id == self.next_round and message.model_version == self.model_version:
+                self._early.append((device, message, len(payload)))  # e.g. queued while we restarted
+            else:
+                self._reject(device, message, UpdateRejected("wrong_round", "no round is open"), None)
+            return
+        self._on_update(device, message, tally, ctx)
+
+    def _on_status(self, device: str, payload: bytes) -> None:
+        if not payload:
+            return  # a cleared retained status
+        try:
+            status = wire.decode(payload)
+        except WireError as exc:
+            _log.warning("malformed status from %s: %s", device, exc)
+            return
+        if not isinstance(status, wire.Status) or status.device_id != device:
+            _log.warning("status on %s's topic names %r; ignored", device, getattr(status, "device_id", None))
+            return
+        (self.live.add if status.online else self.live.discard)(device)
+
+    def _on_update(self, device: str, update: wire.Update, tally: _RoundTally | None,
+                   ctx: ValidationContext) -> None:
+        try:
+            valid = validate_update(update, topic_device=device, ctx=ctx)
+        except UpdateRejected as rejection:
+            self._reject(device, update, rejection, tally)
+            return
+        self.strategy.accumulate(valid.vector, valid.num_examples, valid.device_id)
+        ctx.mark_accepted(update)
+        if tally is not None and valid.capped:
+            tally.capped += 1
+            tally.detail.append(f"{device}: example count {valid.claimed_examples} capped to {valid.num_examples}")
+        self._ack(device, update, True, "", tally)
+
+    def _reject(self, device: str, update: wire.Update, rejection: UpdateRejected, tally: _RoundTally | None) -> None:
+        self._count_rejection(tally, rejection.reason, str(rejection))
+        # An update we already hold (QoS 1 redelivery, outbox re-send) is acknowledged as accepted, so
+        # the device stops re-sending it; it is still counted once only.
+        already_held = rejection.reason == REJECT_DUPLICATE and update.update_id in self.seen_update_ids
+        if update.device_id == device:  # never ack on behalf of a spoofed sender
+            self._ack(device, update, already_held, rejection.reason, tally)
+
+    def _count_rejection(self, tally: _RoundTally | None, reason: str, detail: str) -> None:
+        _log.warning("rejected (%s): %s", reason, detail)
+        if tally is not None:
+            tally.rejected[reason] += 1
+            tally.detail.append(detail)
+
+    def _ack(self, device: str, update: wire.Update, accepted: bool, reason: str, tally: _RoundTally | None) -> None:
+        frame = wire.encode(wire.Ack(device_id=device, round_id=update.round_id, update_id=update.update_id,
+                                     accepted=accepted, reason=reason))
+        self.transport.publish(topics.ack_topic(self.config.fleet, device), frame)
+        if tally is not None:
+            tally.bytes_down += len(frame)
+
+    # -- rounds ----------------------------------------------------------------------------
+    def _wait_for_devices(self) -> list[str]:
+        needed = getattr(self.strategy, "client", None)
+        minimum = needed.min_devices if needed is not None else 1
+        deadline = time.monotonic() + self.config.join_timeout_s
+        self._pump(lambda: len(self.live) >= minimum, deadline, None, None)
+        if len(self.live) < minimum:
+            raise EdgetrainError(f"only {len(self.live)} device(s) live in fleet {self.config.fleet!r} after "
+                                 f"{self.config.join_timeout_s:.0f} s; {minimum} needed (are the devices running "
+                                 "and pointed at the same broker and fleet?)")
+        # Let devices that start together all say hello before the first selection.
+        self._pump(lambda: False, time.monotonic() + 0.2, None, None)
+        return sorted(self.live)
+
+    def _announce(self, round_id: int, selected: tuple[str, ...], hyper: dict, deadline_unix_s: float) -> int:
+        frame = wire.encode(wire.Announcement(
+            round_id=round_id, model_version=self.model_version, strategy=self.strategy.name, selected=selected,
+            deadline_unix_s=deadline_unix_s, hyperparams=hyper, payload_kind="params", codec="dense",
+            payload=self.params.tobytes()))
+        self.transport.publish(topics.announce_topic(self.config.fleet), frame, retain=True, timeout_s=30)
+        return len(frame) * len(selected)  # every chosen device downloads it
+
+    def run_round(self, round_id: int, on_progress: Callable[[Progress], None] | None = None) -> RoundRecord:
+        started = time.monotonic()
+        plan = self.strategy.configure_round(round_id, self._wait_for_devices(), self.rng)
+        hyper = {**plan.hyperparams, "codec": self.config.uplink_codec}
+        selected = set(plan.selected)
+        self.strategy.begin_round(self.params)
+        tally = _RoundTally()
+        ctx = ValidationContext(round_id=round_id, model_version=self.model_version, selected=frozenset(selected),
+                                num_params=self.params.size, max_norm=self.config.max_norm,
+                                max_examples=self.config.max_examples, seen_update_ids=self.seen_update_ids)
+        minimum = getattr(getattr(self.strategy, "client", None), "min_devices", 1)
+        attempts = 0
+        while True:
+            attempts += 1
+            deadline_mono = time.monotonic() + self.config.round_timeout_s
+            tally.bytes_down += self._announce(round_id, tuple(sorted(selected)), hyper,
+                                               time.time() + self.config.round_timeout_s)
+            early, self._early = self._early, []
+            for device, update, size in early:
+                tally.bytes_up += size
+                self._on_update(device, update, tally, ctx)
+
+            def round_done() -> bool:
+                if on_progress:
+                    on_progress(Progress(round_id, self.config.rounds, len(ctx.reported_devices), len(selected)))
+                # Waiting on devices that went offline (last will) gains nothing.
+                return not (ctx.pending_devices() & self.live)
+
+            self._pump(round_done, deadline_mono, tally, ctx)
+            if len(ctx.reported_devices) >= minimum:
+                break
+            if attempts >= self.config.max_attempts:
+                raise EdgetrainError(f"round {round_id}: {len(ctx.reported_devices)} of the {minimum} updates needed "
+                                     f"after {attempts} attempt(s); giving up")
+            # Retry: keep what arrived, add live devices that have not answered to the selection.
+            spare = sorted(self.live - ctx.reported_devices)
+            selected = set(ctx.reported_devices) | set(spare[: max(len(selected), minimum)])
+            ctx.selected = frozenset(selected)
+            _log.warning("round %d: only %d update(s) by the deadline, %d needed; announcing again (attempt %d)",
+                         round_id, len(ctx.reported_devices), minimum, attempts + 1)
+        self.params, info = self.strategy.aggregate(self.params)
+        self.model_version += 1
+        accuracy = loss = None
+        if round_id % self.config.eval_every == 0 or round_id == self.config.rounds:
+            self.runtime.set_parameters(self.params)
+            result = self.runtime.evaluate(self.test_x, self.test_y)
+            accuracy, loss = result.accuracy, result.loss
+        record = RoundRecord(
+            round_id=round_id, model_version=self.model_version, accuracy=accuracy, loss=loss,
+            devices_chosen=len(selected), devices_reported=len(ctx.reported_devices),
+            devices_rejected=dict(tally.rejected), rejected_detail=tuple(tally.detail), bytes_up=tally.bytes_up,
+            bytes_down=tally.bytes_down, round_wall_s=time.monotonic() - started, retried=attempts > 1,
+            total_examples=info.total_examples, devices_timed_out=len(ctx.pending_devices()),
+            extra={"attempts": attempts, "capped": tally.capped, "step_norm": info.step_norm})
+        save_checkpoint(self.config.out_dir, Checkpoint(
+            round_completed=round_id, model_version=self.model_version, params=self.params,
+            strategy_state=self.strategy.state_dict(), strategy_meta=self.strategy.state_meta(),
+            rng_state=rng_state(self.rng)))
+        self.metrics.append(record)  # after the checkpoint: a resumed run truncates anything beyond it
+        if on_progress:
+            on_progress(Progress(round_id, self.config.rounds, record.devices_reported, record.devices_chosen, record))
+        return record
+
+    def run(self, stop: threading.Event | None = None,
+            on_progress: Callable[[Progress], None] | None = None) -> list[RoundRecord]:
+        """All remaining rounds; then ``summary.json`` and the plots. Returns every round's record."""
+        self._stop = stop or threading.Event()
+        self.start()
+        try:
+            while self.next_round <= self.config.rounds:
+                self.run_round(self.next_round, on_progress)
+                self.next_round += 1
+            # Clear the retained announcement so a device joining later does not train a finished run.
+            self.transport.publish(topics.announce_topic(self.config.fleet), b"", retain=True)
+        finally:
+            self.transport.close()
+        records = self.metrics.read()
+        write_summary(self.config.out_dir, records, {"fleet": self.config.fleet, "strategy": self.strategy.name,
+                                                    "num_params": int(self.params.size)})
+        if records:
+            plot_run(self.config.out_dir)
+        return records
+

@@ -1,0 +1,148 @@
+"""``edgetrain simulate``: N device processes + the aggregator on one machine, through a real broker.
+
+By default a private Mosquitto on a free loopback port (stopped afterwards); ``--broker URL`` uses a
+running one. Devices are separate processes that live across rounds (paying interpreter and torch
+start-up once) with one intra-op thread each, so N devices share the cores without oversubscribing
+them; everything they exchange with the aggregator crosses the broker as wire frames.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from sdk.cli_args import add_broker_args, broker_config, positive_int
+
+from .cli import add_round_args, build_aggregator, print_round
+
+_log = logging.getLogger(__name__)
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("simulate", help="N devices + aggregator on this machine over a real broker",
+                              description="Run a whole fleet on this machine: a private Mosquitto (or --broker), "
+                                          "N device processes and the aggregator.")
+    add_broker_args(p, default=None)
+    p.add_argument("--devices", type=positive_int, default=10, help="number of device processes (default 10)")
+    p.add_argument("--partition", default="iid", help="iid | dirichlet:ALPHA | shards[:K] (default iid)")
+    p.add_argument("--model", default="cnn", choices=["cnn", "mlp"], help="model to export when no --bundle")
+    p.add_argument("--bundle", type=Path, help="use this bundle instead of exporting one")
+    p.add_argument("--out", type=Path, help="run directory (default runs/simulate-<time>)")
+    p.add_argument("--fleet", default="sim", help="fleet name (default sim)")
+    p.add_argument("--limit-examples", type=positive_int, help="each device uses at most N examples (CI-size runs)")
+    p.add_argument("--device-threads", type=positive_int, default=1, help="intra-op threads per device (default 1)")
+    add_round_args(p)
+    p.set_defaults(func=run, min_devices=None)
+    p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def _export_bundle(model: str, out: Path, seed: int) -> Path:
+    from export.bundle_writer import export_bundle
+    from export.models import default_config
+
+    bundle = out / "bundle"
+    if not (bundle / "manifest.json").is_file():
+        export_bundle(model, default_config(model), runtime="torch", out_dir=bundle, seed=seed,
+                      optimizer={"name": "sgd"})
+    return bundle
+
+
+def _spawn_devices(args: argparse.Namespace, broker_url: str, bundle: Path, out: Path) -> list[subprocess.Popen]:
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.device_threads), PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(_REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    (out / "devices").mkdir(parents=True, exist_ok=True)
+    procs = []
+    for i in range(args.devices):
+        device_id = f"dev-{i:03d}"
+        cmd = [sys.executable, "-m", "sdk.cli", "device", "--broker", broker_url, "--fleet", args.fleet,
+               "--device-id", device_id, "--bundle", str(bundle), "--partition", args.partition,
+               "--seed", str(args.seed), "--index", str(i), "--count", str(args.devices),
+               "--state-dir", str(out / "devices" / device_id), "--threads", str(args.device_threads)]
+        for flag, value in (("--data-dir", args.data_dir), ("--limit-examples", args.limit_examples),
+                            ("--username", args.username), ("--ca-file", args.ca_file),
+                            ("--cert-file", args.cert_file), ("--key-file", args.key_file)):
+            if value is not None:
+                cmd += [flag, str(value)]
+        log = open(out / "devices" / f"{device_id}.log", "ab")
+        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
+        log.close()
+    return procs
+
+
+def _watch(procs: list[subprocess.Popen], needed: int, stop: threading.Event, out: Path) -> None:
+    """Stop the run if so many devices die that no round can reach its minimum."""
+    while not stop.wait(1.0):
+        alive = sum(p.poll() is None for p in procs)
+        if alive < needed:
+            logs = sorted((out / "devices").glob("*.log"))
+            tail = logs[0].read_text(errors="replace").splitlines()[-5:] if logs else []
+            print(f"simulate: only {alive} device process(es) alive, {needed} needed; stopping. "
+                  f"First device log ends:\n  " + "\n  ".join(tail), file=sys.stderr)
+            stop.set()
+
+
+def _stop_devices(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _summary_table(records: list, wall_s: float) -> str:
+    accs = [r.accuracy for r in records if r.accuracy is not None]
+    rows = [("rounds", f"{len(records)}"),
+            ("final test accuracy", f"{100 * accs[-1]:.2f}%" if accs else "-"),
+            ("best test accuracy", f"{100 * max(accs):.2f}%" if accs else "-"),
+            ("uplink", f"{sum(r.bytes_up for r in records) / 1e6:.2f} MB"),
+            ("downlink", f"{sum(r.bytes_down for r in records) / 1e6:.2f} MB"),
+            ("rejected updates", f"{sum(sum(r.devices_rejected.values()) for r in records)}"),
+            ("wall time", f"{wall_s:.1f} s")]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .local_broker import LocalMosquitto
+
+    logging.basicConfig(level=args.log_level, format="%(asctime)s simulate %(levelname)s %(message)s")
+    started = time.monotonic()
+    if args.min_devices is None:
+        args.min_devices = max(1, min(2, args.devices))
+    out = args.out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    bundle = args.bundle or _export_bundle(args.model, out, args.seed)
+    local = None
+    if args.broker is None:
+        local = LocalMosquitto(out / "broker", persistence=False)
+        args.broker = local.url
+        print(f"simulate: private Mosquitto on {local.url}", flush=True)
+    procs: list[subprocess.Popen] = []
+    stop = threading.Event()
+    try:
+        procs = _spawn_devices(args, args.broker, bundle, out)
+        print(f"simulate: {args.devices} devices ({args.partition}), {args.strategy}, {args.rounds} rounds; "
+              f"results in {out}", flush=True)
+        threading.Thread(target=_watch, args=(procs, args.min_devices, stop, out), daemon=True).start()
+        aggregator = build_aggregator(args, broker_config(args), out, bundle, args.fleet, resume=False)
+        records = aggregator.run(stop, on_progress=print_round)
+    finally:
+        stop.set()
+        _stop_devices(procs)
+        if local is not None:
+            local.stop()
+    print("simulate: summary\n" + _summary_table(records, time.monotonic() - started), flush=True)
+    return 0

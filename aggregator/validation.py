@@ -1,0 +1,170 @@
+"""The one gate every update passes before any strategy sees it.
+
+``validate_update`` either returns a ``ValidatedUpdate`` (the decoded float32 delta, its example
+count capped at the configured maximum) or raises ``sdk.errors.UpdateRejected`` whose ``reason``
+is one of the ``REJECT_*`` codes below; the aggregator acks the device with that code and counts
+it in the round's metrics. Checks run cheapest and most telling first: header facts (sender,
+round, model version, duplicates, example count), then the codec, then the decoded numbers.
+
+The context is per round and mutable: the caller calls ``ctx.mark_accepted(update)`` only once the
+update is actually folded in, so a rejected update never blocks a correct retry.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from sdk.codecs import get_codec, parse_codec_spec
+from sdk.errors import ConfigError, UpdateRejected, WireError
+
+if TYPE_CHECKING:  # only for the annotation: the wire module is the protocol's owner
+    from sdk.wire.messages import Update
+
+REJECT_SPOOFED_SENDER = "spoofed_sender"  # update.device_id differs from the topic it arrived on
+REJECT_UNKNOWN_DEVICE = "unknown_device"  # not selected for this round
+REJECT_WRONG_ROUND = "wrong_round"  # a past (late) or future round
+REJECT_WRONG_MODEL_VERSION = "wrong_model_version"  # trained from other global parameters
+REJECT_DUPLICATE = "duplicate"  # update_id already seen, or the device already reported this round
+REJECT_BAD_EXAMPLE_COUNT = "bad_example_count"  # num_examples <= 0
+REJECT_UNKNOWN_CODEC = "unknown_codec"  # unparsable spec, unregistered or not allowed here
+REJECT_UNDECODABLE = "undecodable"  # the codec refused the payload bytes
+REJECT_WRONG_SHAPE = "wrong_shape"  # decoded vector is not (num_params,)
+REJECT_NON_FINITE = "non_finite"  # NaN or Inf anywhere
+REJECT_NORM_TOO_LARGE = "norm_too_large"  # L2 norm above ctx.max_norm
+
+REJECT_REASONS: tuple[str, ...] = (
+    REJECT_SPOOFED_SENDER, REJECT_UNKNOWN_DEVICE, REJECT_WRONG_ROUND, REJECT_WRONG_MODEL_VERSION,
+    REJECT_DUPLICATE, REJECT_BAD_EXAMPLE_COUNT, REJECT_UNKNOWN_CODEC, REJECT_UNDECODABLE,
+    REJECT_WRONG_SHAPE, REJECT_NON_FINITE, REJECT_NORM_TOO_LARGE,
+)
+
+
+@dataclass
+class ValidationContext:
+    """What the aggregator expects in the current round, plus what it has already accepted.
+
+    ``seen_update_ids`` may be carried across rounds (QoS 1 redeliveries can arrive late);
+    ``reported_devices`` is per round. ``allowed_codecs`` (codec names, None = any registered)
+    limits what this server accepts; codec parameters travel in the update's codec spec.
+    """
+
+    round_id: int
+    model_version: int
+    selected: frozenset[str]
+    num_params: int
+    max_norm: float | None = None
+    max_examples: int | None = None
+    allowed_codecs: frozenset[str] | None = None
+    seen_update_ids: set[str] = field(default_factory=set)
+    reported_devices: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.selected = frozenset(self.selected)
+        if self.allowed_codecs is not None:
+            self.allowed_codecs = frozenset(self.allowed_codecs)
+        if self.num_params < 1:
+            raise ConfigError(f"num_params must be >= 1, got {self.num_params}")
+        if self.max_norm is not None and not (self.max_norm > 0):
+            raise ConfigError(f"max_norm must be > 0 or None, got {self.max_norm}")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ConfigError(f"max_examples must be >= 1 or None, got {self.max_examples}")
+
+    def mark_accepted(self, update: Update) -> None:
+        """Record an update the caller has folded in, so a redelivery or a second one is a duplicate."""
+        self.seen_update_ids.add(update.update_id)
+        self.reported_devices.add(update.device_id)
+
+    def pending_devices(self) -> frozenset[str]:
+        """Selected devices that have not reported yet."""
+        return self.selected - self.reported_devices
+
+
+@dataclass(frozen=True, eq=False)
+class ValidatedUpdate:
+    """An accepted update: the decoded delta and the example count to weight it by.
+
+    ``capped`` is True when the device claimed more than ``ctx.max_examples``; ``num_examples``
+    is then the cap and ``claimed_examples`` what the device said (log it, it may be lying).
+    """
+
+    device_id: str
+    update_id: str
+    vector: np.ndarray  # float32, shape (num_params,)
+    num_examples: int
+    claimed_examples: int
+    capped: bool
+    norm: float  # L2 norm of ``vector``
+
+
+def _reject(reason: str, update: Update, detail: str) -> UpdateRejected:
+    return UpdateRejected(reason, f"update {update.update_id!r} from {update.device_id!r}: {detail}")
+
+
+def _check_header(update: Update, topic_device: str, ctx: ValidationContext) -> None:
+    if update.device_id != topic_device:
+        raise _reject(REJECT_SPOOFED_SENDER, update, f"arrived on the topic of device {topic_device!r}")
+    if update.round_id != ctx.round_id:
+        when = "past" if update.round_id < ctx.round_id else "future"
+        raise _reject(REJECT_WRONG_ROUND, update, f"is for {when} round {update.round_id}, current is {ctx.round_id}")
+    if update.device_id not in ctx.selected:
+        raise _reject(REJECT_UNKNOWN_DEVICE, update, f"device was not selected for round {ctx.round_id}")
+    if update.model_version != ctx.model_version:
+        raise _reject(REJECT_WRONG_MODEL_VERSION, update,
+                      f"trained from model version {update.model_version}, round uses {ctx.model_version}")
+    if update.update_id in ctx.seen_update_ids:
+        raise _reject(REJECT_DUPLICATE, update, "update_id already accepted")
+    if update.device_id in ctx.reported_devices:
+        raise _reject(REJECT_DUPLICATE, update, f"device already reported for round {ctx.round_id}")
+    count = update.num_examples
+    if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
+        raise _reject(REJECT_BAD_EXAMPLE_COUNT, update, f"num_examples must be a positive int, got {count!r}")
+
+
+def _decode(update: Update, ctx: ValidationContext) -> np.ndarray:
+    try:
+        name, params = parse_codec_spec(update.codec)
+        codec = get_codec(name)
+    except (ConfigError, WireError) as exc:
+        raise _reject(REJECT_UNKNOWN_CODEC, update, str(exc)) from None
+    if ctx.allowed_codecs is not None and name not in ctx.allowed_codecs:
+        raise _reject(REJECT_UNKNOWN_CODEC, update,
+                      f"codec {name!r} is not accepted here (allowed: {', '.join(sorted(ctx.allowed_codecs))})")
+    try:
+        decoded = codec.decode(update.payload, ctx.num_params, params)
+    except (WireError, ConfigError) as exc:  # ConfigError: the spec's parameters are wrong for the codec
+        raise _reject(REJECT_UNDECODABLE, update, str(exc)) from None
+    vector = np.asarray(decoded)
+    if vector.shape != (ctx.num_params,):
+        raise _reject(REJECT_WRONG_SHAPE, update, f"decoded shape {vector.shape}, expected ({ctx.num_params},)")
+    return vector.astype(np.float32, copy=False)
+
+
+def validate_update(update: Update, *, topic_device: str, ctx: ValidationContext) -> ValidatedUpdate:
+    """Decode and check ``update`` for the round in ``ctx``; raise UpdateRejected(reason, detail) if bad.
+
+    Does not change ``ctx``: call ``ctx.mark_accepted(update)`` once the update is folded in.
+    """
+    _check_header(update, topic_device, ctx)
+    vector = _decode(update, ctx)
+    if not np.isfinite(vector).all():
+        bad = int(np.size(vector) - np.count_nonzero(np.isfinite(vector)))
+        raise _reject(REJECT_NON_FINITE, update, f"{bad} NaN/Inf value(s) in the decoded update")
+    # float64 so that a large but finite float32 vector does not overflow to an infinite norm.
+    vector64 = vector.astype(np.float64)
+    norm = math.sqrt(float(np.dot(vector64, vector64)))
+    if ctx.max_norm is not None and norm > ctx.max_norm:
+        raise _reject(REJECT_NORM_TOO_LARGE, update, f"L2 norm {norm:.6g} exceeds the bound {ctx.max_norm:.6g}")
+    claimed = int(update.num_examples)
+    capped = ctx.max_examples is not None and claimed > ctx.max_examples
+    return ValidatedUpdate(
+        device_id=update.device_id,
+        update_id=update.update_id,
+        vector=vector,
+        num_examples=ctx.max_examples if capped and ctx.max_examples is not None else claimed,
+        claimed_examples=claimed,
+        capped=capped,
+        norm=norm,
+    )

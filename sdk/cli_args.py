@@ -1,0 +1,66 @@
+"""Command-line pieces shared by several subcommands (broker, data, threads)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import ConfigError
+
+DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
+PASSWORD_ENV = "EDGETRAIN_BROKER_PASSWORD"
+
+
+def add_broker_args(parser: argparse.ArgumentParser, default: str | None = DEFAULT_BROKER) -> None:
+    group = parser.add_argument_group("broker")
+    group.add_argument("--broker", default=default, metavar="URL",
+                       help="mqtt://host[:port] or mqtts://host[:port]" + (f" (default {default})" if default else ""))
+    group.add_argument("--username", help="broker user name")
+    group.add_argument("--password", help=f"broker password (better: set {PASSWORD_ENV})")
+    group.add_argument("--ca-file", type=Path, help="CA certificate that signed the broker's certificate (mqtts)")
+    group.add_argument("--cert-file", type=Path, help="client certificate, where the broker requires one")
+    group.add_argument("--key-file", type=Path, help="client private key")
+
+
+def broker_config(args: argparse.Namespace):  # -> sdk.transport.BrokerConfig (imports paho)
+    from .transport import BrokerConfig
+
+    for flag in ("ca_file", "cert_file", "key_file"):
+        path = getattr(args, flag)
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"--{flag.replace('_', '-')} {path}: no such file")
+    password = args.password if args.password is not None else os.environ.get(PASSWORD_ENV)
+    extra = {k: v for k, v in (("username", args.username), ("password", password)) if v is not None}
+    return BrokerConfig.parse(args.broker, ca_file=args.ca_file, cert_file=args.cert_file,
+                              key_file=args.key_file, **extra)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
+    return value
+
+
+def limit_threads(threads: int | None) -> None:
+    """Cap intra-op threads of whatever numeric library the runtime loaded (one per device process
+    keeps N simulated devices from oversubscribing the cores)."""
+    if threads is None:
+        return
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)

@@ -1,0 +1,211 @@
+"""The device loop: join a fleet, train when a round selects this device, send the update, repeat.
+
+Everything the device hears arrives as wire frames on the broker (``sdk.topics``): the retained
+round announcement and its own ack topic. Handlers run on the transport's network thread, so they
+only queue; training, publishing and disk I/O happen on the loop's thread. An update is written to
+the on-disk outbox *before* it is published and removed only when the aggregator acknowledges it,
+so a crash, a reconnect or a broker restart never loses it; the round it answers is recorded too,
+so a restarted device does not train the same round twice.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from . import topics, wire
+from .codecs import get_codec, parse_codec_spec
+from .data import PartitionSpec, batch_indices, device_indices, load_split, partition_digest, to_model_input
+from .errors import ConfigError, TransportError, WireError
+from .runtime import Runtime, TrainConfig
+from .transport import Outbox, Transport
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    fleet: str
+    device_id: str
+    state_dir: Path
+    partition: PartitionSpec
+    partition_index: int = 0
+    partition_count: int = 1
+    seed: int = 0
+    max_chunk_bytes: int | None = None  # split update frames larger than this (broker limits)
+
+    def __post_init__(self) -> None:
+        topics.validate_name(self.fleet, "fleet")
+        topics.validate_name(self.device_id, "device id")
+        if not 0 <= self.partition_index < self.partition_count:
+            raise ConfigError(f"partition index {self.partition_index} not in [0, {self.partition_count})")
+
+
+@dataclass(frozen=True)
+class LocalData:
+    """This device's share of the training set, already in model-input form."""
+
+    x: np.ndarray  # float32 (n, *input_shape)
+    y: np.ndarray  # int64 (n,)
+    digest: str  # identifies the partition, so a mismatch between devices shows up in status
+
+    @classmethod
+    def load(cls, config: DeviceConfig, runtime: Runtime, data_dir: Path | None,
+             limit: int | None = None) -> "LocalData":
+        train = load_split("train", data_dir)
+        idx = device_indices(train.labels, config.partition, config.seed, config.partition_index,
+                             config.partition_count)[:limit]
+        m = runtime.manifest
+        return cls(to_model_input(train.images[idx], m.input_mean, m.input_std), train.labels[idx].astype(np.int64),
+                   partition_digest([idx]))
+
+
+def round_batches(data: LocalData, hyper: dict, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """E local epochs of shuffled mini-batches, or exactly ``local_steps`` batches when given."""
+    batch_size = int(hyper.get("batch_size", 32))
+    steps = hyper.get("local_steps")
+    if steps is not None:
+        done = 0
+        while done < int(steps):
+            for idx in batch_indices(len(data.y), batch_size, rng):
+                yield data.x[idx], data.y[idx]
+                done += 1
+                if done == int(steps):
+                    return
+        return
+    for _ in range(int(hyper.get("local_epochs", 1))):
+        for idx in batch_indices(len(data.y), batch_size, rng):
+            yield data.x[idx], data.y[idx]
+
+
+class Device:
+    """One board in a fleet. ``run`` blocks until ``stop`` is set."""
+
+    def __init__(self, config: DeviceConfig, transport: Transport, runtime: Runtime, data: LocalData) -> None:
+        self.config = config
+        self.transport = transport
+        self.runtime = runtime
+        self.data = data
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.outbox = Outbox(config.state_dir / "outbox")
+        self._progress_path = config.state_dir / "progress.json"
+        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self._reassembler = wire.Reassembler()
+        self.rounds_trained = 0
+
+    # -- progress on disk: which (round, model version) this device already answered -----------
+    def _last_done(self) -> tuple[int, int]:
+        try:
+            raw = json.loads(self._progress_path.read_text())
+            return int(raw["round_id"]), int(raw["model_version"])
+        except FileNotFoundError:
+            return -1, -1
+        except (ValueError, KeyError, TypeError) as exc:
+            _log.warning("%s unreadable (%s); starting fresh", self._progress_path, exc)
+            return -1, -1
+
+    def _mark_done(self, round_id: int, model_version: int) -> None:
+        tmp = self._progress_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"round_id": round_id, "model_version": model_version}))
+        os.replace(tmp, self._progress_path)
+
+    # -- the loop ---------------------------------------------------------------------------
+    def _status(self, online: bool) -> bytes:
+        info = {"runtime": self.runtime.name, "num_examples": int(len(self.data.y)),
+                "partition": str(self.config.partition), "partition_digest": self.data.digest}
+        return wire.encode(wire.Status(device_id=self.config.device_id, online=online, info=info))
+
+    def run(self, stop: threading.Event) -> None:
+        fleet, me = self.config.fleet, self.config.device_id
+        enqueue = lambda topic, payload: self._inbox.put((topic, payload))  # noqa: E731 (network thread)
+        self.transport.subscribe(topics.announce_topic(fleet), enqueue)
+        self.transport.subscribe(topics.ack_topic(fleet, me), enqueue)
+        self.transport.connect()
+        self.transport.attach_outbox(self.outbox)  # re-sends anything a previous run left unacknowledged
+        self.transport.publish(topics.status_topic(fleet, me), self._status(True), retain=True)
+        _log.info("device %s joined fleet %s with %d examples", me, fleet, len(self.data.y))
+        try:
+            while not stop.is_set():
+                try:
+                    topic, payload = self._inbox.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                self._handle(topic, payload)
+        finally:
+            try:
+                self.transport.publish(topics.status_topic(fleet, me), self._status(False), retain=True, timeout_s=2)
+            except TransportError as exc:
+                _log.warning("could not publish offline status: %s", exc)
+            self.transport.close()
+
+    def _handle(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            return  # a cleared retained announcement: the run is over
+        try:
+            message = self._reassembler.feed(payload)
+        except WireError as exc:
+            _log.warning("dropped a malformed frame on %s: %s", topic, exc)
+            return
+        if isinstance(message, wire.Announcement):
+            self._on_announcement(message)
+        elif isinstance(message, wire.Ack) and message.device_id == self.config.device_id:
+            for entry in self.outbox.pending():
+                if entry.key.split("#")[0] == message.update_id:
+                    self.outbox.remove(entry.key)
+            if not message.accepted:
+                _log.warning("round %d: update %s rejected: %s", message.round_id, message.update_id, message.reason)
+
+    def _on_announcement(self, a: wire.Announcement) -> None:
+        if self.config.device_id not in a.selected:
+            return
+        if (a.round_id, a.model_version) <= self._last_done():
+            return  # already answered (a retained announcement seen again after a restart)
+        if time.time() > a.deadline_unix_s:
+            _log.info("round %d: announcement arrived after its deadline; skipped", a.round_id)
+            return
+        if a.payload_kind != "params":
+            _log.warning("round %d: payload kind %r not supported by this device", a.round_id, a.payload_kind)
+            return
+        update = self.train_round(a)
+        frame = wire.encode(update)
+        parts = wire.split(frame, self.config.max_chunk_bytes, update.update_id) if self.config.max_chunk_bytes else [frame]
+        update_topic = topics.update_topic(self.config.fleet, self.config.device_id)
+        for i, part in enumerate(parts):  # durable first, then on the wire
+            self.outbox.put(f"{update.update_id}#{i}", update_topic, part)
+        self._mark_done(a.round_id, a.model_version)
+        self.rounds_trained += 1
+        for i, part in enumerate(parts):
+            try:
+                self.transport.publish(update_topic, part)
+            except TransportError as exc:  # stays in the outbox; re-sent after the reconnect
+                _log.warning("round %d: publish failed, kept in outbox: %s", a.round_id, exc)
+                break
+
+    def train_round(self, a: wire.Announcement) -> wire.Update:
+        """Local training from the announced parameters; the update is the delta w_local − w_round."""
+        n = self.runtime.manifest.num_params
+        start = get_codec(a.codec).decode(a.payload, n, {})
+        self.runtime.set_parameters(start)
+        hyper = dict(a.hyperparams)
+        config = TrainConfig(lr=float(hyper.get("lr", 0.05)), momentum=float(hyper.get("momentum", 0.0)),
+                             weight_decay=float(hyper.get("weight_decay", 0.0)),
+                             prox_mu=float(hyper.get("prox_mu", 0.0)))
+        # Distinct, reproducible shuffles per (seed, device, round).
+        rng = np.random.default_rng([self.config.seed, self.config.partition_index, a.round_id])
+        result = self.runtime.train(round_batches(self.data, hyper, rng), config)
+        delta = self.runtime.get_parameters() - start
+        codec_name, codec_params = parse_codec_spec(str(hyper.get("codec", "dense")))
+        payload, _ = get_codec(codec_name).encode(delta, None, codec_params)
+        return wire.Update(device_id=self.config.device_id, round_id=a.round_id, model_version=a.model_version,
+                           update_id=uuid.uuid4().hex, num_examples=int(len(self.data.y)), codec=codec_name,
+                           payload=payload, metrics={"train_loss": result.mean_loss, "compute_s": result.compute_s,
+                                                     "steps": float(result.steps)})

@@ -1,0 +1,187 @@
+"""The torch (eager) runtime: rebuilds the bundle's model from ``export.models`` and trains it.
+
+Weights are read with safetensors' numpy loader (no pickle, no ``torch.load``). Thread count is the
+caller's business (``torch.set_num_threads``); nothing here changes it.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..bundle import Manifest, check_flat, read_initial_parameters
+from ..errors import BundleError, ConfigError
+from .base import EvalResult, GradientResult, Runtime, TrainConfig, TrainResult
+
+
+def _as_batch(x: np.ndarray, y: np.ndarray, manifest: Manifest) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check one numpy batch against the manifest and wrap it as tensors (no copy when possible)."""
+    x = np.asarray(x)
+    y = np.asarray(y)
+    if x.ndim != 1 + len(manifest.input_shape) or tuple(x.shape[1:]) != manifest.input_shape:
+        raise ConfigError(f"input batch has shape {x.shape}, expected (B, {', '.join(map(str, manifest.input_shape))})")
+    if y.shape != (x.shape[0],):
+        raise ConfigError(f"labels have shape {y.shape}, expected ({x.shape[0]},) to match the inputs")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ConfigError(f"labels must be integers, got {y.dtype}")
+    if y.size and (y.min() < 0 or y.max() >= manifest.num_classes):
+        raise ConfigError(f"labels must lie in [0, {manifest.num_classes}), got [{y.min()}, {y.max()}]")
+    x_t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    y_t = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+    return x_t, y_t
+
+
+class TorchRuntime(Runtime):
+    """A bundle's model in torch eager mode; parameters cross the seam as one flat float32 vector."""
+
+    name = "torch"
+
+    def __init__(self, manifest: Manifest, model: nn.Module) -> None:
+        super().__init__(manifest)
+        self.model = model
+        self._params = [p for _, p in model.named_parameters()]
+
+    def get_parameters(self) -> np.ndarray:
+        with torch.no_grad():
+            return torch.cat([p.detach().reshape(-1) for p in self._params]).numpy().copy()
+
+    def set_parameters(self, flat: np.ndarray) -> None:
+        check_flat(flat, self.manifest)
+        with torch.no_grad():
+            for spec, param in zip(self.manifest.params, self._params):
+                chunk = flat[spec.offset : spec.offset + spec.size].reshape(spec.shape)
+                param.copy_(torch.from_numpy(np.ascontiguousarray(chunk)).reshape(spec.shape))
+
+    def train(self, batches: Iterable[tuple[np.ndarray, np.ndarray]], config: TrainConfig) -> TrainResult:
+        """One SGD step per batch; with ``prox_mu`` > 0 the loss gets FedProx's mu/2·||w − w_start||²
+        (Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020).
+
+        ``mean_loss`` is the cross-entropy alone (NaN when no batch came), so it stays comparable
+        across ``prox_mu`` settings.
+        """
+        self.model.train()
+        # a fresh optimiser per call: momentum must not leak across rounds once parameters are replaced
+        optimizer = torch.optim.SGD(self._params, lr=config.lr, momentum=config.momentum,
+                                    nesterov=config.nesterov, weight_decay=config.weight_decay)
+        w_start = [p.detach().clone() for p in self._params] if config.prox_mu > 0 else []
+        steps = examples = 0
+        loss_sum = 0.0
+        started = time.perf_counter()
+        for x, y in batches:
+            x_t, y_t = _as_batch(x, y, self.manifest)
+            if len(y_t) == 0:
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(self.model(x_t), y_t)
+            objective = loss
+            if w_start:
+                proximal = sum(torch.sum((p - p0) ** 2) for p, p0 in zip(self._params, w_start))
+                objective = loss + 0.5 * config.prox_mu * proximal
+            objective.backward()
+            optimizer.step()
+            steps += 1
+            examples += len(y_t)
+            loss_sum += float(loss.detach()) * len(y_t)
+        compute_s = time.perf_counter() - started
+        mean_loss = loss_sum / examples if examples else float("nan")
+        return TrainResult(steps=steps, examples=examples, mean_loss=mean_loss, compute_s=compute_s)
+
+    def gradient(self, x: np.ndarray, y: np.ndarray) -> GradientResult:
+        """Mean-loss gradient in train mode (as a training step would see it), parameters untouched.
+
+        BatchNorm running statistics are restored afterwards: computing a gradient must not change
+        the model, or large-batch workers would drift apart from the averaged state.
+        """
+        x_t, y_t = _as_batch(x, y, self.manifest)
+        if len(y_t) == 0:
+            raise ConfigError("gradient needs a non-empty batch")
+        saved_buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        self.model.train()
+        try:
+            loss = F.cross_entropy(self.model(x_t), y_t)
+            grads = torch.autograd.grad(loss, self._params)
+        finally:
+            with torch.no_grad():
+                for buffer, saved in saved_buffers:
+                    buffer.copy_(saved)
+        flat = torch.cat([g.reshape(-1) for g in grads]).numpy().astype(np.float32, copy=True)
+        return GradientResult(gradient=flat, loss=float(loss.detach()), examples=len(y_t))
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> EvalResult:
+        if batch_size < 1:
+            raise ConfigError(f"evaluation batch size must be >= 1, got {batch_size}")
+        x_t, y_t = _as_batch(x, y, self.manifest)
+        if len(y_t) == 0:
+            raise ConfigError("evaluate needs at least one example")
+        self.model.eval()
+        loss_sum = 0.0
+        correct = 0
+        with torch.no_grad():
+            for start in range(0, len(y_t), batch_size):
+                logits = self.model(x_t[start : start + batch_size])
+                targets = y_t[start : start + batch_size]
+                loss_sum += float(F.cross_entropy(logits, targets, reduction="sum"))
+                correct += int((logits.argmax(dim=1) == targets).sum())
+        n = len(y_t)
+        return EvalResult(examples=n, loss=loss_sum / n, accuracy=correct / n)
+
+
+def _check_layout(model: nn.Module, manifest: Manifest, bundle_dir: Path) -> None:
+    """The rebuilt model's parameters must be exactly the manifest's layout (names, shapes, order)."""
+    built = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+    listed = [(p.name, p.shape) for p in manifest.params]
+    if built != listed:
+        mismatched = sorted(set(built) ^ set(listed)) or ["(same tensors, different order)"]
+        raise BundleError(f"{bundle_dir}: model {manifest.model} with config {dict(manifest.model_config)} does "
+                          f"not match the manifest's parameter layout; differing: {mismatched[:4]}")
+
+
+def _load_buffers(model: nn.Module, bundle_dir: Path, manifest: Manifest) -> None:
+    """BatchNorm running statistics, when the bundle carries them; every model buffer must be there."""
+    expected = {name for name, _ in model.named_buffers()}
+    rel = manifest.runtime_info.get("buffers_file")
+    if rel is None:
+        if expected:
+            raise BundleError(f"{bundle_dir}: model has buffers {sorted(expected)} but the bundle carries none")
+        return
+    if rel not in manifest.files:
+        raise BundleError(f"{bundle_dir}: buffers file {rel!r} is not listed (and hashed) in the manifest")
+    from safetensors.numpy import load_file
+
+    try:
+        tensors = load_file(str(bundle_dir / rel))
+    except Exception as exc:  # safetensors raises its own types; name the file
+        raise BundleError(f"{bundle_dir / rel}: cannot read safetensors buffers ({exc})") from exc
+    if set(tensors) != expected:
+        raise BundleError(f"{bundle_dir / rel}: holds buffers {sorted(tensors)}, the model has {sorted(expected)}")
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            # reshape: np.ascontiguousarray turns a 0-d array (num_batches_tracked) into 1-d
+            stored = np.asarray(tensors[name])
+            value = torch.from_numpy(np.ascontiguousarray(stored)).reshape(stored.shape)
+            if value.shape != buffer.shape:
+                raise BundleError(f"{bundle_dir / rel}: buffer {name} has shape {tuple(value.shape)}, "
+                                  f"the model expects {tuple(buffer.shape)}")
+            buffer.copy_(value.to(buffer.dtype))
+
+
+def load(bundle_dir: Path, manifest: Manifest) -> TorchRuntime:
+    """Rebuild the bundle's model and load its weights (and BatchNorm statistics, if any)."""
+    from export.models import build_model
+
+    if manifest.runtime != "torch":
+        raise BundleError(f"{bundle_dir}: a {manifest.runtime} bundle cannot be loaded by the torch runtime")
+    try:
+        model = build_model(manifest.model, manifest.model_config, seed=0)  # weights replaced below
+    except ConfigError as exc:
+        raise BundleError(f"{bundle_dir}: cannot rebuild the manifest's model ({exc})") from exc
+    _check_layout(model, manifest, bundle_dir)
+    runtime = TorchRuntime(manifest, model)
+    runtime.set_parameters(read_initial_parameters(bundle_dir, manifest))
+    _load_buffers(model, bundle_dir, manifest)
+    return runtime
