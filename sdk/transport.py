@@ -1,0 +1,515 @@
+"""The broker seam: MQTT 5 over paho-mqtt 2.x, the only edgetrain module that imports paho.
+
+``Transport`` keeps a persistent session (clean start only on the very first connection, a
+session expiry) so QoS 1 messages published while a device was away reach it when it returns,
+reconnects with exponential backoff, re-makes its subscriptions on every connection, and maps
+paho's exceptions and reason codes to ``sdk.errors`` here and nowhere else. ``Outbox`` keeps a
+device's update on disk until the aggregator's ack arrives; ``Transport.attach_outbox``
+re-publishes what it holds after each reconnect. Delivery is at least once: receivers dedupe.
+
+Threads: message handlers and paho's callbacks run on paho's network thread, so a handler must
+be quick (hand work to a ``queue.Queue``) and must not call the blocking ``publish``/``subscribe``.
+Reconnect hooks run on a separate thread and may block.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import ssl
+import struct
+import threading
+import zlib
+from dataclasses import dataclass, field
+from hashlib import sha256
+from pathlib import Path
+from typing import Callable, NamedTuple
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from .errors import BrokerUnavailable, ConfigError, PublishTimeout, TransportError
+
+_log = logging.getLogger(__name__)
+_DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+_MQTT_MAX_PAYLOAD_BYTES = 268_435_455  # MQTT's remaining-length limit
+
+Handler = Callable[[str, bytes], None]
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """Where and how to reach the broker. ``url`` is ``mqtt://host[:port]`` or ``mqtts://…``
+    without credentials; ``BrokerConfig.parse`` moves ``user:pass@`` out of a URL."""
+
+    url: str
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_file: str | Path | None = None  # None with mqtts: the system's trusted CAs
+    cert_file: str | Path | None = None  # client certificate, for brokers that require one
+    key_file: str | Path | None = None
+    keepalive_s: int = 30
+
+    def __post_init__(self) -> None:
+        scheme, _, _, user, password = _split_url(self.url)
+        if user is not None or password is not None:
+            raise ConfigError(f"broker URL carries credentials; use BrokerConfig.parse({self.url!r})")
+        if scheme == "mqtt" and any((self.ca_file, self.cert_file, self.key_file)):
+            raise ConfigError(f"TLS files given for the plain-text URL {self.url!r}; use mqtts://")
+        if self.key_file and not self.cert_file:
+            raise ConfigError("key_file given without cert_file")
+        if not 5 <= self.keepalive_s <= 65535:
+            raise ConfigError(f"keepalive_s must be in [5, 65535], got {self.keepalive_s}")
+
+    @classmethod
+    def parse(cls, url: str, **kwargs: object) -> BrokerConfig:
+        """Build from a URL that may hold ``user:password@``; other fields come from ``kwargs``."""
+        scheme, host, port, user, password = _split_url(url)
+        for name, value in (("username", user), ("password", password)):
+            if value is not None and kwargs.get(name) is not None:
+                raise ConfigError(f"{name} given both in the broker URL and as an argument")
+            if value is not None:
+                kwargs[name] = value
+        netloc = f"[{host}]" if ":" in host else host
+        return cls(f"{scheme}://{netloc}:{port}", **kwargs)  # type: ignore[arg-type]
+
+    @property
+    def host(self) -> str:
+        return _split_url(self.url)[1]
+
+    @property
+    def port(self) -> int:
+        return _split_url(self.url)[2]
+
+    @property
+    def use_tls(self) -> bool:
+        return self.url.startswith("mqtts://")
+
+
+def _split_url(url: str) -> tuple[str, str, int, str | None, str | None]:
+    """(scheme, host, port, user, password) of a broker URL; ConfigError naming what is wrong."""
+    if not isinstance(url, str) or "://" not in url:
+        raise ConfigError(f"broker URL {url!r} must look like mqtt://host[:port] or mqtts://host[:port]")
+    parts = urlsplit(url)
+    if parts.scheme not in _DEFAULT_PORTS:
+        raise ConfigError(f"broker URL {url!r}: scheme {parts.scheme!r} is not mqtt or mqtts")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"broker URL {url!r} must have no path, query or fragment")
+    try:
+        port = parts.port or _DEFAULT_PORTS[parts.scheme]
+    except ValueError:
+        raise ConfigError(f"broker URL {url!r} has an invalid port") from None
+    if not parts.hostname:
+        raise ConfigError(f"broker URL {url!r} has no host")
+    user = unquote(parts.username) if parts.username is not None else None
+    password = unquote(parts.password) if parts.password is not None else None
+    return parts.scheme, parts.hostname, port, user, password
+
+
+class OutboxEntry(NamedTuple):
+    key: str
+    topic: str
+    payload: bytes
+
+
+class Outbox:
+    """Messages kept on disk until the application removes them (on the aggregator's ack).
+
+    One file per entry, ``<sequence>-<sha256(key)>.rec``: magic, a JSON header (key, topic,
+    length, crc32) and the raw payload; written to a temporary file, fsynced and renamed, so an
+    entry is either whole or absent. Entries that fail their checks are moved to ``corrupt/``
+    with a warning. One process owns a directory at a time.
+    """
+
+    _MAGIC = b"ETOUTBOX\x01"
+    _SUFFIX = ".rec"
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        for leftover in self.directory.glob(".*.tmp"):  # a write cut short by a crash
+            leftover.unlink(missing_ok=True)
+        self._next_seq = 1 + max((self._seq(p) for p in self._files()), default=0)
+
+    def put(self, key: str, topic: str, payload: bytes) -> None:
+        """Store (or replace) the entry ``key``; durable when this returns."""
+        header = json.dumps({"key": key, "topic": topic, "payload_bytes": len(payload),
+                             "crc32": zlib.crc32(payload)}).encode("utf-8")
+        record = self._MAGIC + struct.pack("<I", len(header)) + header + bytes(payload)
+        with self._lock:
+            name = f"{self._next_seq:012d}-{self._digest(key)}{self._SUFFIX}"
+            self._next_seq += 1
+            tmp = self.directory / f".{name}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(record)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.directory / name)
+            self._fsync_directory()
+            for old in self._files_for(key):  # the replaced entry goes only once the new one is safe
+                if old.name != name:
+                    old.unlink(missing_ok=True)
+
+    def remove(self, key: str) -> None:
+        """Forget the entry ``key`` (no error if there is none)."""
+        with self._lock:
+            for path in self._files_for(key):
+                path.unlink(missing_ok=True)
+            self._fsync_directory()
+
+    def pending(self) -> list[OutboxEntry]:
+        """Every entry, oldest first."""
+        with self._lock:
+            entries: dict[str, OutboxEntry] = {}
+            for path in sorted(self._files(), key=self._seq):
+                entry = self._read(path)
+                if entry is not None:
+                    entries.pop(entry.key, None)  # a crash mid-replace leaves two: the newer wins
+                    entries[entry.key] = entry
+            return list(entries.values())
+
+    def _read(self, path: Path) -> OutboxEntry | None:
+        try:
+            data = path.read_bytes()
+            if not data.startswith(self._MAGIC):
+                raise ValueError("bad magic")
+            (header_len,) = struct.unpack_from("<I", data, len(self._MAGIC))
+            start = len(self._MAGIC) + 4
+            header = json.loads(data[start:start + header_len].decode("utf-8"))
+            payload = data[start + header_len:]
+            if len(payload) != header["payload_bytes"] or zlib.crc32(payload) != header["crc32"]:
+                raise ValueError("payload length or crc32 mismatch")
+            if path.name.split("-", 1)[1] != self._digest(header["key"]) + self._SUFFIX:
+                raise ValueError("file name does not match the key")
+            return OutboxEntry(str(header["key"]), str(header["topic"]), payload)
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError, IndexError, struct.error) as exc:
+            corrupt = self.directory / "corrupt"
+            corrupt.mkdir(exist_ok=True)
+            os.replace(path, corrupt / path.name)
+            _log.warning("outbox entry %s is corrupt (%s); moved to %s", path, exc, corrupt)
+            return None
+
+    def _files(self) -> list[Path]:
+        return [p for p in self.directory.glob(f"*{self._SUFFIX}") if not p.name.startswith(".")]
+
+    def _files_for(self, key: str) -> list[Path]:
+        return list(self.directory.glob(f"*-{self._digest(key)}{self._SUFFIX}"))
+
+    @staticmethod
+    def _seq(path: Path) -> int:
+        head = path.name.split("-", 1)[0]
+        return int(head) if head.isdigit() else 0
+
+    @staticmethod
+    def _digest(key: str) -> str:
+        return sha256(key.encode("utf-8")).hexdigest()[:32]
+
+    def _fsync_directory(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class Transport:
+    """One MQTT 5 client: connect, subscribe, publish with PUBACK, reconnect, outbox re-publish.
+
+    Register subscriptions *before* ``connect()``: a persistent session's queued messages arrive
+    right after the CONNACK, and a message with no handler is dropped with a warning.
+    ``clean_start=True`` discards the broker's stored session on the first connection only;
+    reconnects always resume the session.
+    """
+
+    def __init__(self, config: BrokerConfig, client_id: str, *, clean_start: bool = False,
+                 session_expiry_s: int = 3600, will: tuple[str, bytes, bool] | None = None,
+                 reconnect_min_s: float = 1.0, reconnect_max_s: float = 60.0) -> None:
+        if not client_id:
+            raise ConfigError("client_id is empty; a persistent session needs a stable id")
+        if not 0 <= session_expiry_s <= 0xFFFFFFFF:
+            raise ConfigError(f"session_expiry_s must be in [0, 2**32 - 1], got {session_expiry_s}")
+        if not 0 < reconnect_min_s <= reconnect_max_s:
+            raise ConfigError("need 0 < reconnect_min_s <= reconnect_max_s")
+        if will is not None and (not will[0] or "+" in will[0] or "#" in will[0]):
+            raise ConfigError(f"transport {client_id!r}: will topic {will[0]!r} must be a plain topic")
+        self.config = config
+        self.client_id = client_id
+        self.on_reconnect: list[Callable[[], None]] = []  # run after every re-connection
+        self._clean_start = clean_start
+        self._session_expiry_s = session_expiry_s
+        self._subscriptions: dict[str, tuple[Handler, int]] = {}
+        self._lock = threading.Lock()
+        self._acks = threading.Condition()  # guards the three dicts below
+        self._puback: dict[int, mqtt.ReasonCode] = {}
+        self._suback: dict[int, list[mqtt.ReasonCode]] = {}
+        self._abandoned: set[int] = set()  # publishes whose caller gave up waiting
+        self._connack = threading.Event()
+        self._connack_reason: mqtt.ReasonCode | None = None
+        self._closed_before_connack: str | None = None  # why the first attempt's socket closed
+        self._last_paho_error = ""
+        self._connected = False
+        self._connected_once = False
+        self._max_packet_bytes: int | None = None
+        self._network_thread: int | None = None
+        self._hooks: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._hook_thread: threading.Thread | None = None
+        self._after_first_connect: list[Callable[[], None]] = []
+
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        client.enable_logger(logging.getLogger(f"{__name__}.paho"))
+        client.reconnect_delay_set(reconnect_min_s, reconnect_max_s)  # type: ignore[arg-type]
+        if config.username is not None:
+            client.username_pw_set(config.username, config.password)
+        try:
+            if config.use_tls:
+                client.tls_set(ca_certs=_opt(config.ca_file), certfile=_opt(config.cert_file),
+                               keyfile=_opt(config.key_file), cert_reqs=ssl.CERT_REQUIRED)
+            if will is not None:
+                will_topic, will_payload, will_retain = will
+                client.will_set(will_topic, will_payload, qos=1, retain=will_retain)
+        except (OSError, ValueError) as exc:  # unreadable certificate or key, bad will topic
+            raise ConfigError(f"transport {client_id!r} for {config.url}: {exc}") from exc
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
+        client.on_log = self._on_log
+        self._client = client
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def connect(self, timeout_s: float = 10.0) -> None:
+        """Connect and start the network thread; BrokerUnavailable names the URL and the cause."""
+        if self._connected:
+            return
+        url = self.config.url
+        self._connack.clear()
+        self._closed_before_connack = None
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self._session_expiry_s
+        clean = mqtt.MQTT_CLEAN_START_FIRST_ONLY if self._clean_start else False
+        try:
+            self._client.connect(self.config.host, self.config.port, self.config.keepalive_s,
+                                 clean_start=clean, properties=props)
+        except ssl.SSLError as exc:
+            raise BrokerUnavailable(f"TLS handshake with broker {url} failed: {exc}") from exc
+        except (OSError, ValueError) as exc:  # refused, DNS, unreachable, socket timeout
+            raise BrokerUnavailable(f"cannot reach broker {url}: {exc}") from exc
+        self._client.loop_start()
+        if not self._connack.wait(timeout_s):
+            self._stop_client()
+            raise BrokerUnavailable(f"broker {url} sent no CONNACK within {timeout_s} s")
+        if self._closed_before_connack is not None:  # e.g. TLS 1.3 refusing our certificate
+            self._stop_client()
+            raise BrokerUnavailable(f"broker {url} closed the connection before its CONNACK: "
+                                    f"{self._closed_before_connack}")
+        reason = self._connack_reason
+        if reason is not None and reason.is_failure:
+            self._stop_client()
+            raise BrokerUnavailable(f"broker {url} refused the connection: {reason} "
+                                    f"(reason code {reason.value:#04x})")
+        if self._hook_thread is None:
+            self._hook_thread = threading.Thread(target=self._run_hooks, daemon=True,
+                                                 name=f"edgetrain-hooks-{self.client_id}")
+            self._hook_thread.start()
+        while self._after_first_connect:
+            self._hooks.put(self._after_first_connect.pop(0))
+
+    def close(self) -> None:
+        """Send a clean DISCONNECT (so no last will) and stop the threads."""
+        self._stop_client()
+        if self._hook_thread is not None:
+            self._hooks.put(None)
+            self._hook_thread.join(timeout=5)
+            self._hook_thread = None
+
+    def __enter__(self) -> Transport:
+        if not self._connected:
+            self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def is_connected(self) -> bool:
+        return self._connected
+
+    # -- subscribe / publish ---------------------------------------------------------------
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1,
+                  timeout_s: float = 10.0) -> None:
+        """Remember ``handler`` for ``topic_filter`` (re-made on every connection); when
+        connected, block until the broker's SUBACK and raise TransportError if it refuses."""
+        with self._lock:
+            self._subscriptions[topic_filter] = (handler, qos)
+        if not self._connected:
+            return
+        self._refuse_on_network_thread("subscribe")
+        rc, mid = self._client.subscribe(topic_filter, qos=qos)
+        if rc == MQTTErrorCode.MQTT_ERR_NO_CONN:
+            return  # the next connection subscribes
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            raise TransportError(f"subscribe to {topic_filter!r} failed: {mqtt.error_string(rc)}")
+        with self._acks:
+            if not self._acks.wait_for(lambda: mid in self._suback, timeout_s):
+                raise TransportError(f"no SUBACK for {topic_filter!r} within {timeout_s} s")
+            reasons = self._suback.pop(mid)
+        if any(r.is_failure for r in reasons):
+            with self._lock:
+                self._subscriptions.pop(topic_filter, None)
+            raise TransportError(f"broker {self.config.url} refused the subscription to "
+                                 f"{topic_filter!r}: {reasons[0]}")
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                timeout_s: float = 10.0) -> None:
+        """Publish and block until the broker's PUBACK (QoS 1) or the send (QoS 0).
+
+        If the connection is down, paho keeps the message and sends it after the reconnect, so
+        a publish that outlives a short outage succeeds; otherwise PublishTimeout. A PUBACK with
+        a failure reason (not authorised, quota…) raises TransportError.
+        """
+        self._refuse_on_network_thread("publish")
+        self._check_size(topic, payload)
+        try:
+            info = self._client.publish(topic, bytes(payload), qos=qos, retain=retain)
+        except ValueError as exc:  # invalid topic or QoS, or payload over MQTT's limit
+            raise TransportError(f"cannot publish to {topic!r}: {exc}") from exc
+        if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            raise TransportError(f"publish to {topic!r} failed: {mqtt.error_string(info.rc)}")
+        with self._acks:
+            if not self._acks.wait_for(lambda: info.mid in self._puback, timeout_s):
+                self._abandoned.add(info.mid)
+                raise PublishTimeout(f"no PUBACK from broker {self.config.url} for {topic!r} "
+                                     f"within {timeout_s} s (connected: {self._connected})")
+            reason = self._puback.pop(info.mid)
+        if reason.is_failure:
+            raise TransportError(f"broker {self.config.url} refused the publish to {topic!r}: "
+                                 f"{reason} (reason code {reason.value:#04x})")
+
+    def attach_outbox(self, outbox: Outbox, timeout_s: float = 10.0) -> None:
+        """Re-publish ``outbox``'s entries now (or once connected) and after every reconnect,
+        on the hook thread; entries stay until the application removes them."""
+        def flush() -> None:
+            for entry in outbox.pending():
+                try:
+                    self.publish(entry.topic, entry.payload, timeout_s=timeout_s)
+                except PublishTimeout as exc:
+                    _log.warning("outbox flush stopped, will retry on reconnect: %s", exc)
+                    return
+                except TransportError as exc:  # this entry is refused; the others may pass
+                    _log.warning("outbox entry %r not re-published: %s", entry.key, exc)
+        self.on_reconnect.append(flush)
+        if self._connected:
+            self._hooks.put(flush)
+        else:
+            self._after_first_connect.append(flush)
+
+    # -- paho callbacks (network thread) ---------------------------------------------------
+    def _on_connect(self, client: mqtt.Client, userdata: object, flags: mqtt.ConnectFlags,
+                    reason: mqtt.ReasonCode, props: Properties) -> None:
+        self._network_thread = threading.get_ident()
+        self._connack_reason = reason
+        if reason.is_failure:
+            _log.warning("broker %s refused the connection: %s", self.config.url, reason)
+            self._connack.set()
+            return
+        self._max_packet_bytes = getattr(props, "MaximumPacketSize", None)
+        with self._lock:
+            subscriptions = [(f, q) for f, (_, q) in self._subscriptions.items()]
+        if subscriptions:  # the broker may have lost the session: always subscribe again
+            client.subscribe(subscriptions)
+        self._connected = True
+        if self._connected_once:
+            _log.info("reconnected to %s (session present: %s)", self.config.url,
+                      flags.session_present)
+            for hook in list(self.on_reconnect):
+                self._hooks.put(hook)
+        self._connected_once = True
+        self._connack.set()
+
+    def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: mqtt.DisconnectFlags,
+                       reason: mqtt.ReasonCode, props: Properties | None) -> None:
+        if self._connected:
+            _log.info("disconnected from %s: %s", self.config.url, reason)
+        elif not self._connack.is_set():
+            self._closed_before_connack = f"{reason}; {self._last_paho_error}".rstrip("; ")
+            self._connack.set()
+        self._connected = False
+
+    def _on_log(self, client: mqtt.Client, userdata: object, level: int, message: str) -> None:
+        if level == mqtt.MQTT_LOG_ERR:  # paho reports socket and TLS failures only here
+            self._last_paho_error = message
+
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            handlers = [h for f, (h, _) in self._subscriptions.items() if _matches(f, msg.topic)]
+        if not handlers:
+            _log.warning("message on %r has no handler; dropped", msg.topic)
+        for handler in handlers:
+            try:
+                handler(msg.topic, msg.payload)
+            except Exception:  # a failing handler must not kill the network thread
+                _log.exception("handler for %r raised", msg.topic)
+
+    def _on_publish(self, client: mqtt.Client, userdata: object, mid: int,
+                    reason: mqtt.ReasonCode, props: Properties) -> None:
+        with self._acks:
+            if mid in self._abandoned:
+                self._abandoned.discard(mid)
+                return
+            self._puback[mid] = reason
+            self._acks.notify_all()
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int,
+                      reasons: list[mqtt.ReasonCode], props: Properties) -> None:
+        with self._acks:
+            self._suback[mid] = reasons
+            self._acks.notify_all()
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _run_hooks(self) -> None:
+        while (hook := self._hooks.get()) is not None:
+            try:
+                hook()
+            except Exception:
+                _log.exception("reconnect hook %r raised", hook)
+
+    def _stop_client(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._connected = False
+
+    def _refuse_on_network_thread(self, what: str) -> None:
+        if threading.get_ident() == self._network_thread:
+            raise TransportError(f"blocking {what} called from a message handler would deadlock "
+                                 "paho's network thread; hand the work to a queue")
+
+    def _check_size(self, topic: str, payload: bytes) -> None:
+        # PUBLISH = type byte + remaining length (1-4) + [topic length (2) + topic + packet id (2)
+        # + properties length (1) + payload]; the broker announced its limit in the CONNACK.
+        remaining = 2 + len(topic.encode("utf-8")) + 2 + 1 + len(payload)
+        packet_bytes = 1 + (1 if remaining < 128 else 2 if remaining < 16384 else
+                            3 if remaining < 2097152 else 4) + remaining
+        limit = self._max_packet_bytes
+        if len(payload) > _MQTT_MAX_PAYLOAD_BYTES or (limit is not None and packet_bytes > limit):
+            raise TransportError(
+                f"payload of {len(payload)} bytes for {topic!r} exceeds the maximum packet size "
+                f"of broker {self.config.url} ({limit or _MQTT_MAX_PAYLOAD_BYTES} bytes); "
+                "chunk the update or raise the broker's max_packet_size")
+
+
+def _opt(path: str | Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def _matches(topic_filter: str, topic: str) -> bool:
+    if topic_filter.startswith("$share/"):  # $share/<group>/<filter> delivers as <filter>
+        topic_filter = topic_filter.split("/", 2)[2]
+    return mqtt.topic_matches_sub(topic_filter, topic)

@@ -1,0 +1,359 @@
+"""The MQTT transport against real private Mosquitto brokers, the on-disk outbox, URL parsing."""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import select
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from sdk import topics
+from sdk.errors import BrokerUnavailable, ConfigError, PublishTimeout, TransportError
+from sdk.transport import BrokerConfig, Outbox, OutboxEntry, Transport
+from tests.mosquitto import MosquittoBroker, TlsMaterial, free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FLEET = "f1"
+WAIT_S = 10.0  # upper bound for anything event-driven; passing runs take milliseconds
+
+
+class Inbox:
+    """A handler that queues (topic, payload) for the test thread."""
+
+    def __init__(self) -> None:
+        self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
+
+    def __call__(self, topic: str, payload: bytes) -> None:
+        self.messages.put((topic, payload))
+
+    def get(self) -> tuple[str, bytes]:
+        return self.messages.get(timeout=WAIT_S)
+
+    def payloads_until(self, expected: set[bytes]) -> set[bytes]:
+        seen: set[bytes] = set()
+        while not expected <= seen:
+            seen.add(self.get()[1])
+        return seen
+
+
+@pytest.fixture
+def transports() -> Iterator[Callable[..., Transport]]:
+    """``transports(config, client_id, **kw)`` makes a Transport closed after the test."""
+    made: list[Transport] = []
+
+    def make(config: BrokerConfig, client_id: str, **kwargs: object) -> Transport:
+        kwargs.setdefault("reconnect_min_s", 0.1)
+        kwargs.setdefault("reconnect_max_s", 1.0)
+        transport = Transport(config, client_id, **kwargs)  # type: ignore[arg-type]
+        made.append(transport)
+        return transport
+
+    yield make
+    for transport in made:
+        transport.close()
+
+
+def reconnected_event(transport: Transport) -> threading.Event:
+    event = threading.Event()
+    transport.on_reconnect.append(event.set)
+    return event
+
+
+# -- URLs ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("url, host, port, tls, user, password", [
+    ("mqtt://localhost", "localhost", 1883, False, None, None),
+    ("mqtts://broker.example:9999", "broker.example", 9999, True, None, None),
+    ("mqtts://edge", "edge", 8883, True, None, None),
+    ("mqtt://dev-1:p%40ss@10.0.0.2:1884/", "10.0.0.2", 1884, False, "dev-1", "p@ss"),
+    ("mqtts://[::1]", "::1", 8883, True, None, None),
+])
+def test_parse_accepts(url: str, host: str, port: int, tls: bool, user: str | None,
+                       password: str | None) -> None:
+    config = BrokerConfig.parse(url)
+    assert (config.host, config.port, config.use_tls) == (host, port, tls)
+    assert (config.username, config.password) == (user, password)
+    assert "@" not in config.url and (password is None or password not in repr(config))
+
+
+@pytest.mark.parametrize("url", ["", "localhost:1883", "http://h", "tcp://h:1883", "mqtt://",
+                                 "mqtt://h:99999", "mqtt://h:port", "mqtt://h/topic",
+                                 "mqtt://h?x=1"])
+def test_parse_refuses(url: str) -> None:
+    with pytest.raises(ConfigError, match="broker URL"):
+        BrokerConfig.parse(url)
+
+
+def test_config_refuses_inconsistent_fields(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="credentials"):
+        BrokerConfig("mqtt://u:p@h")
+    with pytest.raises(ConfigError, match="both"):
+        BrokerConfig.parse("mqtt://u:p@h", username="v")
+    with pytest.raises(ConfigError, match="mqtts"):
+        BrokerConfig("mqtt://h", ca_file="ca.crt")
+    with pytest.raises(ConfigError, match="keepalive"):
+        BrokerConfig("mqtt://h", keepalive_s=0)
+    with pytest.raises(ConfigError, match="client_id"):
+        Transport(BrokerConfig("mqtt://h"), "")
+    with pytest.raises(ConfigError, match="mqtts://h:8883"):
+        Transport(BrokerConfig.parse("mqtts://h", ca_file=tmp_path / "missing.crt"), "dev-1")
+    with pytest.raises(ConfigError, match="dev-1"):
+        Transport(BrokerConfig("mqtt://h"), "dev-1", will=("status/#", b"offline", True))
+
+
+# -- outbox --------------------------------------------------------------------------------
+def test_outbox_survives_restart_and_a_corrupt_entry(tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    outbox = Outbox(tmp_path / "outbox")
+    outbox.put("round-1", "t/1", b"old")
+    outbox.put("round-2", "t/2", bytes(range(256)))
+    outbox.put("round-3", "t/3", b"")
+    outbox.put("round-1", "t/1", b"new")  # a replacement counts as the newest entry
+    outbox.remove("round-2")
+    outbox.remove("never-put")
+    (tmp_path / "outbox" / ".000000000009-abc.rec.tmp").write_bytes(b"half a write")
+
+    reopened = Outbox(tmp_path / "outbox")
+    assert reopened.pending() == [OutboxEntry("round-3", "t/3", b""), ("round-1", "t/1", b"new")]
+    assert not list((tmp_path / "outbox").glob(".*.tmp"))
+
+    reopened.put("round-4", "t/4", b"four")
+    victim = sorted((tmp_path / "outbox").glob("*.rec"))[0]  # round-3's file, the oldest
+    victim.write_bytes(victim.read_bytes()[:-3])  # a torn write
+    (tmp_path / "outbox" / "000000000000-deadbeef.rec").write_bytes(b"ETOUTBOX\x01\xff\xff")
+    with caplog.at_level(logging.WARNING, logger="sdk.transport"):
+        assert [e.key for e in Outbox(tmp_path / "outbox").pending()] == ["round-1", "round-4"]
+    assert "corrupt" in caplog.text
+    assert len(list((tmp_path / "outbox" / "corrupt").iterdir())) == 2
+
+
+# -- broker round trips --------------------------------------------------------------------
+def test_publish_subscribe_round_trip(broker: MosquittoBroker, transports: Callable[..., Transport]) -> None:
+    config = BrokerConfig.parse(broker.url)
+    inbox = Inbox()
+    aggregator = transports(config, "aggregator")
+    aggregator.subscribe(topics.update_filter(FLEET), inbox)
+    aggregator.connect()
+    with Transport(config, "dev-1") as device:
+        payload = os.urandom(100_000)
+        device.publish(topics.update_topic(FLEET, "dev-1"), payload)
+    assert inbox.get() == (topics.update_topic(FLEET, "dev-1"), payload)
+
+
+def test_unreachable_broker_names_the_url() -> None:
+    url = f"mqtt://127.0.0.1:{free_port()}"
+    with pytest.raises(BrokerUnavailable, match=url):
+        Transport(BrokerConfig.parse(url), "dev-1").connect(timeout_s=2)
+
+
+def test_offline_device_gets_queued_messages_after_broker_restart(
+        broker: MosquittoBroker, transports: Callable[..., Transport]) -> None:
+    config = BrokerConfig.parse(broker.url)
+    ack = topics.ack_topic(FLEET, "dev-1")
+    first_run = transports(config, "dev-1")
+    first_run.subscribe(ack, Inbox())
+    first_run.connect()
+    first_run.close()  # the device goes away; its session stays on the broker
+    with Transport(config, "aggregator") as aggregator:
+        aggregator.publish(ack, b"ack round 1")
+        aggregator.publish(ack, b"ack round 2")
+    broker.stop()  # SIGTERM writes the persistence file
+    broker.start()
+
+    inbox = Inbox()
+    second_run = transports(config, "dev-1")  # a new process, same client id
+    second_run.subscribe(ack, inbox)
+    second_run.connect()
+    assert [inbox.get(), inbox.get()] == [(ack, b"ack round 1"), (ack, b"ack round 2")]
+
+
+def test_retained_announce_reaches_a_late_subscriber(
+        broker: MosquittoBroker, transports: Callable[..., Transport]) -> None:
+    config = BrokerConfig.parse(broker.url)
+    with Transport(config, "aggregator") as aggregator:
+        aggregator.publish(topics.announce_topic(FLEET), b"round 7", retain=True)
+    inbox = Inbox()
+    transports(config, "dev-9").connect()
+    late = transports(config, "dev-late")
+    late.connect()
+    late.subscribe(topics.announce_topic(FLEET), inbox)
+    assert inbox.get() == (topics.announce_topic(FLEET), b"round 7")
+
+
+WILL_SCRIPT = """
+import sys
+from sdk.transport import BrokerConfig, Transport
+url, topic = sys.argv[1:3]
+device = Transport(BrokerConfig.parse(url), "doomed", will=(topic, b"offline", True))
+device.connect()
+device.publish(topic, b"online", retain=True)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_last_will_on_abrupt_death_but_not_on_close(
+        broker: MosquittoBroker, transports: Callable[..., Transport]) -> None:
+    config = BrokerConfig.parse(broker.url)
+    status = topics.status_topic(FLEET, "doomed")
+    inbox = Inbox()
+    watcher = transports(config, "watcher")
+    watcher.subscribe(status, inbox)
+    watcher.connect()
+
+    with Transport(config, "polite", will=(status, b"offline", True)):
+        pass  # a clean DISCONNECT: the broker must drop the will
+    watcher.publish(status, b"sentinel")
+    assert inbox.get() == (status, b"sentinel")
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    with subprocess.Popen([sys.executable, "-c", WILL_SCRIPT, broker.url, status], env=env,
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE) as process:
+        try:
+            assert process.stdout is not None
+            ready, _, _ = select.select([process.stdout], [], [], 30)
+            assert ready and process.stdout.readline() == b"ready\n"
+            assert inbox.get() == (status, b"online")
+            process.kill()  # SIGKILL: no DISCONNECT, the broker sees the socket close
+            assert inbox.get() == (status, b"offline")
+        finally:
+            process.kill()
+
+
+def test_broker_restart_loses_nothing(broker: MosquittoBroker, transports: Callable[..., Transport],
+                                      tmp_path: Path) -> None:
+    config = BrokerConfig.parse(broker.url)
+    topic = topics.update_topic(FLEET, "dev-1")
+    inbox = Inbox()
+    aggregator = transports(config, "aggregator")
+    aggregator.subscribe(topics.update_filter(FLEET), inbox)
+    aggregator.connect()
+    device = transports(config, "dev-1")
+    device.connect()
+    outbox = Outbox(tmp_path / "outbox")
+    device.attach_outbox(outbox)
+    device_back = reconnected_event(device)
+    device.publish(topic, b"before")
+
+    broker.stop()
+    outbox.put("round-2", topic, b"from the outbox")
+    with pytest.raises(PublishTimeout):
+        device.publish(topic, b"during the outage", timeout_s=0.2)
+    broker.start()
+
+    assert device_back.wait(WAIT_S)
+    device.publish(topic, b"after")
+    assert inbox.payloads_until({b"before", b"from the outbox", b"during the outage", b"after"})
+    assert outbox.pending() == [("round-2", topic, b"from the outbox")]  # until the ack
+
+
+def test_outbox_left_by_a_previous_run_goes_out_on_connect(
+        broker: MosquittoBroker, transports: Callable[..., Transport], tmp_path: Path) -> None:
+    config = BrokerConfig.parse(broker.url)
+    topic = topics.update_topic(FLEET, "dev-1")
+    Outbox(tmp_path / "outbox").put("round-5", topic, b"written before a crash")
+    inbox = Inbox()
+    aggregator = transports(config, "aggregator")
+    aggregator.subscribe(topics.update_filter(FLEET), inbox)
+    aggregator.connect()
+    device = transports(config, "dev-1")
+    device.attach_outbox(Outbox(tmp_path / "outbox"))  # before connect: flushed once connected
+    device.connect()
+    assert inbox.get() == (topic, b"written before a crash")
+
+
+def test_subscriptions_are_remade_when_the_broker_forgot_them(
+        broker_factory: Callable[..., MosquittoBroker], transports: Callable[..., Transport]) -> None:
+    broker = broker_factory(persistence=False)  # a restart loses every session
+    config = BrokerConfig.parse(broker.url)
+    inbox = Inbox()
+    aggregator = transports(config, "aggregator")
+    aggregator.subscribe(topics.announce_topic(FLEET), inbox)
+    aggregator.connect()
+    aggregator_back = reconnected_event(aggregator)
+    broker.stop()
+    broker.start()
+    assert aggregator_back.wait(WAIT_S)
+    with Transport(config, "publisher") as publisher:
+        # retained: arrives whether the re-subscription lands before or after it
+        publisher.publish(topics.announce_topic(FLEET), b"round 2", retain=True)
+    assert inbox.get() == (topics.announce_topic(FLEET), b"round 2")
+
+
+# -- security and limits -------------------------------------------------------------------
+def test_tls_with_client_certificate_and_password(
+        broker_factory: Callable[..., MosquittoBroker], tls_material: TlsMaterial,
+        transports: Callable[..., Transport]) -> None:
+    broker = broker_factory(tls=True, tls_material=tls_material, passwords={"device-1": "s3cret"})
+    cert, key = tls_material.client_certs["device-1"]
+    good = BrokerConfig.parse(broker.url, username="device-1", password="s3cret",
+                              ca_file=tls_material.ca_cert, cert_file=cert, key_file=key)
+    inbox = Inbox()
+    device = transports(good, "device-1")
+    device.subscribe("edgetrain/#", inbox)
+    device.connect()
+    device.publish(topics.metrics_topic(FLEET, "device-1"), b"over TLS")
+    assert inbox.get() == (topics.metrics_topic(FLEET, "device-1"), b"over TLS")
+
+    bad_configs = {
+        "Not authorized": BrokerConfig.parse(broker.url, username="device-1", password="wrong",
+                                             ca_file=tls_material.ca_cert, cert_file=cert, key_file=key),
+        "before its CONNACK": BrokerConfig.parse(broker.url, username="device-1", password="s3cret",
+                                                 ca_file=tls_material.ca_cert),  # no client cert
+        "TLS handshake": BrokerConfig.parse(broker.url, username="device-1", password="s3cret"),
+    }
+    for why, config in bad_configs.items():
+        with pytest.raises(BrokerUnavailable, match=why) as caught:
+            transports(config, "intruder").connect(timeout_s=WAIT_S)
+        assert broker.url in str(caught.value)
+
+
+def test_acl_stops_a_device_speaking_for_another(
+        broker_factory: Callable[..., MosquittoBroker], transports: Callable[..., Transport]) -> None:
+    passwords = {"aggregator": "a", "dev-1": "p1", "dev-2": "p2"}
+    broker = broker_factory(passwords=passwords, acl=topics.mosquitto_acl("aggregator"))
+    inbox = Inbox()
+    aggregator = transports(BrokerConfig.parse(broker.url, username="aggregator", password="a"), "agg")
+    aggregator.subscribe(topics.update_filter(FLEET), inbox)
+    aggregator.connect()
+    device = transports(BrokerConfig.parse(broker.url, username="dev-1", password="p1"), "dev-1")
+    device.connect()
+
+    with pytest.raises(TransportError, match="refused the publish"):
+        device.publish(topics.update_topic(FLEET, "dev-2"), b"forged")
+    device.publish(topics.update_topic(FLEET, "dev-1"), b"genuine")
+    # same publisher, same broker: had the forgery gone through, it would have come first
+    assert inbox.get() == (topics.update_topic(FLEET, "dev-1"), b"genuine")
+    assert inbox.messages.empty()
+
+
+def test_payload_over_the_broker_limit_is_a_clear_error(
+        broker_factory: Callable[..., MosquittoBroker], transports: Callable[..., Transport]) -> None:
+    broker = broker_factory(extra_config="max_packet_size 2000")
+    device = transports(BrokerConfig.parse(broker.url), "dev-1")
+    device.connect()
+    with pytest.raises(TransportError, match="maximum packet size"):
+        device.publish(topics.update_topic(FLEET, "dev-1"), bytes(4000))
+    device.publish(topics.update_topic(FLEET, "dev-1"), bytes(1900))  # still connected, fits
+
+
+def test_blocking_publish_from_a_handler_is_refused(
+        broker: MosquittoBroker, transports: Callable[..., Transport]) -> None:
+    transport = transports(BrokerConfig.parse(broker.url), "dev-1")
+    errors: queue.Queue[Exception] = queue.Queue()
+
+    def handler(topic: str, payload: bytes) -> None:
+        try:
+            transport.publish("elsewhere", payload, timeout_s=1)
+        except TransportError as exc:
+            errors.put(exc)
+
+    transport.subscribe("loop", handler)
+    transport.connect()
+    transport.publish("loop", b"x")
+    assert "deadlock" in str(errors.get(timeout=WAIT_S))
