@@ -1,0 +1,64 @@
+"""What the aggregator announces: the whole model, or the change since the last announcement.
+
+Devices hold a replica of the announced model (``sdk.model_sync``). A full model goes out on the first
+announcement, every ``resync_every`` versions, and after a device joins or asks for a resync; otherwise
+the delta from the devices' replica (the "shadow") to the new parameters. With a lossless codec the
+aggregator adopts ``shadow + delta`` as its parameters, so server and devices hold bit-identical models;
+a lossy codec keeps the server's exact parameters and carries the difference into the next delta
+(error feedback on the downlink).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sdk.codecs import get_codec, parse_codec_spec
+from sdk.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DownlinkPayload:
+    payload_kind: str  # "params" | "delta"
+    codec: str
+    payload: bytes
+    base_version: int | None
+
+
+class Downlink:
+    def __init__(self, resync_every: int = 1, codec: str = "dense") -> None:
+        if resync_every < 1:
+            raise ConfigError(f"resync_every must be >= 1, got {resync_every}")
+        self.resync_every = resync_every
+        self.codec = codec
+        self._name, self._params = parse_codec_spec(codec)
+        self._codec = get_codec(self._name)
+        self.shadow: np.ndarray | None = None  # the model the devices hold
+        self.shadow_version: int | None = None
+        self.resync_requested = True
+        self._last: tuple[int, DownlinkPayload] | None = None
+
+    def request_resync(self) -> None:
+        self.resync_requested = True
+
+    def announce(self, params: np.ndarray, version: int) -> tuple[DownlinkPayload, np.ndarray]:
+        """The payload for ``version`` and the parameters the server should continue from."""
+        if self._last is not None and self._last[0] == version and not self.resync_requested:
+            return self._last[1], params  # a retried round re-sends the same thing
+        full = (self.shadow is None or self.resync_requested or version % self.resync_every == 0)
+        if full:
+            dense = get_codec("dense")
+            payload = DownlinkPayload("params", "dense", dense.encode(params, None, {})[0], None)
+            self.shadow, self.shadow_version = params.copy(), version
+            self.resync_requested = False
+        else:
+            assert self.shadow is not None
+            data, _ = self._codec.encode((params - self.shadow).astype(np.float32), None, self._params)
+            sent = self._codec.decode(data, params.size, self._params)
+            payload = DownlinkPayload("delta", self.codec, data, self.shadow_version)
+            self.shadow = (self.shadow + sent).astype(np.float32)
+            self.shadow_version = version
+            if self._codec.lossless:
+                params = self.shadow.copy()
+        self._last = (version, payload)
+        return payload, params
