@@ -1,36 +1,19 @@
 """Private Mosquitto brokers and throw-away TLS material for tests.
 
-Each ``MosquittoBroker`` writes its own config under a test's tmp dir, listens on a free
-127.0.0.1 port and keeps its persistence file there, so a ``stop()`` + ``start()`` keeps
-sessions and queued QoS 1 messages, as a real restart would. Mosquitto started as root drops
-privileges to user ``mosquitto``, which cannot enter pytest's 0700 tmp dirs; as root we
-therefore tell it ``user root`` (ignored when not root).
+``MosquittoBroker`` is the product's ``LocalMosquitto`` (config under a test's tmp dir, a free
+127.0.0.1 port, persistence there so ``stop()`` + ``start()`` keeps sessions and queued QoS 1
+messages); this module adds skipping when Mosquitto is absent and test certificates.
 """
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-
-def find_mosquitto() -> str | None:
-    """The mosquitto binary (Debian puts it in /usr/sbin, often not on a user's PATH)."""
-    return shutil.which("mosquitto") or next(
-        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)),
-        None)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from aggregator.local_broker import BrokerTls, LocalMosquitto, find_mosquitto, free_port  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -79,108 +62,21 @@ def make_tls_material(directory: Path, client_names: tuple[str, ...] = ("device-
     return TlsMaterial(directory / "ca.crt", server_cert, server_key, clients)
 
 
-class MosquittoBroker:
-    """A private Mosquitto on 127.0.0.1; ``start()`` runs it (the constructor does too)."""
+class MosquittoBroker(LocalMosquitto):
+    """``aggregator.local_broker.LocalMosquitto`` for tests: skips when Mosquitto is missing and
+    generates TLS material on request."""
 
     def __init__(self, workdir: Path, *, tls: bool = False, tls_material: TlsMaterial | None = None,
                  require_certificate: bool = True, passwords: dict[str, str] | None = None,
                  acl: str | None = None, persistence: bool = True, port: int | None = None,
                  extra_config: str = "") -> None:
-        binary = find_mosquitto()
-        if binary is None:
+        if find_mosquitto() is None:
             pytest.skip("mosquitto not found on PATH or in /usr/sbin; install Debian's mosquitto")
-        self.binary = binary
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.tls = tls
-        self.port = port or free_port()
-        self.log_path = self.workdir / "mosquitto.log"
-        self.config_path = self.workdir / "mosquitto.conf"
-        if tls and tls_material is None:
-            tls_material = make_tls_material(self.workdir / "tls")
-        lines = [f"listener {self.port} 127.0.0.1",
-                 f"allow_anonymous {'false' if passwords else 'true'}",
-                 "log_dest stderr", "log_type error", "log_type warning", "log_type notice",
-                 "log_type information", "connection_messages true"]
-        if os.geteuid() == 0:
-            lines.append("user root")
-        if persistence:
-            (self.workdir / "persist").mkdir(exist_ok=True)
-            lines += ["persistence true", f"persistence_location {self.workdir / 'persist'}/"]
-        else:
-            lines.append("persistence false")
-        if passwords:
-            lines.append(f"password_file {self._write_passwords(passwords)}")
-        if acl is not None:
-            acl_path = self.workdir / "acl"
-            acl_path.write_text(acl)
-            lines.append(f"acl_file {acl_path}")
-        if tls:
-            assert tls_material is not None
-            lines += [f"cafile {tls_material.ca_cert}", f"certfile {tls_material.server_cert}",
-                      f"keyfile {tls_material.server_key}",
-                      f"require_certificate {'true' if require_certificate else 'false'}"]
-        self.config_path.write_text("\n".join(lines + [extra_config, ""]))
-        self._process: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    @property
-    def url(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://127.0.0.1:{self.port}"
-
-    def _write_passwords(self, passwords: dict[str, str]) -> Path:
-        tool = shutil.which("mosquitto_passwd")
-        if tool is None:
+        if passwords and shutil.which("mosquitto_passwd") is None:
             pytest.skip("mosquitto_passwd not found (Debian: mosquitto-clients or mosquitto)")
-        path = self.workdir / "passwords"
-        path.write_text("".join(f"{user}:{pw}\n" for user, pw in passwords.items()))
-        # -U hashes a plain-text user:password file in place: one process for every user.
-        done = subprocess.run([tool, "-U", str(path)], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"mosquitto_passwd -U failed: {done.stderr.strip()}")
-        return path
-
-    def start(self, timeout_s: float = 10.0) -> None:
-        """Run the broker (again, on the same port) and wait until the port accepts."""
-        if self._process is not None and self._process.poll() is None:
-            return
-        with open(self.log_path, "ab") as log:
-            self._process = subprocess.Popen([self.binary, "-c", str(self.config_path)],
-                                             stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"mosquitto exited with {self._process.returncode}:\n{self.log_tail()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.kill()
-                    raise RuntimeError(f"mosquitto did not listen on {self.port}:\n{self.log_tail()}")
-                time.sleep(0.02)
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM and wait: Mosquitto writes its persistence file on the way out."""
-        if self._process is not None and self._process.poll() is None:
-            self._process.send_signal(signal.SIGTERM)
-            try:
-                self._process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def kill(self) -> None:
-        """SIGKILL: a crash, nothing saved since the last autosave."""
-        if self._process is not None and self._process.poll() is None:
-            self._process.kill()
-            self._process.wait()
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no log)"
+        server_tls = None
+        if tls:
+            material = tls_material or make_tls_material(Path(workdir) / "tls")
+            server_tls = BrokerTls(material.ca_cert, material.server_cert, material.server_key, require_certificate)
+        super().__init__(workdir, tls=server_tls, passwords=passwords, acl=acl, persistence=persistence,
+                         port=port, extra_config=extra_config)
