@@ -18,6 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "sdk.device_cli",
     "aggregator.cli",
     "aggregator.simulate",
+    "aggregator.report",
 )
 
 

@@ -1,0 +1,187 @@
+"""``edgetrain report``: compare run directories — a Markdown table and plots.
+
+A run directory is what ``aggregate`` / ``simulate`` write (``metrics.jsonl`` + ``summary.json``).
+For each run: final and best accuracy; the rounds (or steps), cumulative uplink and downlink MB and
+wall time needed to first reach each target accuracy; per-device CPU seconds (an energy proxy) and
+joules where a power source reported them. Cumulative figures count every round up to and including
+the one that reached the target.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from sdk.errors import ConfigError, DataError
+
+from .results import BYTES_PER_MB, METRICS_FILE, SUMMARY_FILE, MetricsLog, RoundRecord
+
+DEFAULT_TARGETS = (0.85, 0.88)
+
+
+@dataclass(frozen=True)
+class Milestone:
+    """Cost of first reaching a target accuracy."""
+
+    round_id: int
+    uplink_mb: float
+    downlink_mb: float
+    wall_s: float
+
+
+@dataclass(frozen=True)
+class RunReport:
+    name: str
+    settings: Mapping[str, Any]  # strategy, codec, partition… as recorded in summary.json
+    rounds: int
+    final_accuracy: float | None
+    best_accuracy: float | None
+    uplink_mb: float
+    downlink_mb: float
+    wall_s: float
+    device_cpu_s: float | None  # summed over devices and rounds, where devices reported it
+    energy_j: float | None
+    milestones: Mapping[float, Milestone | None]
+
+
+def milestone(records: Sequence[RoundRecord], target: float) -> Milestone | None:
+    """The first round whose test accuracy is >= ``target`` and what it cost to get there."""
+    up = down = wall = 0.0
+    for r in records:
+        up += r.bytes_up / BYTES_PER_MB
+        down += r.bytes_down / BYTES_PER_MB
+        wall += r.round_wall_s
+        if r.accuracy is not None and math.isfinite(r.accuracy) and r.accuracy >= target:
+            return Milestone(r.round_id, up, down, wall)
+    return None
+
+
+def _sum_extra(records: Sequence[RoundRecord], key: str) -> float | None:
+    values = [float(r.extra[key]) for r in records if r.extra.get(key) is not None]
+    return sum(values) if values else None
+
+
+def load_run(run_dir: Path | str, targets: Sequence[float] = DEFAULT_TARGETS) -> tuple[RunReport, list[RoundRecord]]:
+    run_dir = Path(run_dir)
+    if not (run_dir / METRICS_FILE).is_file():
+        raise DataError(f"{run_dir}: not a run directory (no {METRICS_FILE})")
+    records = MetricsLog(run_dir).read()
+    if not records:
+        raise DataError(f"{run_dir / METRICS_FILE}: no completed round")
+    settings: dict[str, Any] = {}
+    summary_path = run_dir / SUMMARY_FILE
+    if summary_path.is_file():
+        try:
+            settings = dict(json.loads(summary_path.read_text()).get("extra") or {})
+        except (json.JSONDecodeError, AttributeError) as exc:
+            raise DataError(f"{summary_path}: unreadable ({exc})") from exc
+    evaluated = [r.accuracy for r in records if r.accuracy is not None and math.isfinite(r.accuracy)]
+    report = RunReport(
+        name=str(settings.get("label") or run_dir.name), settings=settings, rounds=len(records),
+        final_accuracy=evaluated[-1] if evaluated else None, best_accuracy=max(evaluated) if evaluated else None,
+        uplink_mb=sum(r.bytes_up for r in records) / BYTES_PER_MB,
+        downlink_mb=sum(r.bytes_down for r in records) / BYTES_PER_MB,
+        wall_s=sum(r.round_wall_s for r in records),
+        device_cpu_s=_sum_extra(records, "device_cpu_s"), energy_j=_sum_extra(records, "device_energy_j"),
+        milestones={t: milestone(records, t) for t in targets})
+    return report, records
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.2f}"
+
+
+def _num(x: float | None, digits: int = 1) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def markdown_table(reports: Sequence[RunReport], targets: Sequence[float] = DEFAULT_TARGETS) -> str:
+    """One row per run; "–" where a run never reached a target or a figure is unavailable."""
+    head = ["run", "strategy", "codec", "data", "rounds", "final acc %", "best acc %"]
+    for t in targets:
+        p = f"{100 * t:g}%"
+        head += [f"rounds to {p}", f"up MB to {p}", f"down MB to {p}", f"wall s to {p}"]
+    head += ["up MB", "down MB", "wall s", "device CPU s", "energy J"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in reports:
+        row = [r.name, str(r.settings.get("strategy", "–")), str(r.settings.get("codec", "–")),
+               str(r.settings.get("partition", "–")), str(r.rounds), _pct(r.final_accuracy), _pct(r.best_accuracy)]
+        for t in targets:
+            m = r.milestones.get(t)
+            row += ["–"] * 4 if m is None else [str(m.round_id), _num(m.uplink_mb, 2), _num(m.downlink_mb, 2),
+                                                  _num(m.wall_s)]
+        row += [_num(r.uplink_mb, 2), _num(r.downlink_mb, 2), _num(r.wall_s), _num(r.device_cpu_s),
+                _num(r.energy_j)]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_runs(runs: Sequence[tuple[RunReport, list[RoundRecord]]], out_dir: Path) -> list[Path]:
+    """Accuracy vs round/step, vs cumulative uplink MB (log axis) and vs wall time, all runs overlaid."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    outputs = []
+    for name, xlabel, log in (("accuracy_vs_round.png", "round / step", False),
+                              ("accuracy_vs_uplink_mb.png", "cumulative uplink MB (log)", True),
+                              ("accuracy_vs_wall_s.png", "wall time (s)", False)):
+        figure = Figure(figsize=(7, 4.5), dpi=100)
+        FigureCanvasAgg(figure)
+        axes = figure.add_subplot(1, 1, 1)
+        for report, records in runs:
+            up = wall = 0.0
+            xs, ys = [], []
+            for r in records:
+                up += r.bytes_up / BYTES_PER_MB
+                wall += r.round_wall_s
+                if r.accuracy is not None and math.isfinite(r.accuracy):
+                    xs.append({"accuracy_vs_round.png": r.round_id, "accuracy_vs_uplink_mb.png": up}.get(name, wall))
+                    ys.append(r.accuracy)
+            axes.plot(xs, ys, marker="o", markersize=2, label=report.name)
+        if log:
+            axes.set_xscale("log")
+        axes.set_xlabel(xlabel)
+        axes.set_ylabel("test accuracy")
+        axes.grid(True, alpha=0.3)
+        axes.legend(fontsize=7)
+        figure.tight_layout()
+        path = out_dir / name
+        figure.savefig(path)
+        outputs.append(path)
+    return outputs
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("report", help="compare run directories: Markdown table + plots",
+                              description="Compare runs (aggregate/simulate output directories).")
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
+    p.add_argument("--out", type=Path, required=True, help="directory for report.md and the PNGs")
+    p.add_argument("--targets", default=",".join(str(t) for t in DEFAULT_TARGETS),
+                   help="target accuracies, comma-separated (default 0.85,0.88)")
+    p.set_defaults(func=run)
+
+
+def parse_targets(text: str) -> tuple[float, ...]:
+    try:
+        targets = tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--targets {text!r}: expected numbers like 0.85,0.88") from None
+    if not targets or not all(0 < t <= 1 for t in targets):
+        raise ConfigError(f"--targets {text!r}: each target must be in (0, 1]")
+    return targets
+
+
+def run(args: argparse.Namespace) -> int:
+    targets = parse_targets(args.targets)
+    runs = [load_run(d, targets) for d in args.runs]
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table([r for r, _ in runs], targets)
+    plots = plot_runs(runs, args.out)
+    (args.out / "report.md").write_text("# edgetrain report\n\n" + table + "\n" +
+                                        "".join(f"![{p.stem}]({p.name})\n" for p in plots))
+    print(table, end="")
+    print(f"report: {args.out / 'report.md'} and {len(plots)} plots")
+    return 0
