@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "aggregator.cli",
     "aggregator.simulate",
     "aggregator.report",
+    "device_bench.cli",
 )
 
 
