@@ -13,18 +13,13 @@ Reconnect hooks run on a separate thread and may block.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import queue
 import ssl
-import struct
 import threading
-import zlib
 from dataclasses import dataclass, field
-from hashlib import sha256
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
@@ -33,8 +28,12 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from .errors import BrokerUnavailable, ConfigError, PublishTimeout, TransportError
+from .outbox import Outbox
 
 _log = logging.getLogger(__name__)
+_paho_log = logging.getLogger(f"{__name__}.paho")
+_PAHO_LEVELS = {mqtt.MQTT_LOG_ERR: logging.ERROR, mqtt.MQTT_LOG_WARNING: logging.WARNING,
+                mqtt.MQTT_LOG_NOTICE: logging.INFO, mqtt.MQTT_LOG_INFO: logging.INFO}
 _DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 _MQTT_MAX_PAYLOAD_BYTES = 268_435_455  # MQTT's remaining-length limit
 
@@ -110,115 +109,6 @@ def _split_url(url: str) -> tuple[str, str, int, str | None, str | None]:
     return parts.scheme, parts.hostname, port, user, password
 
 
-class OutboxEntry(NamedTuple):
-    key: str
-    topic: str
-    payload: bytes
-
-
-class Outbox:
-    """Messages kept on disk until the application removes them (on the aggregator's ack).
-
-    One file per entry, ``<sequence>-<sha256(key)>.rec``: magic, a JSON header (key, topic,
-    length, crc32) and the raw payload; written to a temporary file, fsynced and renamed, so an
-    entry is either whole or absent. Entries that fail their checks are moved to ``corrupt/``
-    with a warning. One process owns a directory at a time.
-    """
-
-    _MAGIC = b"ETOUTBOX\x01"
-    _SUFFIX = ".rec"
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        for leftover in self.directory.glob(".*.tmp"):  # a write cut short by a crash
-            leftover.unlink(missing_ok=True)
-        self._next_seq = 1 + max((self._seq(p) for p in self._files()), default=0)
-
-    def put(self, key: str, topic: str, payload: bytes) -> None:
-        """Store (or replace) the entry ``key``; durable when this returns."""
-        header = json.dumps({"key": key, "topic": topic, "payload_bytes": len(payload),
-                             "crc32": zlib.crc32(payload)}).encode("utf-8")
-        record = self._MAGIC + struct.pack("<I", len(header)) + header + bytes(payload)
-        with self._lock:
-            name = f"{self._next_seq:012d}-{self._digest(key)}{self._SUFFIX}"
-            self._next_seq += 1
-            tmp = self.directory / f".{name}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(record)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.directory / name)
-            self._fsync_directory()
-            for old in self._files_for(key):  # the replaced entry goes only once the new one is safe
-                if old.name != name:
-                    old.unlink(missing_ok=True)
-
-    def remove(self, key: str) -> None:
-        """Forget the entry ``key`` (no error if there is none)."""
-        with self._lock:
-            for path in self._files_for(key):
-                path.unlink(missing_ok=True)
-            self._fsync_directory()
-
-    def pending(self) -> list[OutboxEntry]:
-        """Every entry, oldest first."""
-        with self._lock:
-            entries: dict[str, OutboxEntry] = {}
-            for path in sorted(self._files(), key=self._seq):
-                entry = self._read(path)
-                if entry is not None:
-                    entries.pop(entry.key, None)  # a crash mid-replace leaves two: the newer wins
-                    entries[entry.key] = entry
-            return list(entries.values())
-
-    def _read(self, path: Path) -> OutboxEntry | None:
-        try:
-            data = path.read_bytes()
-            if not data.startswith(self._MAGIC):
-                raise ValueError("bad magic")
-            (header_len,) = struct.unpack_from("<I", data, len(self._MAGIC))
-            start = len(self._MAGIC) + 4
-            header = json.loads(data[start:start + header_len].decode("utf-8"))
-            payload = data[start + header_len:]
-            if len(payload) != header["payload_bytes"] or zlib.crc32(payload) != header["crc32"]:
-                raise ValueError("payload length or crc32 mismatch")
-            if path.name.split("-", 1)[1] != self._digest(header["key"]) + self._SUFFIX:
-                raise ValueError("file name does not match the key")
-            return OutboxEntry(str(header["key"]), str(header["topic"]), payload)
-        except FileNotFoundError:
-            return None
-        except (ValueError, KeyError, TypeError, IndexError, struct.error) as exc:
-            corrupt = self.directory / "corrupt"
-            corrupt.mkdir(exist_ok=True)
-            os.replace(path, corrupt / path.name)
-            _log.warning("outbox entry %s is corrupt (%s); moved to %s", path, exc, corrupt)
-            return None
-
-    def _files(self) -> list[Path]:
-        return [p for p in self.directory.glob(f"*{self._SUFFIX}") if not p.name.startswith(".")]
-
-    def _files_for(self, key: str) -> list[Path]:
-        return list(self.directory.glob(f"*-{self._digest(key)}{self._SUFFIX}"))
-
-    @staticmethod
-    def _seq(path: Path) -> int:
-        head = path.name.split("-", 1)[0]
-        return int(head) if head.isdigit() else 0
-
-    @staticmethod
-    def _digest(key: str) -> str:
-        return sha256(key.encode("utf-8")).hexdigest()[:32]
-
-    def _fsync_directory(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 class Transport:
     """One MQTT 5 client: connect, subscribe, publish with PUBACK, reconnect, outbox re-publish.
 
@@ -254,6 +144,7 @@ class Transport:
         self._connack_reason: mqtt.ReasonCode | None = None
         self._closed_before_connack: str | None = None  # why the first attempt's socket closed
         self._last_paho_error = ""
+        self._closing = False
         self._connected = False
         self._connected_once = False
         self._max_packet_bytes: int | None = None
@@ -263,7 +154,6 @@ class Transport:
         self._after_first_connect: list[Callable[[], None]] = []
 
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
-        client.enable_logger(logging.getLogger(f"{__name__}.paho"))
         client.reconnect_delay_set(reconnect_min_s, reconnect_max_s)  # type: ignore[arg-type]
         if config.username is not None:
             client.username_pw_set(config.username, config.password)
@@ -290,6 +180,7 @@ class Transport:
         if self._connected:
             return
         url = self.config.url
+        self._closing = False
         self._connack.clear()
         self._closed_before_connack = None
         props = Properties(PacketTypes.CONNECT)
@@ -445,7 +336,10 @@ class Transport:
 
     def _on_log(self, client: mqtt.Client, userdata: object, level: int, message: str) -> None:
         if level == mqtt.MQTT_LOG_ERR:  # paho reports socket and TLS failures only here
+            if self._closing and message.startswith("Client is not connected"):
+                return  # paho's loop thread runs once more after our own disconnect(): not an error
             self._last_paho_error = message
+        _paho_log.log(_PAHO_LEVELS.get(level, logging.DEBUG), "%s", message)
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         with self._lock:
@@ -482,6 +376,7 @@ class Transport:
                 _log.exception("reconnect hook %r raised", hook)
 
     def _stop_client(self) -> None:
+        self._closing = True
         self._client.disconnect()
         self._client.loop_stop()
         self._connected = False

@@ -15,7 +15,8 @@ import pytest
 
 from sdk import topics
 from sdk.errors import BrokerUnavailable, ConfigError, PublishTimeout, TransportError
-from sdk.transport import BrokerConfig, Outbox, OutboxEntry, Transport
+from sdk.outbox import Outbox, OutboxEntry
+from sdk.transport import BrokerConfig, Transport
 from tests.mosquitto import MosquittoBroker, TlsMaterial, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
