@@ -15,6 +15,11 @@ import numpy as np
 
 from ..errors import ConfigError, WireError
 from .dense import DenseCodec
+from .dgc import DgcCodec
+from .lowrank import LowRankCodec
+from .quant import Fp16Codec, Q8Codec
+from .sketch import RandomMaskCodec, SketchCodec
+from .stc import StcCodec
 
 CodecState = dict[str, np.ndarray]
 ParamValue = bool | int | float | str
@@ -137,11 +142,20 @@ def format_codec_spec(name: str, params: Mapping[str, ParamValue] | None = None)
 
 # Built-in codecs, available as soon as the package is imported.
 register(DenseCodec())
+for _codec in (Fp16Codec(), Q8Codec(), DgcCodec(), SketchCodec(), RandomMaskCodec(), LowRankCodec(), StcCodec()):
+    register(_codec)
 
 __all__ = [
     "Codec",
     "CodecState",
     "DenseCodec",
+    "DgcCodec",
+    "Fp16Codec",
+    "LowRankCodec",
+    "Q8Codec",
+    "RandomMaskCodec",
+    "SketchCodec",
+    "StcCodec",
     "codec_names",
     "format_codec_spec",
     "get_codec",
