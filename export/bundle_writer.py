@@ -21,23 +21,46 @@ from sdk.runtime.base import TrainConfig
 from .models import INPUT_SHAPE, NUM_CLASSES, build_model, resolve_config
 
 BUFFERS_NAME = "buffers.safetensors"
-AVAILABLE_RUNTIMES = ("torch",)
+AVAILABLE_RUNTIMES = ("torch", "onnx", "executorch")
+# `--runtime all` writes one sub-bundle per runtime, in this order (sdk.runtime.load_runtime picks one)
+ALL_RUNTIMES = ("onnx", "torch", "executorch")
 # lr 0.01 with momentum 0.9 (effective step 0.1): the 215k CNN reaches ~89% test accuracy after
 # 3 epochs at batch 32 on this setting; lr 0.05 with momentum 0.9 was measured at 86.4%.
 DEFAULT_OPTIMIZER: Mapping[str, Any] = {"name": "sgd", "lr": 0.01, "momentum": 0.9,
                                         "weight_decay": 0.0, "nesterov": False}
+# AdamW (Loshchilov & Hutter, ICLR 2019) is baked into ORT's optimizer model: only the onnx runtime has it.
+DEFAULT_ADAMW: Mapping[str, Any] = {"name": "adamw", "lr": 0.001, "weight_decay": 0.0,
+                                    "betas": [0.9, 0.999], "eps": 1e-8}
 _BATCHNORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
-def resolve_optimizer(optimizer: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Default SGD settings overlaid with ``optimizer``, checked like the runtime will check them."""
-    resolved = dict(DEFAULT_OPTIMIZER)
+def resolve_optimizer(optimizer: Mapping[str, Any] | None, runtime: str = "torch") -> dict[str, Any]:
+    """Default settings of the named optimizer (sgd unless named) overlaid with ``optimizer``, checked
+    like the runtime will check them."""
+    name = (optimizer or {}).get("name", "sgd")
+    if name == "adamw":
+        if runtime != "onnx":
+            raise ConfigError(f"optimizer 'adamw' is available for runtime onnx only, not {runtime!r}")
+        defaults = DEFAULT_ADAMW
+    elif name == "sgd":
+        defaults = DEFAULT_OPTIMIZER
+    else:
+        raise ConfigError(f"optimizer {name!r} is not supported (sgd, or adamw for runtime onnx)")
+    resolved = dict(defaults)
     resolved.update(optimizer or {})
-    if resolved["name"] != "sgd":
-        raise ConfigError(f"optimizer {resolved['name']!r} is not supported (only 'sgd')")
-    unknown = sorted(set(resolved) - set(DEFAULT_OPTIMIZER))
+    unknown = sorted(set(resolved) - set(defaults))
     if unknown:
-        raise ConfigError(f"optimizer: unknown keys {unknown} (known: {sorted(DEFAULT_OPTIMIZER)})")
+        raise ConfigError(f"optimizer: unknown keys {unknown} (known: {sorted(defaults)})")
+    if name == "adamw":
+        betas = resolved["betas"]
+        if (not isinstance(betas, (list, tuple)) or len(betas) != 2
+                or not all(0.0 <= float(b) < 1.0 for b in betas)):
+            raise ConfigError(f"optimizer adamw: betas must be two numbers in [0, 1), got {betas!r}")
+        if not float(resolved["eps"]) > 0:
+            raise ConfigError(f"optimizer adamw: eps must be > 0, got {resolved['eps']!r}")
+        resolved["betas"] = [float(b) for b in betas]
+        TrainConfig(lr=float(resolved["lr"]), weight_decay=float(resolved["weight_decay"]))
+        return resolved
     TrainConfig(lr=float(resolved["lr"]), momentum=float(resolved["momentum"]),
                 weight_decay=float(resolved["weight_decay"]), nesterov=bool(resolved["nesterov"]))
     return resolved
@@ -97,12 +120,19 @@ def export_bundle(
     runtime: str = "torch",
     seed: int = 0,
     optimizer: Mapping[str, Any] | None = None,
+    batch_size: int | None = None,
 ) -> Manifest:
-    """Build ``model_name`` with seeded weights and write it as a ``runtime`` bundle in ``out_dir``."""
+    """Build ``model_name`` with seeded weights and write it as a ``runtime`` bundle in ``out_dir``.
+
+    ``batch_size`` is the fixed training batch of an executorch bundle (default 32); other runtimes
+    take any batch size and refuse this argument.
+    """
     if runtime not in AVAILABLE_RUNTIMES:
         raise ConfigError(f"runtime {runtime!r} is not available yet (available: {list(AVAILABLE_RUNTIMES)})")
+    if batch_size is not None and runtime != "executorch":
+        raise ConfigError(f"a fixed batch size applies to runtime executorch only, not {runtime!r}")
     config = resolve_config(model_name, model_config)
-    optimizer_settings = resolve_optimizer(optimizer)
+    optimizer_settings = resolve_optimizer(optimizer, runtime)
     model = build_model(model_name, config, seed)
     buffers = _exportable_buffers(model, model_name)
     trainable = {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
@@ -112,11 +142,41 @@ def export_bundle(
     if not_float32:
         raise ConfigError(f"model {model_name}: parameters {not_float32} are not float32")
 
+    # refuse an untrainable model before touching the output directory
+    if runtime == "onnx":
+        from .onnx_export import check_ort_trainable
+
+        check_ort_trainable(model)
+    elif runtime == "executorch":
+        from .executorch_export import check_executorch_trainable
+
+        check_executorch_trainable(model)
+
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir)
+    # the initial parameters in manifest order, for every runtime: the aggregator reads them from here
     _save_safetensors(trainable, out_dir / WEIGHTS_NAME)
     written = [WEIGHTS_NAME]
     runtime_info: dict[str, Any] = {"torch_version": torch.__version__, "init_seed": seed}
+    fixed_batch_size: int | None = None
+    try:
+        if runtime == "onnx":
+            from .onnx_export import write_ort_artifacts
+
+            ort = write_ort_artifacts(model, out_dir, optimizer_settings)
+            written += list(ort.files)
+            runtime_info.update(ort.runtime_info)
+        elif runtime == "executorch":
+            from .executorch_export import DEFAULT_FIXED_BATCH_SIZE, write_executorch_program
+
+            et = write_executorch_program(model, out_dir, batch_size or DEFAULT_FIXED_BATCH_SIZE)
+            written += list(et.files)
+            runtime_info.update(et.runtime_info)
+            fixed_batch_size = et.fixed_batch_size
+    except BaseException:
+        # leave no manifest-less half bundle behind: a later export into the same directory must work
+        (out_dir / WEIGHTS_NAME).unlink(missing_ok=True)
+        raise
     if buffers:
         _save_safetensors(buffers, out_dir / BUFFERS_NAME)
         written.append(BUFFERS_NAME)
@@ -141,7 +201,39 @@ def export_bundle(
         optimizer=optimizer_settings,
         input_mean=FASHION_MNIST_MEAN,
         input_std=FASHION_MNIST_STD,
+        fixed_batch_size=fixed_batch_size,
         runtime_info=runtime_info,
     )
     write_manifest(out_dir, manifest)
     return manifest
+
+
+def export_all_runtimes(
+    model_name: str,
+    model_config: Mapping[str, Any] | None = None,
+    *,
+    out_dir: Path | str,
+    seed: int = 0,
+    optimizer: Mapping[str, Any] | None = None,
+    batch_size: int | None = None,
+) -> tuple[dict[str, Manifest], dict[str, str]]:
+    """One sub-bundle per runtime (``out_dir/<runtime>``), same seed and parameter layout.
+
+    A runtime that refuses the model is skipped; returns the written manifests and, per skipped
+    runtime, the reason.
+    """
+    out_dir = Path(out_dir)
+    if (out_dir / MANIFEST_NAME).exists():
+        raise ConfigError(f"--out {out_dir}: holds a single bundle; write all runtimes into another directory")
+    written: dict[str, Manifest] = {}
+    refused: dict[str, str] = {}
+    for runtime in ALL_RUNTIMES:
+        try:
+            written[runtime] = export_bundle(
+                model_name, model_config, out_dir=out_dir / runtime, runtime=runtime, seed=seed,
+                optimizer=optimizer, batch_size=batch_size if runtime == "executorch" else None)
+        except ConfigError as exc:
+            refused[runtime] = str(exc)
+    if not written:
+        raise ConfigError(f"no runtime accepts model {model_name}: {refused}")
+    return written, refused

@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from sdk.bundle import RUNTIMES
+from sdk.bundle import RUNTIMES, Manifest
 from sdk.errors import ConfigError
 
 # Mirrors export.models.MODELS (a test keeps them equal); listed here so --help needs no torch.
@@ -23,12 +23,18 @@ def register(subparsers: Any) -> None:
         description="Build a reference Fashion-MNIST model with seeded weights and write it as a bundle.",
     )
     parser.add_argument("--model", required=True, choices=MODEL_NAMES)
-    parser.add_argument("--runtime", default="torch", choices=RUNTIMES, help="on-device runtime (default torch)")
+    parser.add_argument("--runtime", default="torch", choices=(*RUNTIMES, "all"),
+                        help="on-device runtime (default torch); 'all' writes one sub-bundle per runtime "
+                             "that accepts the model")
     parser.add_argument("--out", required=True, type=Path, help="bundle directory to create")
     parser.add_argument("--norm", choices=NORM_CHOICES, default=None,
                         help="cnn only: normalisation after each conv (default none)")
     parser.add_argument("--seed", type=int, default=0, help="initial-weights seed (default 0)")
-    parser.add_argument("--lr", type=float, default=None, help="SGD learning rate stored in the manifest")
+    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                        help="sgd (default), or adamw baked into an onnx bundle's optimizer model")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="executorch only: the fixed training batch size (default 32)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate stored in the manifest")
     parser.add_argument("--momentum", type=float, default=None, help="SGD momentum stored in the manifest")
     parser.add_argument("--weight-decay", type=float, default=None, help="SGD weight decay stored in the manifest")
     parser.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
@@ -46,22 +52,37 @@ def _model_config(args: argparse.Namespace) -> dict[str, Any]:
 def _optimizer(args: argparse.Namespace) -> dict[str, Any]:
     settings: dict[str, Any] = {"lr": args.lr, "momentum": args.momentum, "weight_decay": args.weight_decay}
     optimizer = {k: v for k, v in settings.items() if v is not None}
+    optimizer["name"] = args.optimizer
     if args.nesterov:
         optimizer["nesterov"] = True
+    if args.optimizer == "adamw" and ("momentum" in optimizer or args.nesterov):
+        raise ConfigError("--momentum/--nesterov apply to sgd, not adamw")
     return optimizer
 
 
-def run(args: argparse.Namespace) -> int:
-    from .bundle_writer import export_bundle  # imports torch
-
-    manifest = export_bundle(args.model, _model_config(args), out_dir=args.out, runtime=args.runtime,
-                             seed=args.seed, optimizer=_optimizer(args))
+def _print_bundle(manifest: Manifest, out: Path) -> None:
     config = ", ".join(f"{k}={v}" for k, v in sorted(manifest.model_config.items()))
-    print(f"wrote {manifest.runtime} bundle {args.out}: model {manifest.model} ({config}), "
-          f"{manifest.num_params:,} parameters in {len(manifest.params)} tensors")
-    opt = manifest.optimizer
-    print(f"  optimizer sgd lr={opt['lr']} momentum={opt['momentum']} weight_decay={opt['weight_decay']} "
-          f"nesterov={opt['nesterov']}")
+    fixed = f", fixed batch {manifest.fixed_batch_size}" if manifest.fixed_batch_size else ""
+    print(f"wrote {manifest.runtime} bundle {out}: model {manifest.model} ({config}), "
+          f"{manifest.num_params:,} parameters in {len(manifest.params)} tensors{fixed}")
+    settings = " ".join(f"{k}={v}" for k, v in sorted(manifest.optimizer.items()) if k != "name")
+    print(f"  optimizer {manifest.optimizer['name']} {settings}")
     for rel in [*manifest.files, "manifest.json"]:
-        print(f"  {rel}  {(args.out / rel).stat().st_size:,} bytes")
+        print(f"  {rel}  {(out / rel).stat().st_size:,} bytes")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .bundle_writer import export_all_runtimes, export_bundle  # imports torch
+
+    if args.runtime == "all":
+        written, refused = export_all_runtimes(args.model, _model_config(args), out_dir=args.out, seed=args.seed,
+                                               optimizer=_optimizer(args), batch_size=args.batch_size)
+        for runtime, manifest in written.items():
+            _print_bundle(manifest, args.out / runtime)
+        for runtime, reason in refused.items():
+            print(f"skipped {runtime}: {reason}")
+        return 0
+    manifest = export_bundle(args.model, _model_config(args), out_dir=args.out, runtime=args.runtime,
+                             seed=args.seed, optimizer=_optimizer(args), batch_size=args.batch_size)
+    _print_bundle(manifest, args.out)
     return 0

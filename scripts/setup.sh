@@ -22,5 +22,6 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 # torch first and pinned: anything looser pulls the multi-GB CUDA build.
 .venv/bin/python -m pip install -q --disable-pip-version-check 'torch==2.13.0'
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[${EXTRAS:-torch,server,bench,test}]"
+# export,ort,executorch: the runtime parity tests need all three (~40 s and ~670 MB more, measured).
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[${EXTRAS:-torch,server,bench,test,export,ort,executorch}]"
 echo "setup: done ($(.venv/bin/python -c 'import torch, numpy; print("torch", torch.__version__, "numpy", numpy.__version__)'))"

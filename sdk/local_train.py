@@ -7,7 +7,6 @@ train split) is the reference that federated and large-batch runs are compared a
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -62,21 +61,6 @@ def _batch_size(requested: int | None, fixed: int | None) -> int:
     return fixed
 
 
-def _apply_threads(threads: int | None) -> str:
-    """Set intra-op threads on the runtime's library; only torch's is known so far.
-
-    torch is touched only if the backend already imported it, so this never pulls torch in.
-    """
-    if threads is None:
-        return "library default"
-    _positive(threads, "--threads")
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return f"{threads} requested, not applied (runtime does not use torch)"
-    torch.set_num_threads(threads)
-    return str(threads)
-
-
 def _batches(images: np.ndarray, labels: np.ndarray, batch_size: int, rng: np.random.Generator,
              drop_last: bool, mean: float, std: float) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     from .data import batch_indices, to_model_input
@@ -97,12 +81,16 @@ def run(args: argparse.Namespace) -> int:
     spec = PartitionSpec.parse(args.partition)
     runtime = load_runtime(args.bundle)
     manifest = runtime.manifest
-    threads = _apply_threads(args.threads)
+    if args.threads is not None:
+        runtime.set_threads(_positive(args.threads, "--threads"))
+    threads = args.threads or "library default"
     batch_size = _batch_size(args.batch_size, manifest.fixed_batch_size)
     opt = manifest.optimizer
     config = TrainConfig(
         lr=args.lr if args.lr is not None else float(opt.get("lr", FALLBACK_LR)),
-        momentum=args.momentum if args.momentum is not None else float(opt.get("momentum", FALLBACK_MOMENTUM)),
+        # AdamW bundles have no SGD momentum to fall back on.
+        momentum=args.momentum if args.momentum is not None else float(
+            opt.get("momentum", 0.0 if opt.get("name") == "adamw" else FALLBACK_MOMENTUM)),
         weight_decay=float(opt.get("weight_decay", 0.0)),
         nesterov=bool(opt.get("nesterov", False)) and (args.momentum is None or args.momentum > 0),
     )
@@ -121,7 +109,9 @@ def run(args: argparse.Namespace) -> int:
           f"batch {batch_size}, sgd lr {config.lr} momentum {config.momentum}, threads {threads}", flush=True)
     for epoch in range(1, epochs + 1):
         started = time.perf_counter()
-        result = runtime.train(_batches(images, labels, batch_size, rng, manifest.fixed_batch_size is not None,
+        # keep the last partial batch for every runtime: a fixed-batch (executorch) backend pads it
+        # with weight-0 rows, which leaves the gradient mean exact
+        result = runtime.train(_batches(images, labels, batch_size, rng, False,
                                         manifest.input_mean, manifest.input_std), config)
         trained = time.perf_counter()
         evaluation = runtime.evaluate(test_x, test.labels, batch_size=EVAL_BATCH_SIZE)

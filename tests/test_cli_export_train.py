@@ -97,7 +97,7 @@ def test_bad_train_input_exits_2_with_one_line(bundle: Path, data_dir: Path, arg
 
 @pytest.mark.parametrize("args,needle", [
     (["--model", "mlp", "--norm", "batch"], "--norm applies to the cnn"),
-    (["--model", "cnn", "--runtime", "onnx"], "not available yet"),
+    (["--model", "cnn", "--norm", "group", "--runtime", "onnx"], "GroupNorm"),
     (["--model", "mlp", "--momentum", "1.5"], "momentum"),
 ])
 def test_bad_export_input_exits_2_with_one_line(tmp_path: Path, args: list[str], needle: str) -> None:

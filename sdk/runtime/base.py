@@ -73,6 +73,10 @@ class Runtime(ABC):
     def __init__(self, manifest: Manifest) -> None:
         self.manifest = manifest
 
+    def set_threads(self, threads: int) -> None:
+        """Cap the backend's intra-op threads (one per device process keeps N simulated devices from
+        oversubscribing the cores). Backends without such a knob keep this no-op."""
+
     @abstractmethod
     def get_parameters(self) -> np.ndarray:
         """A copy of the parameters as the flat float32 vector."""

@@ -46,6 +46,11 @@ class TorchRuntime(Runtime):
         self.model = model
         self._params = [p for _, p in model.named_parameters()]
 
+    def set_threads(self, threads: int) -> None:
+        if threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
     def get_parameters(self) -> np.ndarray:
         with torch.no_grad():
             return torch.cat([p.detach().reshape(-1) for p in self._params]).numpy().copy()
