@@ -67,6 +67,21 @@ def make_strategy_from_args(args: argparse.Namespace):
     return make_strategy(args.strategy, **kwargs)
 
 
+def aggregator_config(args: argparse.Namespace, out_dir: Path, fleet: str, resume: bool):
+    """The service's settings from parsed flags; ConfigError names a bad one (fleet, codec…)."""
+    from .service import AggregatorConfig
+
+    return AggregatorConfig(fleet=fleet, out_dir=out_dir, rounds=args.rounds, round_timeout_s=args.round_timeout,
+                            join_timeout_s=args.join_timeout, seed=args.seed, resume=resume,
+                            uplink_codec=args.codec, max_norm=args.max_norm, max_examples=args.max_examples)
+
+
+def check_round_args(args: argparse.Namespace, fleet: str) -> None:
+    """Fail on a bad strategy, codec or fleet name before any broker or device process is started."""
+    make_strategy_from_args(args)
+    aggregator_config(args, Path("."), fleet, resume=False)
+
+
 def build_aggregator(args: argparse.Namespace, broker, out_dir: Path, bundle: Path, fleet: str, resume: bool):
     """The service with its strategy, evaluation runtime and test data, from parsed flags."""
     from sdk.bundle import load_manifest, read_initial_parameters
@@ -74,11 +89,9 @@ def build_aggregator(args: argparse.Namespace, broker, out_dir: Path, bundle: Pa
     from sdk.runtime import load_runtime
     from sdk.transport import Transport
 
-    from .service import Aggregator, AggregatorConfig
+    from .service import Aggregator
 
-    config = AggregatorConfig(fleet=fleet, out_dir=out_dir, rounds=args.rounds, round_timeout_s=args.round_timeout,
-                              join_timeout_s=args.join_timeout, seed=args.seed, resume=resume,
-                              uplink_codec=args.codec, max_norm=args.max_norm, max_examples=args.max_examples)
+    config = aggregator_config(args, out_dir, fleet, resume)
     strategy = make_strategy_from_args(args)
     manifest = load_manifest(bundle)
     runtime = load_runtime(bundle, manifest)
@@ -87,8 +100,9 @@ def build_aggregator(args: argparse.Namespace, broker, out_dir: Path, bundle: Pa
     n = args.eval_examples or len(test.labels)
     test_data = (to_model_input(test.images[:n], manifest.input_mean, manifest.input_std), test.labels[:n])
     out_dir.mkdir(parents=True, exist_ok=True)
-    # A fresh run starts a clean session; a resumed one picks up updates queued while it was down.
-    transport = Transport(broker, client_id=f"edgetrain-aggregator-{fleet}", clean_start=not resume)
+    # Never clean_start: Mosquitto does not persist a session whose connection asked for a clean start, so
+    # a broker restart would drop updates queued for us. A fresh run discards the old session in start().
+    transport = Transport(broker, client_id=f"edgetrain-aggregator-{fleet}", clean_start=False)
     return Aggregator(config, strategy, transport, runtime, read_initial_parameters(bundle, manifest), test_data)
 
 

@@ -61,7 +61,10 @@ class AggregatorConfig:
             raise ConfigError(f"round timeout must be > 0 s, got {self.round_timeout_s}")
         if self.max_attempts < 1:
             raise ConfigError(f"max_attempts must be >= 1, got {self.max_attempts}")
-        get_codec(parse_codec_spec(self.uplink_codec)[0])  # unknown codec: fail before any round
+        try:  # unknown codec: fail before any round, as bad configuration
+            get_codec(parse_codec_spec(self.uplink_codec)[0])
+        except WireError as exc:
+            raise ConfigError(f"uplink codec {self.uplink_codec!r}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,9 @@ class Aggregator:
         self.rng = rng_from_state(ckpt.rng_state)
         self.strategy.load_state_dict(ckpt.strategy_state, ckpt.strategy_meta)
         dropped = self.metrics.truncate_after(ckpt.round_completed)
+        logged = self.metrics.read()
+        if (not logged or logged[-1].round_id < ckpt.round_completed) and "record" in ckpt.extra:
+            self.metrics.append(RoundRecord.from_json_dict(ckpt.extra["record"]))  # killed before its line
         _log.info("resumed after round %d (model version %d); %d metric line(s) after it dropped",
                   ckpt.round_completed, ckpt.model_version, dropped)
 
@@ -128,8 +134,21 @@ class Aggregator:
     def _enqueue(self, topic: str, payload: bytes) -> None:  # network thread: only queue
         self._inbox.put((topic, payload))
 
+    def _discard_stale_session(self) -> None:
+        """Drop what the broker kept for our client id from an earlier run (updates for its rounds).
+
+        A throw-away clean-start connection with no session expiry, so that the real one can connect
+        without clean start: Mosquitto (2.0, persist__client_save) persists only sessions whose current
+        connection did not ask for a clean start, and ours must survive a broker restart.
+        """
+        wipe = Transport(self.transport.config, self.transport.client_id, clean_start=True, session_expiry_s=0)
+        wipe.connect()
+        wipe.close()
+
     def start(self) -> None:
         fleet = self.config.fleet
+        if not self.config.resume:
+            self._discard_stale_session()
         for topic_filter in (topics.update_filter(fleet), topics.status_filter(fleet)):
             self.transport.subscribe(topic_filter, self._enqueue)
         self.transport.connect()
@@ -276,8 +295,13 @@ class Aggregator:
             def round_done() -> bool:
                 if on_progress:
                     on_progress(Progress(round_id, self.config.rounds, len(ctx.reported_devices), len(selected)))
-                # Waiting on devices that went offline (last will) gains nothing.
-                return not (ctx.pending_devices() & self.live)
+                pending = ctx.pending_devices()
+                if not pending:
+                    return True
+                # Waiting on devices that went offline (last will) gains nothing once enough updates are in.
+                # With too few, wait for the deadline: a broker restart fires every device's will, and the
+                # devices come back with their updates.
+                return not (pending & self.live) and len(ctx.reported_devices) >= minimum
 
             self._pump(round_done, deadline_mono, tally, ctx)
             if len(ctx.reported_devices) >= minimum:
@@ -308,8 +332,10 @@ class Aggregator:
         save_checkpoint(self.config.out_dir, Checkpoint(
             round_completed=round_id, model_version=self.model_version, params=self.params,
             strategy_state=self.strategy.state_dict(), strategy_meta=self.strategy.state_meta(),
-            rng_state=rng_state(self.rng)))
-        self.metrics.append(record)  # after the checkpoint: a resumed run truncates anything beyond it
+            rng_state=rng_state(self.rng), extra={"record": record.to_json_dict()}))
+        # After the checkpoint: a resumed run truncates anything beyond it, and re-appends this line from
+        # the checkpoint if a kill came between the two.
+        self.metrics.append(record)
         if on_progress:
             on_progress(Progress(round_id, self.config.rounds, record.devices_reported, record.devices_chosen, record))
         return record

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from sdk.cli_args import add_broker_args, broker_config, positive_int
+from sdk.errors import ConfigError
 
-from .cli import add_round_args, build_aggregator, print_round
+from .cli import add_round_args, build_aggregator, check_round_args, print_round
 
 _log = logging.getLogger(__name__)
 _REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -122,6 +123,15 @@ def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     if args.min_devices is None:
         args.min_devices = max(1, min(2, args.devices))
+    # Bad input fails here, before a broker or a device process is started.
+    if args.min_devices > args.devices:
+        raise ConfigError(f"--min-devices {args.min_devices} is more than --devices {args.devices}: "
+                          "no round could ever start")
+    check_round_args(args, args.fleet)
+    if args.bundle is not None:
+        from sdk.bundle import load_manifest
+
+        load_manifest(args.bundle)
     out = args.out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     bundle = args.bundle or _export_bundle(args.model, out, args.seed)

@@ -101,6 +101,7 @@ class Device:
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self._reassembler = wire.Reassembler()
         self.rounds_trained = 0
+        self._answered_deadline = float("-inf")  # deadline of the last announcement answered or re-sent for
 
     # -- progress on disk: which (round, model version) this device already answered -----------
     def _last_done(self) -> tuple[int, int]:
@@ -132,6 +133,10 @@ class Device:
         self.transport.connect()
         self.transport.attach_outbox(self.outbox)  # re-sends anything a previous run left unacknowledged
         self.transport.publish(topics.status_topic(fleet, me), self._status(True), retain=True)
+        # The broker publishes our last will ("offline") whenever the connection drops, a broker restart
+        # included; say "online" again after every reconnect or the aggregator never selects us again.
+        self.transport.on_reconnect.append(
+            lambda: self.transport.publish(topics.status_topic(fleet, me), self._status(True), retain=True))
         _log.info("device %s joined fleet %s with %d examples", me, fleet, len(self.data.y))
         try:
             while not stop.is_set():
@@ -168,7 +173,12 @@ class Device:
         if self.config.device_id not in a.selected:
             return
         if (a.round_id, a.model_version) <= self._last_done():
-            return  # already answered (a retained announcement seen again after a restart)
+            # Already answered. A round announced again with a new deadline means the aggregator still
+            # lacks updates: re-send what it has not acknowledged (lost in a broker crash, say).
+            if (a.round_id, a.model_version) == self._last_done() and a.deadline_unix_s > self._answered_deadline:
+                self._answered_deadline = a.deadline_unix_s
+                self._resend_pending(a.round_id)
+            return  # else a retained announcement seen again after a reconnect or a restart
         if time.time() > a.deadline_unix_s:
             _log.info("round %d: announcement arrived after its deadline; skipped", a.round_id)
             return
@@ -182,6 +192,7 @@ class Device:
         for i, part in enumerate(parts):  # durable first, then on the wire
             self.outbox.put(f"{update.update_id}#{i}", update_topic, part)
         self._mark_done(a.round_id, a.model_version)
+        self._answered_deadline = a.deadline_unix_s
         self.rounds_trained += 1
         for i, part in enumerate(parts):
             try:
@@ -189,6 +200,14 @@ class Device:
             except TransportError as exc:  # stays in the outbox; re-sent after the reconnect
                 _log.warning("round %d: publish failed, kept in outbox: %s", a.round_id, exc)
                 break
+
+    def _resend_pending(self, round_id: int) -> None:
+        for entry in self.outbox.pending():
+            try:
+                self.transport.publish(entry.topic, entry.payload)
+            except TransportError as exc:  # stays in the outbox; re-sent after the reconnect
+                _log.warning("round %d: re-send failed, kept in outbox: %s", round_id, exc)
+                return
 
     def train_round(self, a: wire.Announcement) -> wire.Update:
         """Local training from the announced parameters; the update is the delta w_local − w_round."""

@@ -41,6 +41,10 @@ def run(args: argparse.Namespace) -> int:
     from . import topics, wire
 
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s {args.device_id} %(levelname)s %(message)s")
+    # First thing: a SIGTERM while the runtime and data load (seconds) must still end in a clean exit 0.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     state_dir = args.state_dir or Path.home() / ".local/state/edgetrain" / args.fleet / args.device_id
     config = DeviceConfig(fleet=args.fleet, device_id=args.device_id, state_dir=state_dir,
                           partition=PartitionSpec.parse(args.partition), partition_index=args.index,
@@ -53,9 +57,9 @@ def run(args: argparse.Namespace) -> int:
     offline = wire.encode(wire.Status(device_id=args.device_id, online=False, info={"reason": "connection lost"}))
     transport = Transport(broker, client_id=args.device_id, will=(topics.status_topic(args.fleet, args.device_id),
                                                                    offline, True))
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    if stop.is_set():  # stopped while loading: never joined, nothing to say goodbye to
+        logging.getLogger(__name__).info("stopped before joining fleet %s", args.fleet)
+        return 0
     device = Device(config, transport, runtime, data)
     device.run(stop)
     logging.getLogger(__name__).info("stopped after training %d round(s)", device.rounds_trained)

@@ -1,0 +1,72 @@
+"""``edgetrain simulate`` end to end at CI size (a private Mosquitto, 3 device processes, 2 rounds),
+and its refusal of bad input before any broker or device process starts."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import aggregator.local_broker
+import aggregator.simulate
+from aggregator.results import PLOT_ACCURACY_VS_ROUND, PLOT_ACCURACY_VS_UPLINK, SUMMARY_FILE
+from sdk.cli import main
+from tests.fleet import FleetAssets, fleet_assets, metrics, spawn_cli  # noqa: F401
+from tests.mosquitto import find_mosquitto
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.broker
+def test_simulate_ci_size_runs_end_to_end(fleet_assets: FleetAssets, tmp_path: Path) -> None:
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto not installed")
+    out = tmp_path / "run"
+    done = spawn_cli(["simulate", "--devices", "3", "--rounds", "2", "--limit-examples", "100", "--eval-examples",
+                      "100", "--data-dir", fleet_assets.data_dir, "--bundle", fleet_assets.bundle, "--out", out,
+                      "--round-timeout", "30", "--join-timeout", "60"], tmp_path / "simulate.log")
+    assert done.wait(90) == 0, done.log()[-3000:]
+
+    records = metrics(out)
+    assert [r.round_id for r in records] == [1, 2]
+    assert all((r.devices_chosen, r.devices_reported, r.total_examples) == (3, 3, 300) for r in records)
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["num_rounds"] == 2 and summary["updates_accepted"] == 6
+    assert summary["final_accuracy"] == records[-1].accuracy
+    for name in (PLOT_ACCURACY_VS_ROUND, PLOT_ACCURACY_VS_UPLINK):
+        assert (out / name).read_bytes().startswith(PNG_MAGIC)
+    assert "final test accuracy" in done.log() and "Traceback" not in done.log()
+    for i in range(3):  # every device process was stopped with SIGTERM and left cleanly
+        log = (out / "devices" / f"dev-{i:03d}.log").read_text()
+        assert "stopped after training 2 round(s)" in log and "Traceback" not in log
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--strategy", "nope"], "unknown strategy 'nope'"),
+    (["--codec", "nope"], "unknown codec 'nope'"),
+    (["--codec", "dense:k"], "expected key=value"),
+    (["--devices", "3", "--min-devices", "4"], "--min-devices 4 is more than --devices 3"),
+    (["--fleet", "a/b"], "fleet name 'a/b' contains a slash"),
+    (["--strategy", "fedavg", "--server-lr", "0.1"], "server_lr"),
+])
+def test_simulate_bad_input_exits_2_before_starting_anything(flags: list[str], message: str, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    def must_not_start(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a process was started before the input was checked")
+
+    monkeypatch.setattr(aggregator.simulate.subprocess, "Popen", must_not_start)
+    monkeypatch.setattr(aggregator.local_broker.LocalMosquitto, "__init__", must_not_start)
+    out = tmp_path / "run"
+    assert main(["simulate", *flags, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("edgetrain simulate: error: ") and message in err
+    assert not out.exists()
+
+
+def test_simulate_bad_number_is_an_argparse_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["simulate", "--devices", "0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == ("edgetrain simulate: error: argument --devices: "
+                                                        "expected a positive integer, got 0")
