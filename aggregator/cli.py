@@ -15,9 +15,10 @@ from sdk.cli_args import add_broker_args, broker_config, limit_threads, positive
 def add_round_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by ``aggregate`` and ``simulate``: strategy, selection, local training, validation."""
     g = p.add_argument_group("rounds")
-    g.add_argument("--rounds", type=positive_int, default=10, help="rounds to run (default 10)")
+    g.add_argument("--rounds", "--steps", type=positive_int, default=None,
+                   help="rounds to run; steps for large-batch (default 10 rounds, 600 steps)")
     g.add_argument("--strategy", default="fedavg",
-                   help="fedavg | fedprox | fedavgm | fedadam | fedyogi | fedadagrad (default fedavg)")
+                   help="fedavg | fedprox | fedavgm | fedadam | fedyogi | fedadagrad | large-batch (default fedavg)")
     g.add_argument("--fraction", type=positive_float, default=1.0, help="C: share of live devices per round (default 1)")
     g.add_argument("--min-devices", type=positive_int, default=2, help="M: fewer updates → the round is retried (default 2)")
     g.add_argument("--round-timeout", type=positive_float, default=120.0, help="round deadline in seconds (default 120)")
@@ -31,6 +32,22 @@ def add_round_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--server-lr", type=positive_float, help="server learning rate (fedavgm, fedadam…)")
     g.add_argument("--server-momentum", type=float, help="server momentum (fedavgm)")
     g.add_argument("--codec", default="dense", help="uplink codec spec NAME[:k=v,…] (default dense)")
+    g.add_argument("--downlink-codec", default="dense", help="codec of the announced deltas (default dense)")
+    g.add_argument("--resync-every", type=positive_int,
+                   help="announce the whole model every K versions, deltas in between (default: FL 1, large-batch 100)")
+    g.add_argument("--eval-every", type=positive_int, help="evaluate every K rounds (default: FL 1, large-batch 50)")
+    g.add_argument("--checkpoint-every", type=positive_int,
+                   help="checkpoint every K rounds (default: FL 1, large-batch 50)")
+    lb = p.add_argument_group("large batch (--strategy large-batch)")
+    lb.add_argument("--lb-optimizer", choices=["sgd", "lars"], default="sgd", help="server optimizer (default sgd)")
+    lb.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
+    lb.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay (default 0)")
+    lb.add_argument("--trust-coefficient", type=positive_float, default=0.001, help="LARS trust coefficient η")
+    lb.add_argument("--scale-lr", action="store_true",
+                    help="linear scaling rule: lr × (devices·batch)/batch (Goyal et al. 2017)")
+    lb.add_argument("--warmup-steps", type=int, default=0, help="gradual warm-up to the scaled lr over K steps")
+    lb.add_argument("--backup-devices", type=int, default=0,
+                    help="ask K extra devices and step with the first gradients (Chen et al. 2016)")
     g.add_argument("--max-norm", type=positive_float, help="reject updates whose L2 norm exceeds this")
     g.add_argument("--max-examples", type=positive_int, help="cap the example count a device may claim")
     g.add_argument("--seed", type=int, default=0, help="selection seed (default 0)")
@@ -53,9 +70,31 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def make_strategy_from_args(args: argparse.Namespace):
+LARGE_BATCH = "large-batch"
+
+
+def resolve_defaults(args: argparse.Namespace) -> None:
+    """Defaults that depend on the strategy: a large-batch step is far cheaper than a round."""
+    lb = args.strategy == LARGE_BATCH
+    for name, fl, lbv in (("rounds", 10, 600), ("eval_every", 1, 50), ("checkpoint_every", 1, 50),
+                          ("resync_every", 1, 100)):
+        if getattr(args, name) is None:
+            setattr(args, name, lbv if lb else fl)
+
+
+def make_strategy_from_args(args: argparse.Namespace, shapes: list[tuple[int, ...]] | None = None):
     from .strategy import make_strategy
 
+    if args.strategy == LARGE_BATCH:
+        from .large_batch import LargeBatch
+        from .server_optim import LargeBatchHyper
+
+        hyper = LargeBatchHyper(optimizer=args.lb_optimizer, base_lr=args.lr, momentum=args.momentum,
+                                nesterov=args.nesterov, weight_decay=args.weight_decay,
+                                trust_coefficient=args.trust_coefficient, scale_lr=args.scale_lr,
+                                reference_batch=args.batch_size, warmup_steps=args.warmup_steps)
+        return LargeBatch(shapes or [(1,)], fraction=args.fraction, min_devices=args.min_devices,
+                          batch_size=args.batch_size, backup_devices=args.backup_devices, hyper=hyper)
     kwargs: dict[str, Any] = dict(fraction=args.fraction, min_devices=args.min_devices, local_epochs=args.local_epochs,
                                   batch_size=args.batch_size, lr=args.lr, momentum=args.momentum)
     if args.strategy == "fedprox":
@@ -71,9 +110,13 @@ def aggregator_config(args: argparse.Namespace, out_dir: Path, fleet: str, resum
     """The service's settings from parsed flags; ConfigError names a bad one (fleet, codec…)."""
     from .service import AggregatorConfig
 
+    resolve_defaults(args)
     return AggregatorConfig(fleet=fleet, out_dir=out_dir, rounds=args.rounds, round_timeout_s=args.round_timeout,
                             join_timeout_s=args.join_timeout, seed=args.seed, resume=resume,
-                            uplink_codec=args.codec, max_norm=args.max_norm, max_examples=args.max_examples)
+                            uplink_codec=args.codec, max_norm=args.max_norm, max_examples=args.max_examples,
+                            eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+                            resync_every=args.resync_every, downlink_codec=args.downlink_codec,
+                            labels=dict(getattr(args, "labels", {}) or {}))
 
 
 def check_round_args(args: argparse.Namespace, fleet: str) -> None:
@@ -86,16 +129,18 @@ def build_aggregator(args: argparse.Namespace, broker, out_dir: Path, bundle: Pa
     """The service with its strategy, evaluation runtime and test data, from parsed flags."""
     from sdk.bundle import load_manifest, read_initial_parameters
     from sdk.data import load_split, to_model_input
-    from sdk.runtime import load_runtime
+    from sdk.runtime import load_runtime, runtime_available, select_bundle
     from sdk.transport import Transport
 
     from .service import Aggregator
 
     config = aggregator_config(args, out_dir, fleet, resume)
-    strategy = make_strategy_from_args(args)
+    # Evaluation runs here on the server: torch where it is installed, from a multi-runtime directory too.
+    bundle = select_bundle(bundle, "torch" if (bundle / "torch").is_dir() and runtime_available("torch") else "auto")
     manifest = load_manifest(bundle)
+    strategy = make_strategy_from_args(args, [p.shape for p in manifest.params])
     runtime = load_runtime(bundle, manifest)
-    limit_threads(args.threads)
+    limit_threads(runtime, args.threads)
     test = load_split("test", args.data_dir)
     n = args.eval_examples or len(test.labels)
     test_data = (to_model_input(test.images[:n], manifest.input_mean, manifest.input_std), test.labels[:n])
@@ -106,19 +151,31 @@ def build_aggregator(args: argparse.Namespace, broker, out_dir: Path, bundle: Pa
     return Aggregator(config, strategy, transport, runtime, read_initial_parameters(bundle, manifest), test_data)
 
 
-def print_round(progress) -> None:
-    """One line per finished round; a live counter on a terminal."""
-    if progress.record is None:
-        if sys.stderr.isatty():
-            print(f"\rround {progress.round_id}/{progress.rounds}: {progress.reported}/{progress.chosen} updates",
-                  end="", file=sys.stderr, flush=True)
-        return
-    r = progress.record
-    acc = "   -  " if r.accuracy is None else f"{100 * r.accuracy:5.2f}%"
-    rejected = sum(r.devices_rejected.values())
-    print(f"\rround {r.round_id:3d}/{progress.rounds}  acc {acc}  updates {r.devices_reported}/{r.devices_chosen}"
-          f"  rejected {rejected}  up {r.bytes_up / 1e6:7.2f} MB  down {r.bytes_down / 1e6:7.2f} MB"
-          f"  {r.round_wall_s:6.1f} s" + ("  (retried)" if r.retried else ""), flush=True)
+def round_printer(unit: str = "round"):
+    """A progress callback: a live counter on a terminal, one line per evaluated (or troubled) round;
+    the byte and time figures on a line are summed since the previous line."""
+    since = {"up": 0, "down": 0, "wall": 0.0, "rejected": 0}
+
+    def show(progress) -> None:
+        if progress.record is None:
+            if sys.stderr.isatty():
+                print(f"\r{unit} {progress.round_id}/{progress.rounds}: {progress.reported}/{progress.chosen} updates",
+                      end="", file=sys.stderr, flush=True)
+            return
+        r = progress.record
+        since["up"] += r.bytes_up
+        since["down"] += r.bytes_down
+        since["wall"] += r.round_wall_s
+        since["rejected"] += sum(r.devices_rejected.values())
+        if r.accuracy is None and not r.retried and not r.devices_rejected and r.round_id != progress.rounds:
+            return
+        acc = "   -  " if r.accuracy is None else f"{100 * r.accuracy:5.2f}%"
+        print(f"\r{unit} {r.round_id:3d}/{progress.rounds}  acc {acc}  updates {r.devices_reported}/{r.devices_chosen}"
+              f"  rejected {since['rejected']}  up {since['up'] / 1e6:7.2f} MB  down {since['down'] / 1e6:7.2f} MB"
+              f"  {since['wall']:6.1f} s" + ("  (retried)" if r.retried else ""), flush=True)
+        since.update(up=0, down=0, wall=0.0, rejected=0)
+
+    return show
 
 
 def run(args: argparse.Namespace) -> int:
@@ -127,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    records = aggregator.run(stop, on_progress=print_round)
+    records = aggregator.run(stop, on_progress=round_printer("step" if args.strategy == LARGE_BATCH else "round"))
     final = records[-1] if records else None
     if final is not None and final.accuracy is not None:
         print(f"final test accuracy {100 * final.accuracy:.2f}% after round {final.round_id}; results in {args.out}")

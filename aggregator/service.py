@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -26,10 +26,11 @@ from sdk.errors import ConfigError, EdgetrainError, UpdateRejected, WireError
 from sdk.runtime import Runtime
 from sdk.transport import Transport
 
+from .downlink import Downlink
 from .checkpoint import Checkpoint, load_latest, rng_from_state, rng_state, save_checkpoint
 from .results import MetricsLog, RoundRecord, plot_run, write_summary
 from .strategy import Strategy
-from .validation import REJECT_DUPLICATE, ValidationContext, validate_update
+from .validation import REJECT_DUPLICATE, REJECT_LATE, ValidationContext, validate_update
 
 _log = logging.getLogger(__name__)
 
@@ -51,7 +52,11 @@ class AggregatorConfig:
     uplink_codec: str = "dense"  # codec spec the devices are told to use
     max_norm: float | None = None
     max_examples: int | None = None
-    eval_every: int = 1
+    eval_every: int = 1  # evaluate on the test set every K rounds (and after the last)
+    checkpoint_every: int = 1  # checkpoint every K rounds (and after the last)
+    resync_every: int = 1  # announce the whole model every K versions, deltas in between
+    downlink_codec: str = "dense"  # codec of the announced deltas
+    labels: Mapping[str, Any] = field(default_factory=dict)  # run settings for summary.json (report)
 
     def __post_init__(self) -> None:
         topics.validate_name(self.fleet, "fleet")
@@ -61,10 +66,15 @@ class AggregatorConfig:
             raise ConfigError(f"round timeout must be > 0 s, got {self.round_timeout_s}")
         if self.max_attempts < 1:
             raise ConfigError(f"max_attempts must be >= 1, got {self.max_attempts}")
-        try:  # unknown codec: fail before any round, as bad configuration
-            get_codec(parse_codec_spec(self.uplink_codec)[0])
-        except WireError as exc:
-            raise ConfigError(f"uplink codec {self.uplink_codec!r}: {exc}") from None
+        for what, every in (("eval_every", self.eval_every), ("checkpoint_every", self.checkpoint_every),
+                            ("resync_every", self.resync_every)):
+            if every < 1:
+                raise ConfigError(f"{what} must be >= 1, got {every}")
+        for what, spec in (("uplink", self.uplink_codec), ("downlink", self.downlink_codec)):
+            try:  # unknown codec: fail before any round, as bad configuration
+                get_codec(parse_codec_spec(spec)[0])
+            except WireError as exc:
+                raise ConfigError(f"{what} codec {spec!r}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -85,6 +95,8 @@ class _RoundTally:
     rejected: Counter = field(default_factory=Counter)
     detail: list[str] = field(default_factory=list)
     capped: int = 0
+    accepted_payload_bytes: int = 0
+    device_cpu_s: float = 0.0
 
 
 class Aggregator:
@@ -108,6 +120,8 @@ class Aggregator:
         self._reassemblers: dict[str, wire.Reassembler] = {}
         self._early: list[tuple[str, wire.Update, int]] = []  # updates for the round about to open
         self._stop = threading.Event()
+        self.downlink = Downlink(config.resync_every, config.downlink_codec)
+        self._settled = False
         if config.resume:
             self._restore()
 
@@ -211,6 +225,8 @@ class Aggregator:
         if not isinstance(status, wire.Status) or status.device_id != device:
             _log.warning("status on %s's topic names %r; ignored", device, getattr(status, "device_id", None))
             return
+        if status.online and (device not in self.live or status.info.get("needs_resync")):
+            self.downlink.request_resync()  # a (re)joining or drifted device needs the whole model
         (self.live.add if status.online else self.live.discard)(device)
 
     def _on_update(self, device: str, update: wire.Update, tally: _RoundTally | None,
@@ -220,8 +236,15 @@ class Aggregator:
         except UpdateRejected as rejection:
             self._reject(device, update, rejection, tally)
             return
+        if not self.strategy.accepts_more():  # a large-batch step already has its gradients
+            self._reject(device, update, UpdateRejected(REJECT_LATE, f"{device}: step {update.round_id} is full"),
+                         tally)
+            return
         self.strategy.accumulate(valid.vector, valid.num_examples, valid.device_id)
         ctx.mark_accepted(update)
+        if tally is not None:
+            tally.accepted_payload_bytes += len(update.payload)
+            tally.device_cpu_s += float(update.metrics.get("cpu_s", 0.0))
         if tally is not None and valid.capped:
             tally.capped += 1
             tally.detail.append(f"{device}: example count {valid.claimed_examples} capped to {valid.num_examples}")
@@ -250,25 +273,30 @@ class Aggregator:
 
     # -- rounds ----------------------------------------------------------------------------
     def _wait_for_devices(self) -> list[str]:
-        needed = getattr(self.strategy, "client", None)
-        minimum = needed.min_devices if needed is not None else 1
+        minimum = self.strategy.min_devices
         deadline = time.monotonic() + self.config.join_timeout_s
         self._pump(lambda: len(self.live) >= minimum, deadline, None, None)
         if len(self.live) < minimum:
             raise EdgetrainError(f"only {len(self.live)} device(s) live in fleet {self.config.fleet!r} after "
                                  f"{self.config.join_timeout_s:.0f} s; {minimum} needed (are the devices running "
                                  "and pointed at the same broker and fleet?)")
-        # Let devices that start together all say hello before the first selection.
-        self._pump(lambda: False, time.monotonic() + 0.2, None, None)
+        if not self._settled:  # let devices that start together all say hello before the first selection
+            self._pump(lambda: False, time.monotonic() + 0.2, None, None)
+            self._settled = True
         return sorted(self.live)
 
     def _announce(self, round_id: int, selected: tuple[str, ...], hyper: dict, deadline_unix_s: float) -> int:
+        # The whole model or the delta from what the devices hold (sdk.model_sync); with a lossless codec
+        # the server continues from exactly the parameters the devices reconstruct.
+        down, self.params = self.downlink.announce(self.params, self.model_version)
+        if down.base_version is not None:
+            hyper = {**hyper, "base_version": down.base_version}
         frame = wire.encode(wire.Announcement(
             round_id=round_id, model_version=self.model_version, strategy=self.strategy.name, selected=selected,
-            deadline_unix_s=deadline_unix_s, hyperparams=hyper, payload_kind="params", codec="dense",
-            payload=self.params.tobytes()))
+            deadline_unix_s=deadline_unix_s, hyperparams=hyper, payload_kind=down.payload_kind, codec=down.codec,
+            payload=down.payload))
         self.transport.publish(topics.announce_topic(self.config.fleet), frame, retain=True, timeout_s=30)
-        return len(frame) * len(selected)  # every chosen device downloads it
+        return len(frame) * len(self.live | set(selected))  # every live device downloads it to stay in sync
 
     def run_round(self, round_id: int, on_progress: Callable[[Progress], None] | None = None) -> RoundRecord:
         started = time.monotonic()
@@ -280,7 +308,7 @@ class Aggregator:
         ctx = ValidationContext(round_id=round_id, model_version=self.model_version, selected=frozenset(selected),
                                 num_params=self.params.size, max_norm=self.config.max_norm,
                                 max_examples=self.config.max_examples, seen_update_ids=self.seen_update_ids)
-        minimum = getattr(getattr(self.strategy, "client", None), "min_devices", 1)
+        minimum = self.strategy.min_devices
         attempts = 0
         while True:
             attempts += 1
@@ -296,7 +324,7 @@ class Aggregator:
                 if on_progress:
                     on_progress(Progress(round_id, self.config.rounds, len(ctx.reported_devices), len(selected)))
                 pending = ctx.pending_devices()
-                if not pending:
+                if not pending or self.strategy.enough(len(ctx.reported_devices)):
                     return True
                 # Waiting on devices that went offline (last will) gains nothing once enough updates are in.
                 # With too few, wait for the deadline: a broker restart fires every device's will, and the
@@ -318,7 +346,8 @@ class Aggregator:
         self.params, info = self.strategy.aggregate(self.params)
         self.model_version += 1
         accuracy = loss = None
-        if round_id % self.config.eval_every == 0 or round_id == self.config.rounds:
+        last = round_id == self.config.rounds
+        if round_id % self.config.eval_every == 0 or last:
             self.runtime.set_parameters(self.params)
             result = self.runtime.evaluate(self.test_x, self.test_y)
             accuracy, loss = result.accuracy, result.loss
@@ -328,11 +357,16 @@ class Aggregator:
             devices_rejected=dict(tally.rejected), rejected_detail=tuple(tally.detail), bytes_up=tally.bytes_up,
             bytes_down=tally.bytes_down, round_wall_s=time.monotonic() - started, retried=attempts > 1,
             total_examples=info.total_examples, devices_timed_out=len(ctx.pending_devices()),
-            extra={"attempts": attempts, "capped": tally.capped, "step_norm": info.step_norm})
-        save_checkpoint(self.config.out_dir, Checkpoint(
-            round_completed=round_id, model_version=self.model_version, params=self.params,
-            strategy_state=self.strategy.state_dict(), strategy_meta=self.strategy.state_meta(),
-            rng_state=rng_state(self.rng), extra={"record": record.to_json_dict()}))
+            extra={"attempts": attempts, "capped": tally.capped, "step_norm": info.step_norm,
+                   "device_cpu_s": tally.device_cpu_s,
+                   # dense fp32 bytes over the bytes the accepted updates' payloads really took
+                   "uplink_compression": (4 * self.params.size * len(ctx.reported_devices)
+                                          / max(1, tally.accepted_payload_bytes))})
+        if round_id % self.config.checkpoint_every == 0 or last:
+            save_checkpoint(self.config.out_dir, Checkpoint(
+                round_completed=round_id, model_version=self.model_version, params=self.params,
+                strategy_state=self.strategy.state_dict(), strategy_meta=self.strategy.state_meta(),
+                rng_state=rng_state(self.rng), extra={"record": record.to_json_dict()}))
         # After the checkpoint: a resumed run truncates anything beyond it, and re-appends this line from
         # the checkpoint if a kill came between the two.
         self.metrics.append(record)
@@ -354,8 +388,9 @@ class Aggregator:
         finally:
             self.transport.close()
         records = self.metrics.read()
-        write_summary(self.config.out_dir, records, {"fleet": self.config.fleet, "strategy": self.strategy.name,
-                                                    "num_params": int(self.params.size)})
+        write_summary(self.config.out_dir, records, {
+            "fleet": self.config.fleet, "strategy": self.strategy.name, "num_params": int(self.params.size),
+            "codec": self.config.uplink_codec, "downlink_codec": self.config.downlink_codec, **self.config.labels})
         if records:
             plot_run(self.config.out_dir)
         return records

@@ -21,7 +21,7 @@ from typing import Any
 from sdk.cli_args import add_broker_args, broker_config, positive_int
 from sdk.errors import ConfigError
 
-from .cli import add_round_args, build_aggregator, check_round_args, print_round
+from .cli import LARGE_BATCH, add_round_args, build_aggregator, check_round_args, round_printer
 
 _log = logging.getLogger(__name__)
 _REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +36,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--partition", default="iid", help="iid | dirichlet:ALPHA | shards[:K] (default iid)")
     p.add_argument("--model", default="cnn", choices=["cnn", "mlp"], help="model to export when no --bundle")
     p.add_argument("--bundle", type=Path, help="use this bundle instead of exporting one")
+    p.add_argument("--runtime", default="torch", choices=["torch", "onnx", "executorch", "mixed"],
+                   help="device runtime when exporting: one for all, or mixed (torch and onnx alternate)")
+    p.add_argument("--label", help="run name shown by 'edgetrain report' (default: the run directory's name)")
     p.add_argument("--out", type=Path, help="run directory (default runs/simulate-<time>)")
     p.add_argument("--fleet", default="sim", help="fleet name (default sim)")
     p.add_argument("--limit-examples", type=positive_int, help="each device uses at most N examples (CI-size runs)")
@@ -45,14 +48,22 @@ def register(subparsers: Any) -> None:
     p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
-def _export_bundle(model: str, out: Path, seed: int) -> Path:
+def _device_runtime(runtime: str, index: int) -> str:
+    return ("torch", "onnx")[index % 2] if runtime == "mixed" else runtime
+
+
+def _export_bundles(args: argparse.Namespace, out: Path) -> Path:
+    """One bundle per runtime the fleet uses, plus torch for the aggregator's evaluation, in
+    ``out/bundle/<runtime>/``; the same seed gives every runtime the same initial weights."""
     from export.bundle_writer import export_bundle
     from export.models import default_config
 
     bundle = out / "bundle"
-    if not (bundle / "manifest.json").is_file():
-        export_bundle(model, default_config(model), runtime="torch", out_dir=bundle, seed=seed,
-                      optimizer={"name": "sgd"})
+    for runtime in {"torch", *(_device_runtime(args.runtime, i) for i in range(args.devices))}:
+        if not (bundle / runtime / "manifest.json").is_file():
+            export_bundle(args.model, default_config(args.model), runtime=runtime, out_dir=bundle / runtime,
+                          seed=args.seed, optimizer={"name": "sgd"},
+                          batch_size=args.batch_size if runtime == "executorch" else None)
     return bundle
 
 
@@ -66,7 +77,8 @@ def _spawn_devices(args: argparse.Namespace, broker_url: str, bundle: Path, out:
         cmd = [sys.executable, "-m", "sdk.cli", "device", "--broker", broker_url, "--fleet", args.fleet,
                "--device-id", device_id, "--bundle", str(bundle), "--partition", args.partition,
                "--seed", str(args.seed), "--index", str(i), "--count", str(args.devices),
-               "--state-dir", str(out / "devices" / device_id), "--threads", str(args.device_threads)]
+               "--state-dir", str(out / "devices" / device_id), "--threads", str(args.device_threads),
+               "--runtime", "auto" if args.bundle is not None else _device_runtime(args.runtime, i)]
         for flag, value in (("--data-dir", args.data_dir), ("--limit-examples", args.limit_examples),
                             ("--username", args.username), ("--ca-file", args.ca_file),
                             ("--cert-file", args.cert_file), ("--key-file", args.key_file)):
@@ -103,9 +115,9 @@ def _stop_devices(procs: list[subprocess.Popen]) -> None:
             p.wait()
 
 
-def _summary_table(records: list, wall_s: float) -> str:
+def _summary_table(records: list, wall_s: float, unit: str) -> str:
     accs = [r.accuracy for r in records if r.accuracy is not None]
-    rows = [("rounds", f"{len(records)}"),
+    rows = [(unit, f"{len(records)}"),
             ("final test accuracy", f"{100 * accs[-1]:.2f}%" if accs else "-"),
             ("best test accuracy", f"{100 * max(accs):.2f}%" if accs else "-"),
             ("uplink", f"{sum(r.bytes_up for r in records) / 1e6:.2f} MB"),
@@ -130,11 +142,14 @@ def run(args: argparse.Namespace) -> int:
     check_round_args(args, args.fleet)
     if args.bundle is not None:
         from sdk.bundle import load_manifest
+        from sdk.runtime import select_bundle
 
-        load_manifest(args.bundle)
+        load_manifest(select_bundle(args.bundle))
+    args.labels = {"partition": args.partition, "devices": args.devices, "model": args.model,
+                   "runtime": "bundle" if args.bundle else args.runtime, **({"label": args.label} if args.label else {})}
     out = args.out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
-    bundle = args.bundle or _export_bundle(args.model, out, args.seed)
+    bundle = args.bundle or _export_bundles(args, out)
     local = None
     if args.broker is None:
         local = LocalMosquitto(out / "broker", persistence=False)
@@ -142,17 +157,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"simulate: private Mosquitto on {local.url}", flush=True)
     procs: list[subprocess.Popen] = []
     stop = threading.Event()
+    unit = "steps" if args.strategy == LARGE_BATCH else "rounds"
     try:
         procs = _spawn_devices(args, args.broker, bundle, out)
-        print(f"simulate: {args.devices} devices ({args.partition}), {args.strategy}, {args.rounds} rounds; "
+        print(f"simulate: {args.devices} devices ({args.partition}), {args.strategy}, {args.rounds} {unit}; "
               f"results in {out}", flush=True)
         threading.Thread(target=_watch, args=(procs, args.min_devices, stop, out), daemon=True).start()
         aggregator = build_aggregator(args, broker_config(args), out, bundle, args.fleet, resume=False)
-        records = aggregator.run(stop, on_progress=print_round)
+        records = aggregator.run(stop, on_progress=round_printer("step" if args.strategy == LARGE_BATCH else "round"))
     finally:
         stop.set()
         _stop_devices(procs)
         if local is not None:
             local.stop()
-    print("simulate: summary\n" + _summary_table(records, time.monotonic() - started), flush=True)
+    print("simulate: summary\n" + _summary_table(records, time.monotonic() - started, unit), flush=True)
     return 0

@@ -45,6 +45,15 @@ class Strategy(ABC):
     """The lifecycle every aggregation strategy follows (FedAvg family here; large batch later)."""
 
     name: ClassVar[str] = "abstract"
+    min_devices: int = 1  # fewer updates than this by the deadline: the round is retried
+
+    def enough(self, reported: int) -> bool:
+        """Whether a round may close before every chosen device reported (backup workers)."""
+        return False
+
+    def accepts_more(self) -> bool:
+        """Whether the open round still takes updates (False once a large-batch step is full)."""
+        return True
 
     @abstractmethod
     def ready(self, num_live: int) -> bool:
@@ -124,6 +133,7 @@ class FedAvg(Strategy):
                  batch_size: int = 32, lr: float = 0.05, momentum: float = 0.0,
                  *, server_hyper: ServerHyper | None = None) -> None:
         self.client = ClientConfig(fraction, min_devices, local_epochs, batch_size, lr, momentum)
+        self.min_devices = self.client.min_devices
         self.server_hyper = server_hyper if server_hyper is not None else ServerHyper()
         self._server_state: ServerState | None = None  # built on the first begin_round (size known then)
         self._num_params: int | None = None

@@ -25,7 +25,8 @@ if TYPE_CHECKING:  # only for the annotation: the wire module is the protocol's 
 
 REJECT_SPOOFED_SENDER = "spoofed_sender"  # update.device_id differs from the topic it arrived on
 REJECT_UNKNOWN_DEVICE = "unknown_device"  # not selected for this round
-REJECT_WRONG_ROUND = "wrong_round"  # a past (late) or future round
+REJECT_WRONG_ROUND = "wrong_round"  # a future round
+REJECT_LATE = "late"  # a past round: arrived after its round (or large-batch step) closed
 REJECT_WRONG_MODEL_VERSION = "wrong_model_version"  # trained from other global parameters
 REJECT_DUPLICATE = "duplicate"  # update_id already seen, or the device already reported this round
 REJECT_BAD_EXAMPLE_COUNT = "bad_example_count"  # num_examples <= 0
@@ -36,7 +37,7 @@ REJECT_NON_FINITE = "non_finite"  # NaN or Inf anywhere
 REJECT_NORM_TOO_LARGE = "norm_too_large"  # L2 norm above ctx.max_norm
 
 REJECT_REASONS: tuple[str, ...] = (
-    REJECT_SPOOFED_SENDER, REJECT_UNKNOWN_DEVICE, REJECT_WRONG_ROUND, REJECT_WRONG_MODEL_VERSION,
+    REJECT_SPOOFED_SENDER, REJECT_UNKNOWN_DEVICE, REJECT_WRONG_ROUND, REJECT_LATE, REJECT_WRONG_MODEL_VERSION,
     REJECT_DUPLICATE, REJECT_BAD_EXAMPLE_COUNT, REJECT_UNKNOWN_CODEC, REJECT_UNDECODABLE,
     REJECT_WRONG_SHAPE, REJECT_NON_FINITE, REJECT_NORM_TOO_LARGE,
 )
@@ -106,9 +107,10 @@ def _reject(reason: str, update: Update, detail: str) -> UpdateRejected:
 def _check_header(update: Update, topic_device: str, ctx: ValidationContext) -> None:
     if update.device_id != topic_device:
         raise _reject(REJECT_SPOOFED_SENDER, update, f"arrived on the topic of device {topic_device!r}")
-    if update.round_id != ctx.round_id:
-        when = "past" if update.round_id < ctx.round_id else "future"
-        raise _reject(REJECT_WRONG_ROUND, update, f"is for {when} round {update.round_id}, current is {ctx.round_id}")
+    if update.round_id < ctx.round_id:
+        raise _reject(REJECT_LATE, update, f"is for past round {update.round_id}, current is {ctx.round_id}")
+    if update.round_id > ctx.round_id:
+        raise _reject(REJECT_WRONG_ROUND, update, f"is for future round {update.round_id}, current is {ctx.round_id}")
     if update.device_id not in ctx.selected:
         raise _reject(REJECT_UNKNOWN_DEVICE, update, f"device was not selected for round {ctx.round_id}")
     if update.model_version != ctx.model_version:

@@ -200,7 +200,7 @@ def run_benchmark(config: BenchConfig, meter: EnergyMeter,
     started = time.perf_counter()
     runtime = load_runtime(config.bundle)
     load_s = time.perf_counter() - started
-    limit_threads(config.threads)
+    limit_threads(runtime, config.threads)
     manifest = runtime.manifest
     fixed = manifest.fixed_batch_size
     if fixed is not None and config.batch_size not in (None, fixed):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 from .errors import ConfigError
@@ -56,11 +55,7 @@ def positive_float(text: str) -> float:
     return value
 
 
-def limit_threads(threads: int | None) -> None:
-    """Cap intra-op threads of whatever numeric library the runtime loaded (one per device process
-    keeps N simulated devices from oversubscribing the cores)."""
-    if threads is None:
-        return
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        torch.set_num_threads(threads)
+def limit_threads(runtime, threads: int | None) -> None:
+    """Cap the runtime's intra-op threads when asked (``Runtime.set_threads``)."""
+    if threads is not None:
+        runtime.set_threads(threads)

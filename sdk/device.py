@@ -6,12 +6,15 @@ only queue; training, publishing and disk I/O happen on the loop's thread. An up
 the on-disk outbox *before* it is published and removed only when the aggregator acknowledges it,
 so a crash, a reconnect or a broker restart never loses it; the round it answers is recorded too,
 so a restarted device does not train the same round twice.
+
+Every device keeps a replica of the global model from every announcement, selected or not
+(``sdk.model_sync``), so announcements can carry deltas. A round asks either for local training
+(Federated Learning: the update is the delta w_local − w_round) or for one mini-batch gradient
+(Large Batch Training: ``hyperparams["task"] == "gradient"``, on the device's next batch).
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import queue
 import threading
 import time
@@ -23,11 +26,14 @@ from typing import Iterator
 import numpy as np
 
 from . import topics, wire
-from .codecs import get_codec, parse_codec_spec
+from .codecs import format_codec_spec, get_codec, parse_codec_spec
 from .data import PartitionSpec, batch_indices, device_indices, load_split, partition_digest, to_model_input
 from .errors import ConfigError, TransportError, WireError
+from .device_state import DeviceState
+from .model_sync import ModelReplica
+from .outbox import Outbox
 from .runtime import Runtime, TrainConfig
-from .transport import Outbox, Transport
+from .transport import Transport
 
 _log = logging.getLogger(__name__)
 
@@ -87,6 +93,23 @@ def round_batches(data: LocalData, hyper: dict, rng: np.random.Generator) -> Ite
             yield data.x[idx], data.y[idx]
 
 
+def gradient_batches(data: LocalData, batch_size: int, seed: tuple[int, ...]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The endless stream of mini-batches a large-batch worker draws from, one per step; epoch e is
+    shuffled by ``default_rng([*seed, e])``, so a test can reproduce exactly what a device used."""
+    epoch = 0
+    while True:
+        for idx in batch_indices(len(data.y), batch_size, np.random.default_rng([*seed, epoch])):
+            yield data.x[idx], data.y[idx]
+        epoch += 1
+
+
+def codec_params_for(name: str, params: dict, runtime: Runtime) -> dict:
+    """Fill in what a codec needs from the bundle (low_rank: the layer shapes, in manifest order)."""
+    if name == "low_rank" and "shapes" not in params:
+        return {**params, "shapes": ";".join("x".join(map(str, p.shape)) or "1" for p in runtime.manifest.params)}
+    return params
+
+
 class Device:
     """One board in a fleet. ``run`` blocks until ``stop`` is set."""
 
@@ -97,32 +120,20 @@ class Device:
         self.data = data
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.outbox = Outbox(config.state_dir / "outbox")
-        self._progress_path = config.state_dir / "progress.json"
+        self.state = DeviceState(config.state_dir)
+        self.replica = ModelReplica(runtime.manifest.num_params)
+        self._awaiting_resync = False
+        self._gradient_stream: tuple[int, Iterator[tuple[np.ndarray, np.ndarray]]] | None = None
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self._reassembler = wire.Reassembler()
         self.rounds_trained = 0
         self._answered_deadline = float("-inf")  # deadline of the last announcement answered or re-sent for
 
-    # -- progress on disk: which (round, model version) this device already answered -----------
-    def _last_done(self) -> tuple[int, int]:
-        try:
-            raw = json.loads(self._progress_path.read_text())
-            return int(raw["round_id"]), int(raw["model_version"])
-        except FileNotFoundError:
-            return -1, -1
-        except (ValueError, KeyError, TypeError) as exc:
-            _log.warning("%s unreadable (%s); starting fresh", self._progress_path, exc)
-            return -1, -1
-
-    def _mark_done(self, round_id: int, model_version: int) -> None:
-        tmp = self._progress_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"round_id": round_id, "model_version": model_version}))
-        os.replace(tmp, self._progress_path)
-
     # -- the loop ---------------------------------------------------------------------------
-    def _status(self, online: bool) -> bytes:
+    def _status(self, online: bool, needs_resync: bool = False) -> bytes:
         info = {"runtime": self.runtime.name, "num_examples": int(len(self.data.y)),
-                "partition": str(self.config.partition), "partition_digest": self.data.digest}
+                "partition": str(self.config.partition), "partition_digest": self.data.digest,
+                "model_version": self.replica.version, "needs_resync": needs_resync}
         return wire.encode(wire.Status(device_id=self.config.device_id, online=online, info=info))
 
     def run(self, stop: threading.Event) -> None:
@@ -170,28 +181,37 @@ class Device:
                 _log.warning("round %d: update %s rejected: %s", message.round_id, message.update_id, message.reason)
 
     def _on_announcement(self, a: wire.Announcement) -> None:
+        if not self.replica.apply(a):
+            if not self._awaiting_resync:  # ask once; the aggregator's next announcement is a full model
+                _log.info("model version %s cannot take the delta to %d; asking for a resync",
+                          self.replica.version, a.model_version)
+                self._awaiting_resync = True
+                self.transport.publish(topics.status_topic(self.config.fleet, self.config.device_id),
+                                       self._status(True, needs_resync=True), retain=True)
+            return
+        if self._awaiting_resync:  # codec residuals belonged to a model this device no longer holds
+            self.state.reset_codec_state()
+            self._awaiting_resync = False
         if self.config.device_id not in a.selected:
             return
-        if (a.round_id, a.model_version) <= self._last_done():
+        if (a.round_id, a.model_version) <= self.state.last_done():
             # Already answered. A round announced again with a new deadline means the aggregator still
             # lacks updates: re-send what it has not acknowledged (lost in a broker crash, say).
-            if (a.round_id, a.model_version) == self._last_done() and a.deadline_unix_s > self._answered_deadline:
+            if (a.round_id, a.model_version) == self.state.last_done() and a.deadline_unix_s > self._answered_deadline:
                 self._answered_deadline = a.deadline_unix_s
                 self._resend_pending(a.round_id)
             return  # else a retained announcement seen again after a reconnect or a restart
         if time.time() > a.deadline_unix_s:
             _log.info("round %d: announcement arrived after its deadline; skipped", a.round_id)
             return
-        if a.payload_kind != "params":
-            _log.warning("round %d: payload kind %r not supported by this device", a.round_id, a.payload_kind)
-            return
-        update = self.train_round(a)
+        gradient = a.hyperparams.get("task") == "gradient"
+        update = self.compute_gradient(a) if gradient else self.train_round(a)
         frame = wire.encode(update)
         parts = wire.split(frame, self.config.max_chunk_bytes, update.update_id) if self.config.max_chunk_bytes else [frame]
         update_topic = topics.update_topic(self.config.fleet, self.config.device_id)
         for i, part in enumerate(parts):  # durable first, then on the wire
             self.outbox.put(f"{update.update_id}#{i}", update_topic, part)
-        self._mark_done(a.round_id, a.model_version)
+        self.state.mark_done(a.round_id, a.model_version)
         self._answered_deadline = a.deadline_unix_s
         self.rounds_trained += 1
         for i, part in enumerate(parts):
@@ -209,10 +229,25 @@ class Device:
                 _log.warning("round %d: re-send failed, kept in outbox: %s", round_id, exc)
                 return
 
+    def _encode(self, vector: np.ndarray, hyper: dict) -> tuple[str, bytes]:
+        """Compress with the round's codec, carrying its state (residuals…) across rounds on disk."""
+        name, params = parse_codec_spec(str(hyper.get("codec", "dense")))
+        params = codec_params_for(name, params, self.runtime)
+        spec = format_codec_spec(name, params)
+        payload, state = get_codec(name).encode(vector, self.state.codec_state(spec), params)
+        self.state.save_codec_state(spec, state)
+        return spec, payload
+
+    def _update(self, a: wire.Announcement, vector: np.ndarray, num_examples: int, metrics: dict) -> wire.Update:
+        spec, payload = self._encode(vector, dict(a.hyperparams))
+        return wire.Update(device_id=self.config.device_id, round_id=a.round_id, model_version=a.model_version,
+                           update_id=uuid.uuid4().hex, num_examples=num_examples, codec=spec, payload=payload,
+                           metrics=metrics)
+
     def train_round(self, a: wire.Announcement) -> wire.Update:
-        """Local training from the announced parameters; the update is the delta w_local − w_round."""
-        n = self.runtime.manifest.num_params
-        start = get_codec(a.codec).decode(a.payload, n, {})
+        """Local training from the announced model; the update is the delta w_local − w_round."""
+        assert self.replica.params is not None  # apply() succeeded
+        start = self.replica.params
         self.runtime.set_parameters(start)
         hyper = dict(a.hyperparams)
         config = TrainConfig(lr=float(hyper.get("lr", 0.05)), momentum=float(hyper.get("momentum", 0.0)),
@@ -220,11 +255,24 @@ class Device:
                              prox_mu=float(hyper.get("prox_mu", 0.0)))
         # Distinct, reproducible shuffles per (seed, device, round).
         rng = np.random.default_rng([self.config.seed, self.config.partition_index, a.round_id])
+        cpu = time.process_time()
         result = self.runtime.train(round_batches(self.data, hyper, rng), config)
         delta = self.runtime.get_parameters() - start
-        codec_name, codec_params = parse_codec_spec(str(hyper.get("codec", "dense")))
-        payload, _ = get_codec(codec_name).encode(delta, None, codec_params)
-        return wire.Update(device_id=self.config.device_id, round_id=a.round_id, model_version=a.model_version,
-                           update_id=uuid.uuid4().hex, num_examples=int(len(self.data.y)), codec=codec_name,
-                           payload=payload, metrics={"train_loss": result.mean_loss, "compute_s": result.compute_s,
-                                                     "steps": float(result.steps)})
+        return self._update(a, delta, int(len(self.data.y)), {
+            "train_loss": result.mean_loss, "compute_s": result.compute_s, "steps": float(result.steps),
+            "cpu_s": time.process_time() - cpu})
+
+    def compute_gradient(self, a: wire.Announcement) -> wire.Update:
+        """One mini-batch gradient at the announced model (a large-batch worker never trains ahead)."""
+        assert self.replica.params is not None
+        batch_size = int(a.hyperparams.get("batch_size", 32))
+        if self._gradient_stream is None or self._gradient_stream[0] != batch_size:
+            seed = (self.config.seed, self.config.partition_index)
+            self._gradient_stream = (batch_size, gradient_batches(self.data, batch_size, seed))
+        x, y = next(self._gradient_stream[1])
+        cpu, started = time.process_time(), time.perf_counter()
+        self.runtime.set_parameters(self.replica.params)
+        result = self.runtime.gradient(x, y)
+        return self._update(a, result.gradient, result.examples, {
+            "train_loss": result.loss, "compute_s": time.perf_counter() - started, "steps": 1.0,
+            "cpu_s": time.process_time() - cpu})

@@ -19,6 +19,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--fleet", required=True, help="fleet name (topic prefix edgetrain/<fleet>/…)")
     p.add_argument("--device-id", required=True, help="this device's id (also its MQTT client id)")
     p.add_argument("--bundle", required=True, type=Path, help="training bundle directory (edgetrain export)")
+    p.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx", "executorch"],
+                   help="which bundle of an 'export --runtime all' directory to use (default auto: the first "
+                        "installed of onnx > torch > executorch)")
     p.add_argument("--data-dir", type=Path, help="Fashion-MNIST IDX directory (default /usr/share/datasets/fashion-mnist)")
     p.add_argument("--partition", default="iid", help="iid | dirichlet:ALPHA | shards[:K] (default iid)")
     p.add_argument("--seed", type=int, default=0, help="partition seed, the same on every device (default 0)")
@@ -36,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from .bundle import load_manifest
     from .data import PartitionSpec
     from .device import Device, DeviceConfig, LocalData
-    from .runtime import load_runtime
+    from .runtime import load_runtime, select_bundle
     from .transport import Transport
     from . import topics, wire
 
@@ -50,9 +53,10 @@ def run(args: argparse.Namespace) -> int:
                           partition=PartitionSpec.parse(args.partition), partition_index=args.index,
                           partition_count=args.count, seed=args.seed, max_chunk_bytes=args.max_chunk_bytes)
     broker = broker_config(args)
-    manifest = load_manifest(args.bundle)
-    runtime = load_runtime(args.bundle, manifest)
-    limit_threads(args.threads)
+    bundle = select_bundle(args.bundle, args.runtime)  # a directory from 'export --runtime all' holds several
+    runtime = load_runtime(bundle, load_manifest(bundle))
+    logging.getLogger(__name__).info("runtime %s (bundle %s)", runtime.name, bundle)
+    limit_threads(runtime, args.threads)
     data = LocalData.load(config, runtime, args.data_dir, limit=args.limit_examples)
     offline = wire.encode(wire.Status(device_id=args.device_id, online=False, info={"reason": "connection lost"}))
     transport = Transport(broker, client_id=args.device_id, will=(topics.status_topic(args.fleet, args.device_id),

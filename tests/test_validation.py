@@ -92,7 +92,7 @@ _inf_payload = _dense(np.where(np.arange(NUM_PARAMS) == 9, -np.inf, _vector()))
 CASES: list[tuple[str, dict[str, Any], str, dict[str, Any], Callable[[ValidationContext], ValidationContext]]] = [
     (v.REJECT_SPOOFED_SENDER, {}, "dev-2", {}, _same),
     (v.REJECT_UNKNOWN_DEVICE, dict(device_id="dev-9"), "dev-9", {}, _same),
-    (v.REJECT_WRONG_ROUND, dict(round_id=6), "dev-1", {}, _same),
+    (v.REJECT_LATE, dict(round_id=6), "dev-1", {}, _same),
     (v.REJECT_WRONG_ROUND, dict(round_id=8), "dev-1", {}, _same),
     (v.REJECT_WRONG_MODEL_VERSION, dict(model_version=2), "dev-1", {}, _same),
     (v.REJECT_DUPLICATE, {}, "dev-1", {}, _seen),

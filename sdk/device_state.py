@@ -1,0 +1,74 @@
+"""What a device keeps on disk besides its outbox: the last round it answered and its codec state.
+
+Both survive a restart, so a restarted device neither trains a round twice nor loses the residuals
+of an error-feedback codec (DGC, STC). Codec state is a safetensors file (no pickle) tagged with the
+codec spec it belongs to; a different spec, or a resync of the model, starts it afresh.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+_log = logging.getLogger(__name__)
+
+
+class DeviceState:
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = Path(state_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._progress = self.dir / "progress.json"
+        self._codec = self.dir / "codec_state.safetensors"
+        self._codec_cache: tuple[str, dict[str, np.ndarray]] | None = None
+
+    def last_done(self) -> tuple[int, int]:
+        """(round id, model version) of the last announcement this device answered; (-1, -1) if none."""
+        try:
+            raw = json.loads(self._progress.read_text())
+            return int(raw["round_id"]), int(raw["model_version"])
+        except FileNotFoundError:
+            return -1, -1
+        except (ValueError, KeyError, TypeError) as exc:
+            _log.warning("%s unreadable (%s); starting fresh", self._progress, exc)
+            return -1, -1
+
+    def mark_done(self, round_id: int, model_version: int) -> None:
+        tmp = self._progress.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"round_id": round_id, "model_version": model_version}))
+        os.replace(tmp, self._progress)
+
+    def codec_state(self, spec: str) -> dict[str, np.ndarray] | None:
+        """The saved state of codec ``spec``; None when there is none, or it belongs to another spec."""
+        if self._codec_cache is not None and self._codec_cache[0] == spec:
+            return self._codec_cache[1]
+        if not self._codec.is_file():
+            return None
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self._codec), framework="numpy") as fh:
+                if (fh.metadata() or {}).get("codec") != spec:
+                    return None
+                state = {key: fh.get_tensor(key) for key in fh.keys()}
+        except Exception as exc:  # a torn or foreign file: start the codec afresh, say so
+            _log.warning("%s unreadable (%s); codec state starts afresh", self._codec, exc)
+            return None
+        self._codec_cache = (spec, state)
+        return state
+
+    def save_codec_state(self, spec: str, state: dict[str, np.ndarray] | None) -> None:
+        if not state:
+            return
+        from safetensors.numpy import save_file
+
+        tmp = self._codec.with_suffix(".tmp")
+        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp), metadata={"codec": spec})
+        os.replace(tmp, self._codec)
+        self._codec_cache = (spec, state)
+
+    def reset_codec_state(self) -> None:
+        self._codec.unlink(missing_ok=True)
+        self._codec_cache = None
