@@ -39,13 +39,46 @@ def register(subparsers: Any) -> None:
     p.add_argument("--runtime", default="torch", choices=["torch", "onnx", "executorch", "mixed"],
                    help="device runtime when exporting: one for all, or mixed (torch and onnx alternate)")
     p.add_argument("--label", help="run name shown by 'edgetrain report' (default: the run directory's name)")
+    p.add_argument("--config", type=Path, metavar="FILE.toml",
+                   help="take settings from a TOML file (keys are flag names); flags given here win")
     p.add_argument("--out", type=Path, help="run directory (default runs/simulate-<time>)")
     p.add_argument("--fleet", default="sim", help="fleet name (default sim)")
     p.add_argument("--limit-examples", type=positive_int, help="each device uses at most N examples (CI-size runs)")
     p.add_argument("--device-threads", type=positive_int, default=1, help="intra-op threads per device (default 1)")
     add_round_args(p)
-    p.set_defaults(func=run, min_devices=None)
+    p.set_defaults(func=run, min_devices=None, _parser=p)
     p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def apply_config(args: argparse.Namespace, parser: argparse.ArgumentParser, path: Path) -> None:
+    """Fill in settings from a TOML file (keys are flag names, ``-`` or ``_``) where no flag was given.
+
+    A flag counts as given when its value differs from the parser's default, so the command line wins.
+    """
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"--config {path}: {exc}") from None
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config", "func", "_parser")}
+    for key, value in raw.items():
+        dest = key.replace("-", "_")
+        action = actions.get(dest)
+        if action is None:
+            raise ConfigError(f"--config {path}: unknown setting {key!r} (settings are simulate's flag names)")
+        if getattr(args, dest) != action.default:
+            continue  # given on the command line
+        if action.type is not None and not isinstance(value, bool):
+            try:
+                value = action.type(str(value))
+            except (ValueError, argparse.ArgumentTypeError) as exc:
+                raise ConfigError(f"--config {path}: {key} = {value!r}: {exc}") from None
+        if action.choices is not None and value not in action.choices:
+            raise ConfigError(f"--config {path}: {key} = {value!r}: choose from {', '.join(map(str, action.choices))}")
+        setattr(args, dest, value)
 
 
 def _device_runtime(runtime: str, index: int) -> str:
@@ -131,6 +164,8 @@ def _summary_table(records: list, wall_s: float, unit: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from .local_broker import LocalMosquitto
 
+    if args.config is not None:
+        apply_config(args, args._parser, args.config)
     logging.basicConfig(level=args.log_level, format="%(asctime)s simulate %(levelname)s %(message)s")
     started = time.monotonic()
     if args.min_devices is None:

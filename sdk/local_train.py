@@ -44,6 +44,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--momentum", type=float, default=None, help="default: the bundle's optimizer momentum")
     parser.add_argument("--threads", type=int, default=None,
                         help="intra-op threads for the runtime (default: leave the library's choice)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="also write a run directory (metrics.jsonl, summary.json: one 'round' per epoch), "
+                             "the centralized baseline 'edgetrain report' compares fleets with")
+    parser.add_argument("--label", help="run name shown by 'edgetrain report'")
     parser.set_defaults(func=run)
 
 
@@ -107,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"bundle {args.bundle}: {manifest.model} on {manifest.runtime}, {manifest.num_params:,} parameters; "
           f"device {args.index}/{args.count} ({spec}): {len(labels)} train examples, {len(test.labels)} test; "
           f"batch {batch_size}, sgd lr {config.lr} momentum {config.momentum}, threads {threads}", flush=True)
+    log = _RunLog(args.out) if args.out is not None else None
     for epoch in range(1, epochs + 1):
         started = time.perf_counter()
         # keep the last partial batch for every runtime: a fixed-batch (executorch) backend pads it
@@ -119,4 +124,35 @@ def run(args: argparse.Namespace) -> int:
         print(f"epoch {epoch}/{epochs}  train_loss {result.mean_loss:.4f}  test_loss {evaluation.loss:.4f}  "
               f"test_acc {evaluation.accuracy:.4f}  train_s {trained - started:.1f}  "
               f"eval_s {finished - trained:.1f}", flush=True)
+        if log is not None:
+            log.epoch(epoch, evaluation.accuracy, evaluation.loss, trained - started, result.examples)
+    if log is not None:
+        log.finish({"strategy": "centralized", "codec": "-", "partition": str(spec), "model": manifest.model,
+                    "runtime": manifest.runtime, **({"label": args.label} if args.label else {})})
     return 0
+
+
+class _RunLog:
+    """The aggregator's run-directory format, so ``edgetrain report`` can put the centralized baseline
+    beside fleet runs: one record per epoch, nothing sent over a network (0 bytes)."""
+
+    def __init__(self, out: Path) -> None:
+        from aggregator.results import MetricsLog  # server-side format; imported only when asked for
+
+        out.mkdir(parents=True, exist_ok=True)
+        self.out, self.metrics, self.records = out, MetricsLog(out), []
+        self.metrics.truncate_after(0)
+
+    def epoch(self, epoch: int, accuracy: float, loss: float, wall_s: float, examples: int) -> None:
+        from aggregator.results import RoundRecord
+
+        record = RoundRecord(round_id=epoch, model_version=epoch, accuracy=accuracy, loss=loss, devices_chosen=1,
+                             devices_reported=1, devices_rejected={}, rejected_detail=(), bytes_up=0, bytes_down=0,
+                             round_wall_s=wall_s, total_examples=examples)
+        self.metrics.append(record)
+        self.records.append(record)
+
+    def finish(self, settings: dict) -> None:
+        from aggregator.results import write_summary
+
+        write_summary(self.out, self.records, settings)

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The comparison of docs/results.md: {FL, LB} x {dense, DGC, Konečný sketch, STC} x {IID, Dirichlet(0.3)}
+# on Fashion-MNIST with 10 simulated devices, plus a centralized baseline with the same model and the FL
+# runs' number of epochs; then `edgetrain report`. About 35 minutes on 2 cores.
+#   bash experiments/run_all.sh            # everything
+#   bash experiments/run_all.sh 'fl-*'     # a subset (a glob over experiments/*.toml)
+# Run outputs go to runs/experiments/ (bundles and checkpoints stay there, uncommitted); the small
+# metrics.jsonl + summary.json of each run are copied to docs/results/runs/, where the report reads them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EDGETRAIN=${EDGETRAIN:-.venv/bin/python -m sdk.cli}
+RUNS=${RUNS:-runs/experiments}
+KEEP=docs/results/runs
+mkdir -p "$RUNS" "$KEEP"
+keep() { mkdir -p "$KEEP/$1" && cp "$RUNS/$1/metrics.jsonl" "$RUNS/$1/summary.json" "$KEEP/$1/"; }
+
+for cfg in experiments/${1:-*}.toml; do
+    name=$(basename "$cfg" .toml)
+    rm -rf "${RUNS:?}/$name"
+    $EDGETRAIN simulate --config "$cfg" --out "$RUNS/$name"
+    keep "$name"
+done
+if [ -z "${1:-}" ] || [ "$1" = centralized ]; then
+    $EDGETRAIN export --model cnn --runtime torch --seed 0 --out "$RUNS/centralized-bundle"
+    rm -rf "${RUNS:?}/centralized"
+    $EDGETRAIN train --bundle "$RUNS/centralized-bundle" --epochs 10 --threads 2 \
+        --out "$RUNS/centralized" --label "centralized (10 epochs)"
+    keep centralized
+fi
+$EDGETRAIN report "$KEEP"/* --out docs/results
