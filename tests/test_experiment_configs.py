@@ -1,0 +1,70 @@
+"""simulate --config: TOML settings under the command line; every shipped experiment config is valid;
+the centralized baseline (train --out) is a run directory that report reads."""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aggregator.report import load_run
+from aggregator.simulate import apply_config, register
+from sdk.errors import ConfigError
+from tests.fleet import FleetAssets, fleet_assets  # noqa: F401
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _parse(*argv: str) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["simulate", *argv])
+    return args, args._parser
+
+
+def _config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return path
+
+
+def test_config_fills_unset_flags_and_the_command_line_wins(tmp_path: Path) -> None:
+    args, parser = _parse("--devices", "4")
+    apply_config(args, parser, _config(tmp_path, 'devices = 7\nrounds = 3\ncodec = "stc:sparsity=0.99"\n'
+                                                 'momentum = 0.0\nout = "x/y"\nscale-lr = true\n'))
+    assert args.devices == 4  # given on the command line
+    assert (args.rounds, args.codec, args.momentum, args.scale_lr) == (3, "stc:sparsity=0.99", 0.0, True)
+    assert args.out == Path("x/y")
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("nope = 1\n", "unknown setting 'nope'"),
+    ("devices = 0\n", "devices = 0"),
+    ('runtime = "tflite"\n', "choose from"),
+    ("devices = [\n", "--config"),
+])
+def test_bad_config_names_the_problem(tmp_path: Path, text: str, needle: str) -> None:
+    args, parser = _parse()
+    with pytest.raises(ConfigError, match=needle):
+        apply_config(args, parser, _config(tmp_path, text))
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.toml")), ids=lambda p: p.stem)
+def test_every_shipped_experiment_config_is_valid(path: Path) -> None:
+    args, parser = _parse()
+    apply_config(args, parser, path)
+    assert args.label and args.strategy in ("fedavg", "large-batch") and args.devices == 10
+
+
+def test_centralized_baseline_is_a_run_directory(fleet_assets: FleetAssets, tmp_path: Path) -> None:
+    out = tmp_path / "central"
+    done = subprocess.run([sys.executable, "-m", "sdk.cli", "train", "--bundle", str(fleet_assets.bundle),
+                           "--data-dir", str(fleet_assets.data_dir), "--epochs", "2", "--out", str(out),
+                           "--label", "baseline"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    report, records = load_run(out)
+    assert [r.round_id for r in records] == [1, 2] and report.name == "baseline"
+    assert report.settings["strategy"] == "centralized" and report.uplink_mb == 0
+    assert report.final_accuracy == records[-1].accuracy is not None
