@@ -16,6 +16,33 @@ from ..bundle import Manifest
 from ..errors import ConfigError
 
 
+def check_batch(x: np.ndarray, y: np.ndarray, manifest: Manifest,
+                nonempty_for: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One numpy batch checked against the manifest: contiguous float32 inputs, int64 labels in range.
+    ``nonempty_for`` names the operation that cannot take an empty batch ("gradient", "evaluate")."""
+    x = np.asarray(x)
+    y = np.asarray(y)
+    if x.ndim != 1 + len(manifest.input_shape) or tuple(x.shape[1:]) != manifest.input_shape:
+        raise ConfigError(f"input batch has shape {x.shape}, expected (B, {', '.join(map(str, manifest.input_shape))})")
+    if y.shape != (x.shape[0],):
+        raise ConfigError(f"labels have shape {y.shape}, expected ({x.shape[0]},) to match the inputs")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ConfigError(f"labels must be integers, got {y.dtype}")
+    if y.size and (y.min() < 0 or y.max() >= manifest.num_classes):
+        raise ConfigError(f"labels must lie in [0, {manifest.num_classes}), got [{y.min()}, {y.max()}]")
+    if nonempty_for is not None and y.size == 0:
+        raise ConfigError(f"{nonempty_for} needs a non-empty batch")
+    return np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(y, dtype=np.int64)
+
+
+def check_evaluation(x: np.ndarray, y: np.ndarray, manifest: Manifest,
+                     batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``check_batch`` for ``Runtime.evaluate``, plus its batch size."""
+    if batch_size < 1:
+        raise ConfigError(f"evaluation batch size must be >= 1, got {batch_size}")
+    return check_batch(x, y, manifest, nonempty_for="evaluate")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Local optimiser settings for one call of ``Runtime.train`` (fresh optimiser state each call).

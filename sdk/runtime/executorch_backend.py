@@ -22,9 +22,9 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..bundle import Manifest, check_flat, read_initial_parameters
-from ..errors import BundleError, ConfigError, RuntimeBackendError
-from .base import EvalResult, GradientResult, Runtime, TrainConfig, TrainResult
-from .ort_backend import check_batch
+from ..errors import BundleError, RuntimeBackendError
+from .base import (EvalResult, GradientResult, Runtime, TrainConfig, TrainResult, check_batch,
+                   check_evaluation)
 
 
 class ExecutorchRuntime(Runtime):
@@ -149,20 +149,14 @@ class ExecutorchRuntime(Runtime):
                            compute_s=compute_s)
 
     def gradient(self, x: np.ndarray, y: np.ndarray) -> GradientResult:
-        x, y = check_batch(x, y, self.manifest)
-        if len(y) == 0:
-            raise ConfigError("gradient needs a non-empty batch")
+        x, y = check_batch(x, y, self.manifest, nonempty_for="gradient")
         loss, grads = self._mean_gradient(x, y)
         flat = np.concatenate([g.reshape(-1).numpy() for g in grads]).astype(np.float32, copy=True)
         return GradientResult(gradient=flat, loss=loss, examples=len(y))
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> EvalResult:
         """Mean loss and accuracy; runs in chunks of the program's batch size (``batch_size`` only checked)."""
-        if batch_size < 1:
-            raise ConfigError(f"evaluation batch size must be >= 1, got {batch_size}")
-        x, y = check_batch(x, y, self.manifest)
-        if len(y) == 0:
-            raise ConfigError("evaluate needs at least one example")
+        x, y = check_evaluation(x, y, self.manifest, batch_size)
         loss_sum = 0.0
         correct = 0
         start = 0

@@ -26,22 +26,8 @@ import numpy as np
 
 from ..bundle import Manifest, check_flat, read_initial_parameters
 from ..errors import BundleError, ConfigError, RuntimeBackendError
-from .base import EvalResult, GradientResult, Runtime, TrainConfig, TrainResult
-
-
-def check_batch(x: np.ndarray, y: np.ndarray, manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
-    """One numpy batch checked against the manifest: contiguous float32 inputs, int64 labels."""
-    x = np.asarray(x)
-    y = np.asarray(y)
-    if x.ndim != 1 + len(manifest.input_shape) or tuple(x.shape[1:]) != manifest.input_shape:
-        raise ConfigError(f"input batch has shape {x.shape}, expected (B, {', '.join(map(str, manifest.input_shape))})")
-    if y.shape != (x.shape[0],):
-        raise ConfigError(f"labels have shape {y.shape}, expected ({x.shape[0]},) to match the inputs")
-    if not np.issubdtype(y.dtype, np.integer):
-        raise ConfigError(f"labels must be integers, got {y.dtype}")
-    if y.size and (y.min() < 0 or y.max() >= manifest.num_classes):
-        raise ConfigError(f"labels must lie in [0, {manifest.num_classes}), got [{y.min()}, {y.max()}]")
-    return np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(y, dtype=np.int64)
+from .base import (EvalResult, GradientResult, Runtime, TrainConfig, TrainResult, check_batch,
+                   check_evaluation)
 
 
 def import_training_api() -> Any:
@@ -245,9 +231,7 @@ class OrtRuntime(Runtime):
                            compute_s=compute_s)
 
     def gradient(self, x: np.ndarray, y: np.ndarray) -> GradientResult:
-        x, y = check_batch(x, y, self.manifest)
-        if len(y) == 0:
-            raise ConfigError("gradient needs a non-empty batch")
+        x, y = check_batch(x, y, self.manifest, nonempty_for="gradient")
         self._module.train()
         self._module.lazy_reset_grad()
         loss = float(self._module(x, y)[0])
@@ -256,11 +240,7 @@ class OrtRuntime(Runtime):
         return GradientResult(gradient=gradient, loss=loss, examples=len(y))
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> EvalResult:
-        if batch_size < 1:
-            raise ConfigError(f"evaluation batch size must be >= 1, got {batch_size}")
-        x, y = check_batch(x, y, self.manifest)
-        if len(y) == 0:
-            raise ConfigError("evaluate needs at least one example")
+        x, y = check_evaluation(x, y, self.manifest, batch_size)
         self._module.eval()
         loss_sum = 0.0
         correct = 0

@@ -16,24 +16,12 @@ from torch.nn import functional as F
 
 from ..bundle import Manifest, check_flat, read_initial_parameters
 from ..errors import BundleError, ConfigError
-from .base import EvalResult, GradientResult, Runtime, TrainConfig, TrainResult
+from .base import EvalResult, GradientResult, Runtime, TrainConfig, TrainResult, check_batch, check_evaluation
 
 
-def _as_batch(x: np.ndarray, y: np.ndarray, manifest: Manifest) -> tuple[torch.Tensor, torch.Tensor]:
-    """Check one numpy batch against the manifest and wrap it as tensors (no copy when possible)."""
-    x = np.asarray(x)
-    y = np.asarray(y)
-    if x.ndim != 1 + len(manifest.input_shape) or tuple(x.shape[1:]) != manifest.input_shape:
-        raise ConfigError(f"input batch has shape {x.shape}, expected (B, {', '.join(map(str, manifest.input_shape))})")
-    if y.shape != (x.shape[0],):
-        raise ConfigError(f"labels have shape {y.shape}, expected ({x.shape[0]},) to match the inputs")
-    if not np.issubdtype(y.dtype, np.integer):
-        raise ConfigError(f"labels must be integers, got {y.dtype}")
-    if y.size and (y.min() < 0 or y.max() >= manifest.num_classes):
-        raise ConfigError(f"labels must lie in [0, {manifest.num_classes}), got [{y.min()}, {y.max()}]")
-    x_t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    y_t = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
-    return x_t, y_t
+def _tensors(batch: tuple[np.ndarray, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A checked numpy batch (``check_batch``) as tensors, sharing its memory."""
+    return torch.from_numpy(batch[0]), torch.from_numpy(batch[1])
 
 
 class TorchRuntime(Runtime):
@@ -78,7 +66,7 @@ class TorchRuntime(Runtime):
         loss_sum = 0.0
         started = time.perf_counter()
         for x, y in batches:
-            x_t, y_t = _as_batch(x, y, self.manifest)
+            x_t, y_t = _tensors(check_batch(x, y, self.manifest))
             if len(y_t) == 0:
                 continue
             optimizer.zero_grad(set_to_none=True)
@@ -102,9 +90,7 @@ class TorchRuntime(Runtime):
         BatchNorm running statistics are restored afterwards: computing a gradient must not change
         the model, or large-batch workers would drift apart from the averaged state.
         """
-        x_t, y_t = _as_batch(x, y, self.manifest)
-        if len(y_t) == 0:
-            raise ConfigError("gradient needs a non-empty batch")
+        x_t, y_t = _tensors(check_batch(x, y, self.manifest, nonempty_for="gradient"))
         saved_buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
         self.model.train()
         try:
@@ -118,11 +104,7 @@ class TorchRuntime(Runtime):
         return GradientResult(gradient=flat, loss=float(loss.detach()), examples=len(y_t))
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> EvalResult:
-        if batch_size < 1:
-            raise ConfigError(f"evaluation batch size must be >= 1, got {batch_size}")
-        x_t, y_t = _as_batch(x, y, self.manifest)
-        if len(y_t) == 0:
-            raise ConfigError("evaluate needs at least one example")
+        x_t, y_t = _tensors(check_evaluation(x, y, self.manifest, batch_size))
         self.model.eval()
         loss_sum = 0.0
         correct = 0
