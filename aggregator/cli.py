@@ -113,6 +113,7 @@ def aggregator_config(args: argparse.Namespace, out_dir: Path, fleet: str, resum
     resolve_defaults(args)
     return AggregatorConfig(fleet=fleet, out_dir=out_dir, rounds=args.rounds, round_timeout_s=args.round_timeout,
                             join_timeout_s=args.join_timeout, seed=args.seed, resume=resume,
+                            expect_devices=getattr(args, "devices", 0) or 0,
                             uplink_codec=args.codec, max_norm=args.max_norm, max_examples=args.max_examples,
                             eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
                             resync_every=args.resync_every, downlink_codec=args.downlink_codec,

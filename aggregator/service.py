@@ -13,7 +13,6 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -26,9 +25,11 @@ from sdk.errors import ConfigError, EdgetrainError, UpdateRejected, WireError
 from sdk.runtime import Runtime
 from sdk.transport import Transport
 
+from .device_metrics import DeviceMetricsCollector
 from .downlink import Downlink
 from .checkpoint import Checkpoint, load_latest, rng_from_state, rng_state, save_checkpoint
 from .results import MetricsLog, RoundRecord, plot_run, write_summary
+from .round_state import Progress, RoundTally
 from .strategy import Strategy
 from .validation import REJECT_DUPLICATE, REJECT_LATE, ValidationContext, validate_update
 
@@ -46,6 +47,7 @@ class AggregatorConfig:
     rounds: int
     round_timeout_s: float = 60.0
     join_timeout_s: float = 120.0  # how long to wait for enough live devices before a round
+    expect_devices: int = 0  # before round 1, wait (up to join_timeout_s) for this many, e.g. a simulated fleet
     max_attempts: int = 3  # announcements of one round before the run fails
     seed: int = 0
     resume: bool = False
@@ -77,28 +79,6 @@ class AggregatorConfig:
                 raise ConfigError(f"{what} codec {spec!r}: {exc}") from None
 
 
-@dataclass(frozen=True)
-class Progress:
-    """What the service reports to a progress display while a round runs."""
-
-    round_id: int
-    rounds: int
-    reported: int
-    chosen: int
-    record: RoundRecord | None = None  # set once the round closed
-
-
-@dataclass
-class _RoundTally:
-    bytes_up: int = 0
-    bytes_down: int = 0
-    rejected: Counter = field(default_factory=Counter)
-    detail: list[str] = field(default_factory=list)
-    capped: int = 0
-    accepted_payload_bytes: int = 0
-    device_cpu_s: float = 0.0
-
-
 class Aggregator:
     """Runs ``config.rounds`` rounds of ``strategy`` over ``transport``; evaluates with ``runtime``."""
 
@@ -122,6 +102,7 @@ class Aggregator:
         self._stop = threading.Event()
         self.downlink = Downlink(config.resync_every, config.downlink_codec)
         self._settled = False
+        self.device_metrics = DeviceMetricsCollector()
         if config.resume:
             self._restore()
 
@@ -163,11 +144,11 @@ class Aggregator:
         fleet = self.config.fleet
         if not self.config.resume:
             self._discard_stale_session()
-        for topic_filter in (topics.update_filter(fleet), topics.status_filter(fleet)):
+        for topic_filter in (topics.update_filter(fleet), topics.status_filter(fleet), topics.metrics_filter(fleet)):
             self.transport.subscribe(topic_filter, self._enqueue)
         self.transport.connect()
 
-    def _pump(self, until: Callable[[], bool], deadline_mono: float, tally: _RoundTally | None,
+    def _pump(self, until: Callable[[], bool], deadline_mono: float, tally: RoundTally | None,
               ctx: ValidationContext | None) -> None:
         """Handle incoming messages until ``until()`` holds or the monotonic deadline passes."""
         while not until():
@@ -183,7 +164,7 @@ class Aggregator:
                 continue
             self._handle(topic, payload, tally, ctx)
 
-    def _handle(self, topic: str, payload: bytes, tally: _RoundTally | None, ctx: ValidationContext | None) -> None:
+    def _handle(self, topic: str, payload: bytes, tally: RoundTally | None, ctx: ValidationContext | None) -> None:
         fleet = self.config.fleet
         kind = topic.split("/")[2] if topic.count("/") >= 3 else ""
         try:
@@ -193,6 +174,9 @@ class Aggregator:
             return
         if kind == "status":
             self._on_status(device, payload)
+            return
+        if kind == "metrics":  # instrumentation: not counted in bytes_up, never fails the round
+            self.device_metrics.receive(device, payload, self.next_round)
             return
         if tally is not None:
             tally.bytes_up += len(payload)
@@ -225,11 +209,12 @@ class Aggregator:
         if not isinstance(status, wire.Status) or status.device_id != device:
             _log.warning("status on %s's topic names %r; ignored", device, getattr(status, "device_id", None))
             return
+        self.device_metrics.note_status(device, status.info)
         if status.online and (device not in self.live or status.info.get("needs_resync")):
             self.downlink.request_resync()  # a (re)joining or drifted device needs the whole model
         (self.live.add if status.online else self.live.discard)(device)
 
-    def _on_update(self, device: str, update: wire.Update, tally: _RoundTally | None,
+    def _on_update(self, device: str, update: wire.Update, tally: RoundTally | None,
                    ctx: ValidationContext) -> None:
         try:
             valid = validate_update(update, topic_device=device, ctx=ctx)
@@ -250,7 +235,7 @@ class Aggregator:
             tally.detail.append(f"{device}: example count {valid.claimed_examples} capped to {valid.num_examples}")
         self._ack(device, update, True, "", tally)
 
-    def _reject(self, device: str, update: wire.Update, rejection: UpdateRejected, tally: _RoundTally | None) -> None:
+    def _reject(self, device: str, update: wire.Update, rejection: UpdateRejected, tally: RoundTally | None) -> None:
         self._count_rejection(tally, rejection.reason, str(rejection))
         # An update we already hold (QoS 1 redelivery, outbox re-send) is acknowledged as accepted, so
         # the device stops re-sending it; it is still counted once only.
@@ -258,13 +243,13 @@ class Aggregator:
         if update.device_id == device:  # never ack on behalf of a spoofed sender
             self._ack(device, update, already_held, rejection.reason, tally)
 
-    def _count_rejection(self, tally: _RoundTally | None, reason: str, detail: str) -> None:
+    def _count_rejection(self, tally: RoundTally | None, reason: str, detail: str) -> None:
         _log.warning("rejected (%s): %s", reason, detail)
         if tally is not None:
             tally.rejected[reason] += 1
             tally.detail.append(detail)
 
-    def _ack(self, device: str, update: wire.Update, accepted: bool, reason: str, tally: _RoundTally | None) -> None:
+    def _ack(self, device: str, update: wire.Update, accepted: bool, reason: str, tally: RoundTally | None) -> None:
         frame = wire.encode(wire.Ack(device_id=device, round_id=update.round_id, update_id=update.update_id,
                                      accepted=accepted, reason=reason))
         self.transport.publish(topics.ack_topic(self.config.fleet, device), frame)
@@ -275,7 +260,11 @@ class Aggregator:
     def _wait_for_devices(self) -> list[str]:
         minimum = self.strategy.min_devices
         deadline = time.monotonic() + self.config.join_timeout_s
-        self._pump(lambda: len(self.live) >= minimum, deadline, None, None)
+        wanted = minimum if self._settled else max(minimum, self.config.expect_devices)
+        self._pump(lambda: len(self.live) >= wanted, deadline, None, None)
+        if len(self.live) < wanted:
+            _log.warning("%d of the %d expected devices joined within %.0f s", len(self.live), wanted,
+                         self.config.join_timeout_s)
         if len(self.live) < minimum:
             raise EdgetrainError(f"only {len(self.live)} device(s) live in fleet {self.config.fleet!r} after "
                                  f"{self.config.join_timeout_s:.0f} s; {minimum} needed (are the devices running "
@@ -304,7 +293,7 @@ class Aggregator:
         hyper = {**plan.hyperparams, "codec": self.config.uplink_codec}
         selected = set(plan.selected)
         self.strategy.begin_round(self.params)
-        tally = _RoundTally()
+        tally = RoundTally()
         ctx = ValidationContext(round_id=round_id, model_version=self.model_version, selected=frozenset(selected),
                                 num_params=self.params.size, max_norm=self.config.max_norm,
                                 max_examples=self.config.max_examples, seen_update_ids=self.seen_update_ids)
@@ -361,7 +350,8 @@ class Aggregator:
                    "device_cpu_s": tally.device_cpu_s,
                    # dense fp32 bytes over the bytes the accepted updates' payloads really took
                    "uplink_compression": (4 * self.params.size * len(ctx.reported_devices)
-                                          / max(1, tally.accepted_payload_bytes))})
+                                          / max(1, tally.accepted_payload_bytes)),
+                   **self.device_metrics.take(round_id, selected)})
         if round_id % self.config.checkpoint_every == 0 or last:
             save_checkpoint(self.config.out_dir, Checkpoint(
                 round_completed=round_id, model_version=self.model_version, params=self.params,
@@ -390,7 +380,8 @@ class Aggregator:
         records = self.metrics.read()
         write_summary(self.config.out_dir, records, {
             "fleet": self.config.fleet, "strategy": self.strategy.name, "num_params": int(self.params.size),
-            "codec": self.config.uplink_codec, "downlink_codec": self.config.downlink_codec, **self.config.labels})
+            "codec": self.config.uplink_codec, "downlink_codec": self.config.downlink_codec, **self.config.labels,
+            **self.device_metrics.summary()})
         if records:
             plot_run(self.config.out_dir)
         return records

@@ -88,6 +88,7 @@ class EnergyMeter:
         """Start polling the source on a daemon thread (no-op without a source)."""
         if self.source is None or self._thread is not None:
             return
+        self._stop.clear()  # restartable: a fleet device samples only while a window is open
         self.poll()
         self._thread = threading.Thread(target=self._run, name="edgetrain-power-sampler", daemon=True)
         self._thread.start()
@@ -160,6 +161,16 @@ class EnergyMeter:
         self.begin_window(IDLE_WINDOW)
         sleep(duration_s)
         self.end_window(IDLE_WINDOW)
+
+    def discard_before(self, time_s: float) -> None:
+        """Forget closed windows ending by ``time_s`` and trace samples older than it, keeping the last
+        sample before it (interpolation at ``time_s`` needs it): a device that measures every round
+        for days must not keep its whole trace."""
+        with self._lock:
+            older = [i for i, s in enumerate(self._trace) if s.time_s < time_s]
+            if len(older) > 1:
+                del self._trace[: older[-1]]
+        self._windows = [w for w in self._windows if w.end_s > time_s]
 
     @property
     def windows(self) -> list[Window]:

@@ -21,7 +21,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import numpy as np
 
@@ -29,6 +29,8 @@ from . import topics, wire
 from .codecs import format_codec_spec, get_codec, parse_codec_spec
 from .data import PartitionSpec, batch_indices, device_indices, load_split, partition_digest, to_model_input
 from .errors import ConfigError, TransportError, WireError
+from .device_metrics import (BENCH_ROUND_ID, EnergyProbe, GradientGroup, StepTimer, energy_values, memory_values,
+                             step_stats_ms)
 from .device_state import DeviceState
 from .model_sync import ModelReplica
 from .outbox import Outbox
@@ -48,12 +50,15 @@ class DeviceConfig:
     partition_count: int = 1
     seed: int = 0
     max_chunk_bytes: int | None = None  # split update frames larger than this (broker limits)
+    gradient_metrics_every: int = 10  # large batch: one metrics message per this many steps
 
     def __post_init__(self) -> None:
         topics.validate_name(self.fleet, "fleet")
         topics.validate_name(self.device_id, "device id")
         if not 0 <= self.partition_index < self.partition_count:
             raise ConfigError(f"partition index {self.partition_index} not in [0, {self.partition_count})")
+        if self.gradient_metrics_every < 1:
+            raise ConfigError(f"gradient_metrics_every must be >= 1, got {self.gradient_metrics_every}")
 
 
 @dataclass(frozen=True)
@@ -111,9 +116,15 @@ def codec_params_for(name: str, params: dict, runtime: Runtime) -> dict:
 
 
 class Device:
-    """One board in a fleet. ``run`` blocks until ``stop`` is set."""
+    """One board in a fleet. ``run`` blocks until ``stop`` is set.
 
-    def __init__(self, config: DeviceConfig, transport: Transport, runtime: Runtime, data: LocalData) -> None:
+    ``energy`` (device_bench's ``RoundEnergy``, or None with ``energy_unavailable`` saying why) measures
+    each round's joules; ``bench`` (``sdk.device_metrics.bench_values``) is published once, retained.
+    """
+
+    def __init__(self, config: DeviceConfig, transport: Transport, runtime: Runtime, data: LocalData,
+                 energy: EnergyProbe | None = None, energy_unavailable: str = "",
+                 bench: Mapping[str, float] | None = None) -> None:
         self.config = config
         self.transport = transport
         self.runtime = runtime
@@ -128,12 +139,21 @@ class Device:
         self._reassembler = wire.Reassembler()
         self.rounds_trained = 0
         self._answered_deadline = float("-inf")  # deadline of the last announcement answered or re-sent for
+        self.energy = energy
+        self.energy_unavailable = energy_unavailable if energy is None else ""
+        self.bench = dict(bench) if bench else None
+        self._measured: dict[str, float] = {}  # the round's figures, filled by train_round / compute_gradient
+        self._group = GradientGroup(config.gradient_metrics_every)
 
     # -- the loop ---------------------------------------------------------------------------
     def _status(self, online: bool, needs_resync: bool = False) -> bytes:
         info = {"runtime": self.runtime.name, "num_examples": int(len(self.data.y)),
                 "partition": str(self.config.partition), "partition_digest": self.data.digest,
                 "model_version": self.replica.version, "needs_resync": needs_resync}
+        if self.energy is not None:
+            info.update(self.energy.describe())
+        else:
+            info["energy_unavailable"] = self.energy_unavailable or "no power source given"
         return wire.encode(wire.Status(device_id=self.config.device_id, online=online, info=info))
 
     def run(self, stop: threading.Event) -> None:
@@ -149,6 +169,10 @@ class Device:
         self.transport.on_reconnect.append(
             lambda: self.transport.publish(topics.status_topic(fleet, me), self._status(True), retain=True))
         _log.info("device %s joined fleet %s with %d examples", me, fleet, len(self.data.y))
+        if self.energy is None:  # said once; every round's metrics then simply lack energy_j
+            _log.info("energy not measured: %s", self.energy_unavailable or "no power source given")
+        if self.bench:  # retained: an aggregator started later still gets it
+            self._send_metrics(BENCH_ROUND_ID, self.bench, retain=True)
         try:
             while not stop.is_set():
                 try:
@@ -162,10 +186,16 @@ class Device:
             except TransportError as exc:
                 _log.warning("could not publish offline status: %s", exc)
             self.transport.close()
+            if self.energy is not None:
+                self.energy.close()
 
     def _handle(self, topic: str, payload: bytes) -> None:
-        if not payload:
-            return  # a cleared retained announcement: the run is over
+        if not payload:  # a cleared retained announcement: the run is over
+            if self._group.steps:  # a partial group of steps nobody will record: close its window
+                self._group.flush()
+                if self.energy is not None:
+                    self.energy.end()
+            return
         try:
             message = self._reassembler.feed(payload)
         except WireError as exc:
@@ -205,6 +235,8 @@ class Device:
             _log.info("round %d: announcement arrived after its deadline; skipped", a.round_id)
             return
         gradient = a.hyperparams.get("task") == "gradient"
+        if self.energy is not None and not (gradient and self._group.steps):  # a group's window is open
+            self.energy.begin()
         update = self.compute_gradient(a) if gradient else self.train_round(a)
         frame = wire.encode(update)
         parts = wire.split(frame, self.config.max_chunk_bytes, update.update_id) if self.config.max_chunk_bytes else [frame]
@@ -214,12 +246,36 @@ class Device:
         self.state.mark_done(a.round_id, a.model_version)
         self._answered_deadline = a.deadline_unix_s
         self.rounds_trained += 1
+        self._publish_metrics(a.round_id, gradient, len(frame))
         for i, part in enumerate(parts):
             try:
                 self.transport.publish(update_topic, part)
             except TransportError as exc:  # stays in the outbox; re-sent after the reconnect
                 _log.warning("round %d: publish failed, kept in outbox: %s", a.round_id, exc)
                 break
+
+    def _publish_metrics(self, round_id: int, gradient: bool, frame_bytes: int) -> None:
+        """The round's figures on the metrics topic, *before* its update: publish waits for the
+        broker's PUBACK and Mosquitto forwards to a subscriber in the order it received, so the
+        aggregator holds them before the update that may close the round. A large-batch step joins
+        its group instead (``sdk.device_metrics``); the group goes out on aligned step numbers."""
+        measured = {**self._measured, "update_frame_bytes": float(frame_bytes)}
+        if gradient:
+            self._group.add(round_id, measured.pop("compute_s", 0.0), measured)
+            if not self._group.due(round_id):
+                return
+            measured = self._group.flush()
+        if self.energy is not None:
+            measured.update(energy_values(*self.energy.end()))
+        self._send_metrics(round_id, {**measured, **memory_values()})
+
+    def _send_metrics(self, round_id: int, values: Mapping[str, float], retain: bool = False) -> None:
+        message = wire.DeviceMetrics(device_id=self.config.device_id, round_id=round_id, values=values)
+        try:  # best effort, never in the outbox: a lost message costs a figure, not a model update
+            self.transport.publish(topics.metrics_topic(self.config.fleet, self.config.device_id),
+                                   wire.encode(message), retain=retain, timeout_s=2.0)
+        except TransportError as exc:
+            _log.warning("round %d: metrics not published: %s", round_id, exc)
 
     def _resend_pending(self, round_id: int) -> None:
         for entry in self.outbox.pending():
@@ -238,8 +294,12 @@ class Device:
         self.state.save_codec_state(spec, state)
         return spec, payload
 
-    def _update(self, a: wire.Announcement, vector: np.ndarray, num_examples: int, metrics: dict) -> wire.Update:
+    def _update(self, a: wire.Announcement, vector: np.ndarray, num_examples: int, metrics: dict,
+                measured: dict[str, float]) -> wire.Update:
+        """The update frame's message; ``measured`` (plus the encode time) becomes the round's metrics."""
+        started = time.perf_counter()
         spec, payload = self._encode(vector, dict(a.hyperparams))
+        self._measured = {**measured, "encode_ms": (time.perf_counter() - started) * 1e3}
         return wire.Update(device_id=self.config.device_id, round_id=a.round_id, model_version=a.model_version,
                            update_id=uuid.uuid4().hex, num_examples=num_examples, codec=spec, payload=payload,
                            metrics=metrics)
@@ -256,11 +316,15 @@ class Device:
         # Distinct, reproducible shuffles per (seed, device, round).
         rng = np.random.default_rng([self.config.seed, self.config.partition_index, a.round_id])
         cpu = time.process_time()
-        result = self.runtime.train(round_batches(self.data, hyper, rng), config)
+        timer = StepTimer(round_batches(self.data, hyper, rng))
+        result = self.runtime.train(timer, config)
+        timer.finish()
+        cpu_s = time.process_time() - cpu
         delta = self.runtime.get_parameters() - start
         return self._update(a, delta, int(len(self.data.y)), {
             "train_loss": result.mean_loss, "compute_s": result.compute_s, "steps": float(result.steps),
-            "cpu_s": time.process_time() - cpu})
+            "cpu_s": cpu_s}, {"compute_s": result.compute_s, **step_stats_ms(timer.durations_s),
+                              "steps": float(result.steps), "examples": float(result.examples), "cpu_s": cpu_s})
 
     def compute_gradient(self, a: wire.Announcement) -> wire.Update:
         """One mini-batch gradient at the announced model (a large-batch worker never trains ahead)."""
@@ -273,6 +337,7 @@ class Device:
         cpu, started = time.process_time(), time.perf_counter()
         self.runtime.set_parameters(self.replica.params)
         result = self.runtime.gradient(x, y)
+        compute_s, cpu_s = time.perf_counter() - started, time.process_time() - cpu
         return self._update(a, result.gradient, result.examples, {
-            "train_loss": result.loss, "compute_s": time.perf_counter() - started, "steps": 1.0,
-            "cpu_s": time.process_time() - cpu})
+            "train_loss": result.loss, "compute_s": compute_s, "steps": 1.0, "cpu_s": cpu_s},
+            {"compute_s": compute_s, "examples": float(result.examples), "cpu_s": cpu_s})

@@ -32,7 +32,51 @@ def register(subparsers: Any) -> None:
     p.add_argument("--threads", type=positive_int, help="intra-op threads for the runtime")
     p.add_argument("--max-chunk-bytes", type=positive_int, help="split update frames larger than this")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    m = p.add_argument_group("metrics", "per-round step time, CPU, memory, bytes and energy on "
+                                        "edgetrain/<fleet>/metrics/<device>")
+    m.add_argument("--power-source", default="auto",
+                   help="auto (detect; no sensor: no energy, said once in the log) | none | a source name "
+                        "(ina3221, jtop, pi5_pmic, rapl, nvml, csv_meter: must work, else the device exits)")
+    m.add_argument("--sysfs-root", type=Path, default=Path("/"),
+                   help="root under which power sensors are read (default /; tests point it at fakes)")
+    m.add_argument("--vcgencmd", default="vcgencmd", help="vcgencmd command (Raspberry Pi 5 PMIC)")
+    m.add_argument("--meter-csv", type=Path, help="external power meter log (time_unix_s,power_w lines)")
+    m.add_argument("--metrics-every-steps", type=positive_int, default=10,
+                   help="large batch: one metrics message per N steps (default 10)")
+    m.add_argument("--bench-result", type=Path,
+                   help="a bench.json from 'edgetrain bench' to publish once (retained) at start")
     p.set_defaults(func=run)
+
+
+def open_energy(args: argparse.Namespace) -> tuple[Any, str]:
+    """(device_bench's RoundEnergy or None, why not). device_bench is imported only here, and only
+    when energy is wanted, so a device without it (or with --power-source none) still runs."""
+    if args.power_source == "none":
+        return None, "turned off (--power-source none)"
+    try:
+        from device_bench.fleet_energy import open_round_energy
+        from device_bench.power import SourceOptions
+    except ImportError as exc:
+        return None, f"device_bench not importable ({exc})"
+    return open_round_energy(args.power_source, args.sysfs_root, SourceOptions(vcgencmd=args.vcgencmd,
+                                                                                    meter_csv=args.meter_csv))
+
+
+def read_bench_result(path: Path) -> dict[str, float]:
+    """The headline figures of a bench.json, as the ``bench_*`` values the device publishes."""
+    import json
+
+    from .device_metrics import bench_values
+    from .errors import ConfigError
+
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--bench-result {path}: cannot read a bench.json ({exc})") from None
+    values = bench_values(report) if isinstance(report, dict) else {}
+    if not values:
+        raise ConfigError(f"--bench-result {path}: no bench figures in it (is it an 'edgetrain bench' bench.json?)")
+    return values
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,7 +95,10 @@ def run(args: argparse.Namespace) -> int:
     state_dir = args.state_dir or Path.home() / ".local/state/edgetrain" / args.fleet / args.device_id
     config = DeviceConfig(fleet=args.fleet, device_id=args.device_id, state_dir=state_dir,
                           partition=PartitionSpec.parse(args.partition), partition_index=args.index,
-                          partition_count=args.count, seed=args.seed, max_chunk_bytes=args.max_chunk_bytes)
+                          partition_count=args.count, seed=args.seed, max_chunk_bytes=args.max_chunk_bytes,
+                          gradient_metrics_every=args.metrics_every_steps)
+    bench = read_bench_result(args.bench_result) if args.bench_result else None
+    energy, energy_unavailable = open_energy(args)  # before the slow loads: a named sensor that fails, fails now
     broker = broker_config(args)
     bundle = select_bundle(args.bundle, args.runtime)  # a directory from 'export --runtime all' holds several
     runtime = load_runtime(bundle, load_manifest(bundle))
@@ -63,8 +110,11 @@ def run(args: argparse.Namespace) -> int:
                                                                    offline, True))
     if stop.is_set():  # stopped while loading: never joined, nothing to say goodbye to
         logging.getLogger(__name__).info("stopped before joining fleet %s", args.fleet)
+        if energy is not None:
+            energy.close()
         return 0
-    device = Device(config, transport, runtime, data)
+    device = Device(config, transport, runtime, data, energy=energy, energy_unavailable=energy_unavailable,
+                    bench=bench)
     device.run(stop)
     logging.getLogger(__name__).info("stopped after training %d round(s)", device.rounds_trained)
     return 0

@@ -36,6 +36,14 @@ TORCH_FREE_MODULES = (
     "sdk.runtime",
     "sdk.cli",
     "sdk.local_train",
+    "sdk.device_metrics",
+    "sdk.device",
+    "sdk.device_cli",
+    "sdk.device_state",
+    "sdk.model_sync",
+    "sdk.outbox",
+    "sdk.topics",
+    "sdk.transport",
     "export.cli",  # registered by sdk.cli, so `edgetrain --help` must not need torch either
 )
 

@@ -1,0 +1,111 @@
+"""The fleet view: each device's own measurements (``edgetrain/<fleet>/metrics/<device>``) per round.
+
+Devices publish one ``wire.DeviceMetrics`` per round (large-batch workers: per group of steps) just
+before the update it describes, so it is in the aggregator's queue before the round can close. The
+collector keeps what arrived for the open round and hands it over when the round's record is
+written: ``extra["devices"] = {device: values}`` plus fleet sums (``device_energy_j``). A message
+whose ``device_id`` is not the device in its topic is never attributed to anyone (the broker's ACL
+fixes who may write each topic, so the topic is the trusted name). Malformed, spoofed, late or
+oversized messages are counted under ``extra["metrics_rejected"]``; none of them can fail a round.
+Round 0 is a device's retained bench result (``edgetrain device --bench-result``), kept for
+``summary.json``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+from sdk import wire
+from sdk.errors import WireError
+
+_log = logging.getLogger(__name__)
+BENCH_ROUND_ID = 0  # the same constant as sdk.device_metrics; rounds count from 1
+MAX_VALUES = 64  # a device's metrics are a few dozen figures; more is a bug or an attack
+MAX_KEY_CHARS = 64
+STATUS_KEYS = ("power_source", "energy_method", "energy_unavailable")  # strings devices say in their status
+
+
+def _finite(values: Mapping[str, float]) -> dict[str, float | None]:
+    # metrics.jsonl is strict JSON: a NaN figure is written as null rather than failing the round
+    return {k: (float(v) if math.isfinite(v) else None) for k, v in values.items()}
+
+
+class DeviceMetricsCollector:
+    """Per-device values for the open round; rejection counts since the last ``take``."""
+
+    def __init__(self) -> None:
+        self._values: dict[int, dict[str, dict[str, float | None]]] = {}
+        self._status: dict[str, dict[str, str]] = {}
+        self.bench: dict[str, dict[str, float | None]] = {}
+        self.rejected: Counter[str] = Counter()
+        self.bytes_received = 0
+
+    def note_status(self, device: str, info: Mapping[str, Any]) -> None:
+        """Remember what a device says about its energy measurement (once, in its retained status)."""
+        said = {k: str(info[k]) for k in STATUS_KEYS if isinstance(info.get(k), str)}
+        if said:
+            self._status[device] = said
+
+    def _reject(self, reason: str, detail: str) -> None:
+        _log.warning("device metrics rejected (%s): %s", reason, detail)
+        self.rejected[reason] += 1
+
+    def receive(self, device: str, payload: bytes, open_round: int) -> None:
+        """One message from ``device``'s metrics topic while ``open_round`` is open (or about to)."""
+        if not payload:
+            return  # a cleared retained bench result
+        self.bytes_received += len(payload)
+        try:
+            message = wire.decode(payload)
+        except WireError as exc:
+            self._reject("malformed", f"frame from {device}: {exc}")
+            return
+        if not isinstance(message, wire.DeviceMetrics):
+            self._reject("malformed", f"{type(message).__name__} on {device}'s metrics topic")
+            return
+        if message.device_id != device:
+            self._reject("spoofed", f"metrics on {device}'s topic name {message.device_id!r}")
+            return
+        if len(message.values) > MAX_VALUES or any(len(k) > MAX_KEY_CHARS for k in message.values):
+            self._reject("oversized", f"{device}: {len(message.values)} values (at most {MAX_VALUES}, "
+                                      f"keys up to {MAX_KEY_CHARS} characters)")
+            return
+        if message.round_id == BENCH_ROUND_ID:
+            self.bench[device] = _finite(message.values)
+            return
+        if message.round_id != open_round:
+            self._reject("late" if message.round_id < open_round else "wrong_round",
+                         f"{device}: metrics for round {message.round_id} while round {open_round} is open")
+            return
+        # a QoS 1 redelivery replaces the same figures: idempotent
+        self._values.setdefault(message.round_id, {})[device] = _finite(message.values)
+
+    def take(self, round_id: int, selected: frozenset[str] | set[str]) -> dict[str, Any]:
+        """The round's ``extra`` entries; forgets this round and counts from zero again."""
+        received = self._values.pop(round_id, {})
+        for stale in [r for r in self._values if r < round_id]:
+            del self._values[stale]
+        devices: dict[str, dict[str, Any]] = {}
+        for device, values in sorted(received.items()):
+            if device not in selected:  # not asked to work this round: its figures describe nothing here
+                self._reject("not_selected", f"{device}: metrics for round {round_id}, which did not select it")
+                continue
+            entry: dict[str, Any] = dict(values)
+            if values.get("energy_j") is not None and "energy_method" in self._status.get(device, {}):
+                entry["energy_method"] = self._status[device]["energy_method"]
+            devices[device] = entry
+        extra: dict[str, Any] = {"devices": devices, "metrics_bytes": self.bytes_received,
+                                 "metrics_rejected": dict(self.rejected)}
+        energies = [v["energy_j"] for v in devices.values() if v.get("energy_j") is not None]
+        if energies:
+            extra["device_energy_j"] = float(sum(energies))
+        self.rejected = Counter()
+        self.bytes_received = 0
+        return extra
+
+    def summary(self) -> dict[str, Any]:
+        """For ``summary.json``: each device's bench result and what it said about its energy sensor."""
+        return {"device_bench": dict(self.bench), "device_energy_sources": dict(self._status)}

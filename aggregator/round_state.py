@@ -1,0 +1,31 @@
+"""What one round accumulates while it runs, and what the service tells a progress display."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .results import RoundRecord
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the service reports to a progress display while a round runs."""
+
+    round_id: int
+    rounds: int
+    reported: int
+    chosen: int
+    record: RoundRecord | None = None  # set once the round closed
+
+
+@dataclass
+class RoundTally:
+    """Bytes, rejections and device-reported CPU seconds of the open round."""
+
+    bytes_up: int = 0
+    bytes_down: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    detail: list[str] = field(default_factory=list)
+    capped: int = 0
+    accepted_payload_bytes: int = 0
+    device_cpu_s: float = 0.0
