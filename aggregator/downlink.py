@@ -47,9 +47,14 @@ class Downlink:
             return self._last[1], params  # a retried round re-sends the same thing
         full = (self.shadow is None or self.resync_requested or version % self.resync_every == 0)
         if full:
+            # A version names one model: re-announcing one devices may already hold (a retried round after
+            # a resync request) sends that model, since devices keep a version they already have. Only
+            # a lossy delta makes it differ from ``params``; the next delta carries the difference.
+            same_version = self.shadow is not None and self.shadow_version == version
+            model = self.shadow if same_version else params.copy()
             dense = get_codec("dense")
-            payload = DownlinkPayload("params", "dense", dense.encode(params, None, {})[0], None)
-            self.shadow, self.shadow_version = params.copy(), version
+            payload = DownlinkPayload("params", "dense", dense.encode(model, None, {})[0], None)
+            self.shadow, self.shadow_version = model, version
             self.resync_requested = False
         else:
             assert self.shadow is not None

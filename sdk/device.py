@@ -134,6 +134,8 @@ class Device:
         self.state = DeviceState(config.state_dir)
         self.replica = ModelReplica(runtime.manifest.num_params)
         self._awaiting_resync = False
+        self._reset_codec_on_resync = False
+        self._pending_codec_state: tuple[str, dict | None] = ("dense", None)
         self._gradient_stream: tuple[int, Iterator[tuple[np.ndarray, np.ndarray]]] | None = None
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self._reassembler = wire.Reassembler()
@@ -216,11 +218,14 @@ class Device:
                 _log.info("model version %s cannot take the delta to %d; asking for a resync",
                           self.replica.version, a.model_version)
                 self._awaiting_resync = True
+                # A restarted device (no model yet) keeps its residuals; a drifted one starts them afresh.
+                self._reset_codec_on_resync = self.replica.version is not None
                 self.transport.publish(topics.status_topic(self.config.fleet, self.config.device_id),
                                        self._status(True, needs_resync=True), retain=True)
             return
-        if self._awaiting_resync:  # codec residuals belonged to a model this device no longer holds
-            self.state.reset_codec_state()
+        if self._awaiting_resync:
+            if self._reset_codec_on_resync:  # residuals belonged to a model this device no longer holds
+                self.state.reset_codec_state()
             self._awaiting_resync = False
         if self.config.device_id not in a.selected:
             return
@@ -237,12 +242,19 @@ class Device:
         gradient = a.hyperparams.get("task") == "gradient"
         if self.energy is not None and not (gradient and self._group.steps):  # a group's window is open
             self.energy.begin()
-        update = self.compute_gradient(a) if gradient else self.train_round(a)
+        try:
+            update = self.compute_gradient(a) if gradient else self.train_round(a)
+        except (ConfigError, WireError) as exc:  # e.g. a codec parameter this codec refuses: skip, stay up
+            _log.error("round %d: cannot produce an update: %s", a.round_id, exc)
+            return
         frame = wire.encode(update)
         parts = wire.split(frame, self.config.max_chunk_bytes, update.update_id) if self.config.max_chunk_bytes else [frame]
         update_topic = topics.update_topic(self.config.fleet, self.config.device_id)
         for i, part in enumerate(parts):  # durable first, then on the wire
             self.outbox.put(f"{update.update_id}#{i}", update_topic, part)
+        # The codec's new state only once the update it goes with is durable, and before the round counts
+        # as done: a crash in between re-trains the round from the old state, losing no residual.
+        self.state.save_codec_state(*self._pending_codec_state)
         self.state.mark_done(a.round_id, a.model_version)
         self._answered_deadline = a.deadline_unix_s
         self.rounds_trained += 1
@@ -291,7 +303,7 @@ class Device:
         params = codec_params_for(name, params, self.runtime)
         spec = format_codec_spec(name, params)
         payload, state = get_codec(name).encode(vector, self.state.codec_state(spec), params)
-        self.state.save_codec_state(spec, state)
+        self._pending_codec_state = (spec, state)  # saved once the update is in the outbox
         return spec, payload
 
     def _update(self, a: wire.Announcement, vector: np.ndarray, num_examples: int, metrics: dict,

@@ -61,6 +61,9 @@ class DeviceState:
 
     def save_codec_state(self, spec: str, state: dict[str, np.ndarray] | None) -> None:
         if not state:
+            # A stateless codec now: whatever is on disk belongs to an earlier spec and would come
+            # back stale if that spec returned later.
+            self.reset_codec_state()
             return
         from safetensors.numpy import save_file
 
