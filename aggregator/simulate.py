@@ -192,6 +192,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"simulate: private Mosquitto on {local.url}", flush=True)
     procs: list[subprocess.Popen] = []
     stop = threading.Event()
+    # SIGTERM/SIGINT end the run through the aggregator's stop (RunStopped), so the finally below still
+    # stops every device process and the private broker.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     unit = "steps" if args.strategy == LARGE_BATCH else "rounds"
     try:
         procs = _spawn_devices(args, args.broker, bundle, out)

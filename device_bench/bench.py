@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from sdk.cli_args import limit_threads
+from sdk.device_metrics import peak_rss_mb
 from sdk.errors import ConfigError
 
 from .sampler import EnergyMeter
@@ -94,8 +95,8 @@ def rss_bytes() -> int | None:
 
 
 def peak_rss_bytes() -> int:
-    """The process's lifetime peak RSS (ru_maxrss is KiB on Linux)."""
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    """The process's own lifetime peak RSS (see ``sdk.device_metrics.peak_rss_mb``)."""
+    return int(peak_rss_mb() * 2**20)
 
 
 def make_batches(config: BenchConfig, manifest: Any, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:

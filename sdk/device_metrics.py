@@ -81,8 +81,16 @@ def step_stats_ms(durations_s: Iterable[float]) -> dict[str, float]:
 
 
 def peak_rss_mb() -> float:
-    """The process's lifetime peak RSS in MiB. getrusage, not psutil: psutil reports only the current
-    RSS on Linux; ru_maxrss is KiB on Linux and bytes on macOS."""
+    """The process's own lifetime peak RSS in MiB: Linux's VmHWM. Not ru_maxrss, which a child process
+    inherits from its parent at fork (a device spawned by a 400 MB simulate would report 400 MB), and
+    not psutil, which reports only the current RSS on Linux. ru_maxrss elsewhere (bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 

@@ -70,3 +70,24 @@ def test_simulate_bad_number_is_an_argparse_error(capsys: pytest.CaptureFixture[
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1] == ("edgetrain simulate: error: argument --devices: "
                                                         "expected a positive integer, got 0")
+
+
+@pytest.mark.broker
+def test_simulate_sigterm_stops_its_devices_and_broker(fleet_assets: FleetAssets, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+
+    from tests.fleet import wait_for
+
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto not installed")
+    out = tmp_path / "run"
+    run = spawn_cli(["simulate", "--devices", "2", "--rounds", "50", "--limit-examples", "100", "--eval-examples",
+                     "100", "--data-dir", fleet_assets.data_dir, "--bundle", fleet_assets.bundle, "--out", out,
+                     "--round-timeout", "30", "--join-timeout", "60"], tmp_path / "simulate.log")
+    wait_for(lambda: (out / "metrics.jsonl").exists(), "a first round", timeout_s=60)
+    run.signal(signal.SIGTERM)
+    assert run.wait(30) == 1, run.log()[-2000:]  # stopped mid-run: RunStopped, exit 1
+    assert "stopped during round" in run.log()
+    left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+    assert left == [], f"processes of the run still alive: {left}"
