@@ -35,6 +35,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--devices", type=positive_int, default=10, help="number of device processes (default 10)")
     p.add_argument("--partition", default="iid", help="iid | dirichlet:ALPHA | shards[:K] (default iid)")
     p.add_argument("--model", default="cnn", choices=["cnn", "mlp"], help="model to export when no --bundle")
+    p.add_argument("--norm", default="none", choices=["none", "batch", "group"],
+                   help="the cnn's normalisation layers (default none; batch norm misbehaves under non-IID data)")
     p.add_argument("--bundle", type=Path, help="use this bundle instead of exporting one")
     p.add_argument("--runtime", default="torch", choices=["torch", "onnx", "executorch", "mixed"],
                    help="device runtime when exporting: one for all, or mixed (torch and onnx alternate)")
@@ -94,7 +96,8 @@ def _export_bundles(args: argparse.Namespace, out: Path) -> Path:
     bundle = out / "bundle"
     for runtime in {"torch", *(_device_runtime(args.runtime, i) for i in range(args.devices))}:
         if not (bundle / runtime / "manifest.json").is_file():
-            export_bundle(args.model, default_config(args.model), runtime=runtime, out_dir=bundle / runtime,
+            config = {**default_config(args.model), **({"norm": args.norm} if args.model == "cnn" else {})}
+            export_bundle(args.model, config, runtime=runtime, out_dir=bundle / runtime,
                           seed=args.seed, optimizer={"name": "sgd"},
                           batch_size=args.batch_size if runtime == "executorch" else None)
     return bundle
@@ -180,7 +183,9 @@ def run(args: argparse.Namespace) -> int:
         from sdk.runtime import select_bundle
 
         load_manifest(select_bundle(args.bundle))
-    args.labels = {"partition": args.partition, "devices": args.devices, "model": args.model,
+    if args.norm != "none" and args.model != "cnn":
+        raise ConfigError("--norm applies to the cnn only")
+    args.labels = {"partition": args.partition, "devices": args.devices, "model": args.model, "norm": args.norm,
                    "runtime": "bundle" if args.bundle else args.runtime, **({"label": args.label} if args.label else {})}
     out = args.out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
