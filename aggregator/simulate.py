@@ -1,7 +1,7 @@
 """``edgetrain simulate``: N device processes + the aggregator on one machine, through a real broker.
 
-By default a private Mosquitto on a free loopback port (stopped afterwards); ``--broker URL`` uses a
-running one. Devices are separate processes that live across rounds (paying interpreter and torch
+By default a private Mosquitto on a free loopback port (stopped afterwards), or, where Mosquitto is not
+installed, an embedded pure-Python amqtt broker (MQTT 3.1.1; it says so); ``--broker URL`` uses a running one. Devices are separate processes that live across rounds (paying interpreter and torch
 start-up once) with one intra-op thread each, so N devices share the cores without oversubscribing
 them; everything they exchange with the aggregator crosses the broker as wire frames.
 """
@@ -29,7 +29,8 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("simulate", help="N devices + aggregator on this machine over a real broker",
-                              description="Run a whole fleet on this machine: a private Mosquitto (or --broker), "
+                              description="Run a whole fleet on this machine: a private Mosquitto (amqtt where it is "
+                                          "missing, or --broker), "
                                           "N device processes and the aggregator.")
     add_broker_args(p, default=None)
     p.add_argument("--devices", type=positive_int, default=10, help="number of device processes (default 10)")
@@ -165,7 +166,7 @@ def _summary_table(records: list, wall_s: float, unit: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .local_broker import LocalMosquitto
+    from .local_broker import start_local_broker
 
     if args.config is not None:
         apply_config(args, args._parser, args.config)
@@ -192,9 +193,9 @@ def run(args: argparse.Namespace) -> int:
     bundle = args.bundle or _export_bundles(args, out)
     local = None
     if args.broker is None:
-        local = LocalMosquitto(out / "broker", persistence=False)
+        local, description = start_local_broker(out / "broker")
         args.broker = local.url
-        print(f"simulate: private Mosquitto on {local.url}", flush=True)
+        print(f"simulate: {description}", flush=True)
     procs: list[subprocess.Popen] = []
     stop = threading.Event()
     # SIGTERM/SIGINT end the run through the aggregator's stop (RunStopped), so the finally below still

@@ -1,5 +1,9 @@
 """The broker seam: MQTT 5 over paho-mqtt 2.x, the only edgetrain module that imports paho.
 
+MQTT 3.1.1 is an option (``BrokerConfig(protocol="3.1.1")``, or ``?protocol=3.1.1`` on a URL
+given to ``BrokerConfig.parse``) for brokers without MQTT 5, such as the embedded amqtt that
+``simulate`` falls back to; it has no session expiry and no properties (see ``Transport``).
+
 ``Transport`` keeps a persistent session (clean start only on the very first connection, a
 session expiry) so QoS 1 messages published while a device was away reach it when it returns,
 reconnects with exponential backoff, re-makes its subscriptions on every connection, and maps
@@ -20,7 +24,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -36,6 +40,7 @@ _PAHO_LEVELS = {mqtt.MQTT_LOG_ERR: logging.ERROR, mqtt.MQTT_LOG_WARNING: logging
                 mqtt.MQTT_LOG_NOTICE: logging.INFO, mqtt.MQTT_LOG_INFO: logging.INFO}
 _DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 _MQTT_MAX_PAYLOAD_BYTES = 268_435_455  # MQTT's remaining-length limit
+_PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
 
 Handler = Callable[[str, bytes], None]
 
@@ -43,7 +48,8 @@ Handler = Callable[[str, bytes], None]
 @dataclass(frozen=True)
 class BrokerConfig:
     """Where and how to reach the broker. ``url`` is ``mqtt://host[:port]`` or ``mqtts://…``
-    without credentials; ``BrokerConfig.parse`` moves ``user:pass@`` out of a URL."""
+    without credentials; ``BrokerConfig.parse`` moves ``user:pass@`` and ``?protocol=`` out of a
+    URL. ``protocol`` is the MQTT version spoken: "5" (default) or "3.1.1"."""
 
     url: str
     username: str | None = None
@@ -52,8 +58,11 @@ class BrokerConfig:
     cert_file: str | Path | None = None  # client certificate, for brokers that require one
     key_file: str | Path | None = None
     keepalive_s: int = 30
+    protocol: str = "5"
 
     def __post_init__(self) -> None:
+        if self.protocol not in _PROTOCOLS:
+            raise ConfigError(f"MQTT protocol {self.protocol!r} is not one of {sorted(_PROTOCOLS)}")
         scheme, _, _, user, password = _split_url(self.url)
         if user is not None or password is not None:
             raise ConfigError(f"broker URL carries credentials; use BrokerConfig.parse({self.url!r})")
@@ -66,9 +75,12 @@ class BrokerConfig:
 
     @classmethod
     def parse(cls, url: str, **kwargs: object) -> BrokerConfig:
-        """Build from a URL that may hold ``user:password@``; other fields come from ``kwargs``."""
+        """Build from a URL that may hold ``user:password@`` and ``?protocol=3.1.1`` (so a bare
+        ``--broker`` string can carry the version to device processes); other fields come from
+        ``kwargs``."""
+        url, protocol = _pop_protocol(url)
         scheme, host, port, user, password = _split_url(url)
-        for name, value in (("username", user), ("password", password)):
+        for name, value in (("username", user), ("password", password), ("protocol", protocol)):
             if value is not None and kwargs.get(name) is not None:
                 raise ConfigError(f"{name} given both in the broker URL and as an argument")
             if value is not None:
@@ -87,6 +99,18 @@ class BrokerConfig:
     @property
     def use_tls(self) -> bool:
         return self.url.startswith("mqtts://")
+
+
+def _pop_protocol(url: str) -> tuple[str, str | None]:
+    """``url`` without a ``?protocol=V`` query, and V (None without one); other queries stay for
+    ``_split_url`` to refuse."""
+    if not isinstance(url, str) or "?" not in url:
+        return url, None
+    base, _, query = url.partition("?")
+    fields = parse_qs(query, keep_blank_values=True)
+    if set(fields) != {"protocol"} or len(fields["protocol"]) != 1 or "#" in query:
+        return url, None
+    return base, fields["protocol"][0]
 
 
 def _split_url(url: str) -> tuple[str, str, int, str | None, str | None]:
@@ -116,6 +140,10 @@ class Transport:
     right after the CONNACK, and a message with no handler is dropped with a warning.
     ``clean_start=True`` discards the broker's stored session on the first connection only;
     reconnects always resume the session.
+
+    MQTT 3.1.1 has neither session expiry nor clean-start-on-the-first-connection-only, so there
+    ``clean_start=False`` is a persistent session (kept until the broker drops it, whatever
+    ``session_expiry_s``) and ``clean_start=True`` a clean session on every connection.
     """
 
     def __init__(self, config: BrokerConfig, client_id: str, *, clean_start: bool = False,
@@ -153,7 +181,9 @@ class Transport:
         self._hook_thread: threading.Thread | None = None
         self._after_first_connect: list[Callable[[], None]] = []
 
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+        self._mqtt5 = config.protocol == "5"
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=_PROTOCOLS[config.protocol],
+                             clean_session=None if self._mqtt5 else clean_start)
         client.reconnect_delay_set(reconnect_min_s, reconnect_max_s)  # type: ignore[arg-type]
         if config.username is not None:
             client.username_pw_set(config.username, config.password)
@@ -187,8 +217,11 @@ class Transport:
         props.SessionExpiryInterval = self._session_expiry_s
         clean = mqtt.MQTT_CLEAN_START_FIRST_ONLY if self._clean_start else False
         try:
-            self._client.connect(self.config.host, self.config.port, self.config.keepalive_s,
-                                 clean_start=clean, properties=props)
+            if self._mqtt5:
+                self._client.connect(self.config.host, self.config.port, self.config.keepalive_s,
+                                     clean_start=clean, properties=props)
+            else:  # MQTT 3.1.1: the clean_session flag given to paho's Client stands in for both
+                self._client.connect(self.config.host, self.config.port, self.config.keepalive_s)
         except ssl.SSLError as exc:
             raise BrokerUnavailable(f"TLS handshake with broker {url} failed: {exc}") from exc
         except (OSError, ValueError) as exc:  # refused, DNS, unreachable, socket timeout
@@ -196,7 +229,9 @@ class Transport:
         self._client.loop_start()
         if not self._connack.wait(timeout_s):
             self._stop_client()
-            raise BrokerUnavailable(f"broker {url} sent no CONNACK within {timeout_s} s")
+            hint = ("; a broker that speaks only MQTT 3.1.1 may stay silent (add ?protocol=3.1.1 to the URL)"
+                    if self._mqtt5 else "")
+            raise BrokerUnavailable(f"broker {url} sent no CONNACK within {timeout_s} s{hint}")
         if self._closed_before_connack is not None:  # e.g. TLS 1.3 refusing our certificate
             self._stop_client()
             raise BrokerUnavailable(f"broker {url} closed the connection before its CONNACK: "
