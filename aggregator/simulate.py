@@ -1,7 +1,8 @@
 """``edgetrain simulate``: N device processes + the aggregator on one machine, through a real broker.
 
 By default a private Mosquitto on a free loopback port (stopped afterwards), or, where Mosquitto is not
-installed, an embedded pure-Python amqtt broker (MQTT 3.1.1; it says so); ``--broker URL`` uses a running one. Devices are separate processes that live across rounds (paying interpreter and torch
+installed, an embedded pure-Python amqtt broker (MQTT 3.1.1; it says so); ``--broker URL`` uses a
+running one. Devices are separate processes that live across rounds (paying interpreter and torch
 start-up once) with one intra-op thread each, so N devices share the cores without oversubscribing
 them; everything they exchange with the aggregator crosses the broker as wire frames.
 """
