@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Installed first on sys.meta_path, so every `import torch` (direct or inside a dependency) fails
 # the way it does where torch is not installed.
-_HIDE_TORCH = textwrap.dedent("""
+HIDE_TORCH = textwrap.dedent("""
     import sys
 
     class _NoTorch:
@@ -49,7 +49,7 @@ TORCH_FREE_MODULES = (
 
 
 def _run_without_torch(body: str) -> subprocess.CompletedProcess[str]:
-    code = _HIDE_TORCH + textwrap.dedent(body)
+    code = HIDE_TORCH + textwrap.dedent(body)
     return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
 
 

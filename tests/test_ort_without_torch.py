@@ -21,20 +21,10 @@ pytest.importorskip("onnxscript", reason="onnxscript not installed (extra 'expor
 
 from export.bundle_writer import export_bundle  # noqa: E402
 from sdk.runtime import TrainConfig, load_runtime  # noqa: E402
+from tests.test_import_without_torch import HIDE_TORCH as _HIDE_TORCH  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
-_HIDE_TORCH = textwrap.dedent("""
-    import sys
-
-    class _NoTorch:
-        def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch."):
-                raise ModuleNotFoundError(f"No module named {name!r} (hidden by the test)", name=name)
-            return None
-
-    sys.meta_path.insert(0, _NoTorch())
-""")
 
 
 def _run_without_torch(body: str, *args: str) -> subprocess.CompletedProcess[str]:
