@@ -121,6 +121,7 @@ def markdown_table(reports: Sequence[RunReport], targets: Sequence[float] = DEFA
 
 def plot_runs(runs: Sequence[tuple[RunReport, list[RoundRecord]]], out_dir: Path) -> list[Path]:
     """Accuracy vs round/step, vs cumulative uplink MB (log axis) and vs wall time, all runs overlaid."""
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -128,10 +129,11 @@ def plot_runs(runs: Sequence[tuple[RunReport, list[RoundRecord]]], out_dir: Path
     for name, xlabel, log in (("accuracy_vs_round.png", "round / step", False),
                               ("accuracy_vs_uplink_mb.png", "cumulative uplink MB (log)", True),
                               ("accuracy_vs_wall_s.png", "wall time (s)", False)):
-        figure = Figure(figsize=(7, 4.5), dpi=100)
+        figure = Figure(figsize=(10, 5), dpi=100)
         FigureCanvasAgg(figure)
         axes = figure.add_subplot(1, 1, 1)
-        for report, records in runs:
+        colors = matplotlib.colormaps["tab20"]
+        for index, (report, records) in enumerate(runs):
             up = wall = 0.0
             xs, ys = [], []
             for r in records:
@@ -140,13 +142,15 @@ def plot_runs(runs: Sequence[tuple[RunReport, list[RoundRecord]]], out_dir: Path
                 if r.accuracy is not None and math.isfinite(r.accuracy):
                     xs.append({"accuracy_vs_round.png": r.round_id, "accuracy_vs_uplink_mb.png": up}.get(name, wall))
                     ys.append(r.accuracy)
-            axes.plot(xs, ys, marker="o", markersize=2, label=report.name)
+            # large batch dashed, so the two methods read apart even where colours are close
+            style = "--" if report.settings.get("strategy") == "large-batch" else "-"
+            axes.plot(xs, ys, style, marker="o", markersize=2, label=report.name, color=colors(index % 20))
         if log:
             axes.set_xscale("log")
         axes.set_xlabel(xlabel)
         axes.set_ylabel("test accuracy")
         axes.grid(True, alpha=0.3)
-        axes.legend(fontsize=7)
+        axes.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
         figure.tight_layout()
         path = out_dir / name
         figure.savefig(path)
