@@ -31,7 +31,7 @@ from .checkpoint import Checkpoint, load_latest, rng_from_state, rng_state, save
 from .results import MetricsLog, RoundRecord, plot_run, write_summary
 from .round_state import Progress, RoundTally
 from .strategy import Strategy
-from .validation import REJECT_DUPLICATE, REJECT_LATE, ValidationContext, validate_update
+from .validation import REJECT_DUPLICATE, REJECT_LATE, REJECT_WRONG_ROUND, ValidationContext, validate_update
 
 _log = logging.getLogger(__name__)
 
@@ -193,8 +193,10 @@ class Aggregator:
         if ctx is None:
             if message.round_id == self.next_round and message.model_version == self.model_version:
                 self._early.append((device, message, len(payload)))  # e.g. queued while we restarted
-            else:
-                self._reject(device, message, UpdateRejected("wrong_round", "no round is open"), None)
+            else:  # the same reason codes as validate_update: a past round is late, a future one wrong
+                reason = REJECT_LATE if message.round_id < self.next_round else REJECT_WRONG_ROUND
+                self._reject(device, message, UpdateRejected(reason, f"round {message.round_id}: no round is open"),
+                             None)
             return
         self._on_update(device, message, tally, ctx)
 
