@@ -25,6 +25,8 @@ def add_round_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--join-timeout", type=positive_float, default=180.0,
                    help="seconds to wait for M live devices before a round (default 180)")
     g.add_argument("--local-epochs", type=positive_int, default=1, help="E (default 1)")
+    g.add_argument("--local-steps", type=positive_int, default=None,
+                   help="exactly K local steps per round instead of E epochs (FL only)")
     g.add_argument("--batch-size", type=positive_int, default=32, help="B (default 32)")
     g.add_argument("--lr", type=positive_float, default=0.05, help="device learning rate (default 0.05)")
     g.add_argument("--momentum", type=float, default=0.9, help="device SGD momentum (default 0.9)")
@@ -86,6 +88,10 @@ def make_strategy_from_args(args: argparse.Namespace, shapes: list[tuple[int, ..
     from .strategy import make_strategy
 
     if args.strategy == LARGE_BATCH:
+        if getattr(args, "local_steps", None) is not None:
+            from sdk.errors import ConfigError
+
+            raise ConfigError("--local-steps is for FL strategies; a large-batch device takes one step per round")
         from .large_batch import LargeBatch
         from .server_optim import LargeBatchHyper
 
@@ -96,7 +102,8 @@ def make_strategy_from_args(args: argparse.Namespace, shapes: list[tuple[int, ..
         return LargeBatch(shapes or [(1,)], fraction=args.fraction, min_devices=args.min_devices,
                           batch_size=args.batch_size, backup_devices=args.backup_devices, hyper=hyper)
     kwargs: dict[str, Any] = dict(fraction=args.fraction, min_devices=args.min_devices, local_epochs=args.local_epochs,
-                                  batch_size=args.batch_size, lr=args.lr, momentum=args.momentum)
+                                  batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+                                  local_steps=args.local_steps)
     if args.strategy == "fedprox":
         kwargs["mu"] = args.prox_mu
     if args.server_lr is not None:

@@ -98,6 +98,9 @@ class ClientConfig:
     batch_size: int = 32  # B
     lr: float = 0.05
     momentum: float = 0.0
+    # Exactly this many local steps per round instead of E epochs (None: E epochs). Fewer steps
+    # and more rounds is how FL trades uplink bytes for staleness (McMahan et al.'s u = E·n/B).
+    local_steps: int | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fraction <= 1.0:
@@ -110,6 +113,9 @@ class ClientConfig:
             raise ConfigError(f"lr must be finite and > 0, got {self.lr}")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        steps = self.local_steps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ConfigError(f"local_steps must be an integer >= 1 or None, got {steps!r}")
 
 
 def _flat_float32(params: np.ndarray, what: str) -> np.ndarray:
@@ -130,9 +136,9 @@ class FedAvg(Strategy):
     server_optimizer: ClassVar[str] = "fedavg"
 
     def __init__(self, fraction: float = 0.1, min_devices: int = 2, local_epochs: int = 1,
-                 batch_size: int = 32, lr: float = 0.05, momentum: float = 0.0,
+                 batch_size: int = 32, lr: float = 0.05, momentum: float = 0.0, local_steps: int | None = None,
                  *, server_hyper: ServerHyper | None = None) -> None:
-        self.client = ClientConfig(fraction, min_devices, local_epochs, batch_size, lr, momentum)
+        self.client = ClientConfig(fraction, min_devices, local_epochs, batch_size, lr, momentum, local_steps)
         self.min_devices = self.client.min_devices
         self.server_hyper = server_hyper if server_hyper is not None else ServerHyper()
         self._server_state: ServerState | None = None  # built on the first begin_round (size known then)
@@ -167,8 +173,11 @@ class FedAvg(Strategy):
         return RoundPlan(round_id=round_id, selected=selected, hyperparams=self._device_hyperparams())
 
     def _device_hyperparams(self) -> dict[str, Any]:
-        return {"local_epochs": self.client.local_epochs, "batch_size": self.client.batch_size,
-                "lr": self.client.lr, "momentum": self.client.momentum}
+        hyper = {"local_epochs": self.client.local_epochs, "batch_size": self.client.batch_size,
+                 "lr": self.client.lr, "momentum": self.client.momentum}
+        if self.client.local_steps is not None:
+            hyper["local_steps"] = self.client.local_steps
+        return hyper
 
     # -- accumulation ------------------------------------------------------------------------
     def begin_round(self, params: np.ndarray) -> None:

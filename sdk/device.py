@@ -80,20 +80,36 @@ class LocalData:
                    partition_digest([idx]))
 
 
+def _positive_int(hyper: dict, key: str, default: int | None) -> int | None:
+    """A round setting that must be an integer >= 1; ConfigError names it (the device skips the round)."""
+    value = hyper.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"round setting {key} must be an integer >= 1, got {value!r}")
+    return value
+
+
 def round_batches(data: LocalData, hyper: dict, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """E local epochs of shuffled mini-batches, or exactly ``local_steps`` batches when given."""
-    batch_size = int(hyper.get("batch_size", 32))
-    steps = hyper.get("local_steps")
+    batch_size = _positive_int(hyper, "batch_size", 32)
+    steps = _positive_int(hyper, "local_steps", None)
+    epochs = _positive_int(hyper, "local_epochs", 1)
+    return _round_batches(data, batch_size, steps, epochs, rng)
+
+
+def _round_batches(data: LocalData, batch_size: int, steps: int | None, epochs: int,
+                   rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     if steps is not None:
         done = 0
-        while done < int(steps):
+        while done < steps:
             for idx in batch_indices(len(data.y), batch_size, rng):
                 yield data.x[idx], data.y[idx]
                 done += 1
-                if done == int(steps):
+                if done == steps:
                     return
         return
-    for _ in range(int(hyper.get("local_epochs", 1))):
+    for _ in range(epochs):
         for idx in batch_indices(len(data.y), batch_size, rng):
             yield data.x[idx], data.y[idx]
 
