@@ -48,6 +48,7 @@ def test_simulate_ci_size_runs_end_to_end(fleet_assets: FleetAssets, tmp_path: P
     (["--devices", "3", "--min-devices", "4"], "--min-devices 4 is more than --devices 3"),
     (["--fleet", "a/b"], "fleet name 'a/b' contains a slash"),
     (["--strategy", "fedavg", "--server-lr", "0.1"], "server_lr"),
+    (["--strategy", "large-batch", "--local-steps", "5"], "--local-steps is for FL strategies"),
 ])
 def test_simulate_bad_input_exits_2_before_starting_anything(flags: list[str], message: str, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch,

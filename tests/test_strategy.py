@@ -81,6 +81,8 @@ def test_hyperparams_carry_client_settings_and_prox_mu() -> None:
     prox = FedProx(mu=0.05, lr=0.02).configure_round(0, DEVICES, np.random.default_rng(0))
     assert prox.hyperparams["prox_mu"] == 0.05 and prox.hyperparams["lr"] == 0.02
     assert "prox_mu" not in plan.hyperparams
+    short = FedAvg(local_steps=19).configure_round(0, DEVICES, np.random.default_rng(0))
+    assert short.hyperparams["local_steps"] == 19
 
 
 def test_fedavg_is_example_weighted_mean_of_deltas() -> None:
@@ -225,7 +227,8 @@ def test_make_strategy_registry() -> None:
 
 
 @pytest.mark.parametrize("bad", [dict(fraction=0.0), dict(fraction=1.5), dict(min_devices=0),
-                                 dict(local_epochs=0), dict(batch_size=2.5), dict(lr=0.0), dict(momentum=1.0)])
+                                 dict(local_epochs=0), dict(batch_size=2.5), dict(lr=0.0), dict(momentum=1.0),
+                                 dict(local_steps=0), dict(local_steps=2.0), dict(local_steps=True)])
 def test_client_settings_are_validated(bad: dict) -> None:
     with pytest.raises(ConfigError):
         FedAvg(**bad)
