@@ -9,11 +9,12 @@ a lossy codec keeps the server's exact parameters and carries the difference int
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from sdk.codecs import get_codec, parse_codec_spec
+from sdk.codecs import check_codec_spec, format_codec_spec, get_codec, with_layout
 from sdk.errors import ConfigError
 
 
@@ -26,12 +27,17 @@ class DownlinkPayload:
 
 
 class Downlink:
-    def __init__(self, resync_every: int = 1, codec: str = "dense") -> None:
+    def __init__(self, resync_every: int = 1, codec: str = "dense",
+                 shapes: Sequence[tuple[int, ...]] | None = None) -> None:
+        """``shapes``: the model's parameter shapes (manifest order), for codecs that need them (low_rank)."""
         if resync_every < 1:
             raise ConfigError(f"resync_every must be >= 1, got {resync_every}")
         self.resync_every = resync_every
-        self.codec = codec
-        self._name, self._params = parse_codec_spec(codec)
+        name, params = check_codec_spec(codec)
+        if shapes is not None:
+            params = with_layout(name, params, shapes)
+        self._name, self._params = name, params
+        self.codec = format_codec_spec(name, params)  # what the announcements say, shapes included
         self._codec = get_codec(self._name)
         self.shadow: np.ndarray | None = None  # the model the devices hold
         self.shadow_version: int | None = None

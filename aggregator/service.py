@@ -20,8 +20,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from sdk import topics, wire
-from sdk.codecs import get_codec, parse_codec_spec
-from sdk.errors import ConfigError, EdgetrainError, UpdateRejected, WireError
+from sdk.codecs import check_codec_spec
+from sdk.errors import ConfigError, EdgetrainError, UnknownCodec, UpdateRejected, WireError
 from sdk.runtime import Runtime
 from sdk.transport import Transport
 
@@ -31,7 +31,8 @@ from .checkpoint import Checkpoint, load_latest, rng_from_state, rng_state, save
 from .results import MetricsLog, RoundRecord, plot_run, write_summary
 from .round_state import Progress, RoundTally
 from .strategy import Strategy
-from .validation import REJECT_DUPLICATE, REJECT_LATE, REJECT_WRONG_ROUND, ValidationContext, validate_update
+from .validation import (REJECT_DUPLICATE, REJECT_LATE, REJECT_UNKNOWN_CODEC, REJECT_WRONG_ROUND, ValidationContext,
+                         validate_update)
 
 _log = logging.getLogger(__name__)
 
@@ -73,9 +74,9 @@ class AggregatorConfig:
             if every < 1:
                 raise ConfigError(f"{what} must be >= 1, got {every}")
         for what, spec in (("uplink", self.uplink_codec), ("downlink", self.downlink_codec)):
-            try:  # unknown codec: fail before any round, as bad configuration
-                get_codec(parse_codec_spec(spec)[0])
-            except WireError as exc:
+            try:  # unknown codec or a bad parameter: fail before any round, as bad configuration
+                check_codec_spec(spec)
+            except ConfigError as exc:
                 raise ConfigError(f"{what} codec {spec!r}: {exc}") from None
 
 
@@ -100,7 +101,8 @@ class Aggregator:
         self._reassemblers: dict[str, wire.Reassembler] = {}
         self._early: list[tuple[str, wire.Update, int]] = []  # updates for the round about to open
         self._stop = threading.Event()
-        self.downlink = Downlink(config.resync_every, config.downlink_codec)
+        self.downlink = Downlink(config.resync_every, config.downlink_codec,
+                                 [p.shape for p in runtime.manifest.params])
         self._settled = False
         self.device_metrics = DeviceMetricsCollector()
         if config.resume:
@@ -182,6 +184,9 @@ class Aggregator:
             tally.bytes_up += len(payload)
         try:
             message = self._reassemblers.setdefault(device, wire.Reassembler()).feed(payload)
+        except UnknownCodec as exc:  # a whole frame this server cannot decode: the reason validation uses
+            self._count_rejection(tally, REJECT_UNKNOWN_CODEC, f"frame on {topic}: {exc}")
+            return
         except WireError as exc:
             self._count_rejection(tally, "malformed", f"frame on {topic}: {exc}")
             return

@@ -26,7 +26,7 @@ from typing import Iterator, Mapping
 import numpy as np
 
 from . import topics, wire
-from .codecs import format_codec_spec, get_codec, parse_codec_spec
+from .codecs import format_codec_spec, get_codec, parse_codec_spec, with_layout
 from .data import PartitionSpec, batch_indices, device_indices, load_split, partition_digest, to_model_input
 from .errors import ConfigError, TransportError, WireError
 from .device_metrics import (BENCH_ROUND_ID, EnergyProbe, GradientGroup, StepTimer, energy_values, memory_values,
@@ -122,13 +122,6 @@ def gradient_batches(data: LocalData, batch_size: int, seed: tuple[int, ...]) ->
         for idx in batch_indices(len(data.y), batch_size, np.random.default_rng([*seed, epoch])):
             yield data.x[idx], data.y[idx]
         epoch += 1
-
-
-def codec_params_for(name: str, params: dict, runtime: Runtime) -> dict:
-    """Fill in what a codec needs from the bundle (low_rank: the layer shapes, in manifest order)."""
-    if name == "low_rank" and "shapes" not in params:
-        return {**params, "shapes": ";".join("x".join(map(str, p.shape)) or "1" for p in runtime.manifest.params)}
-    return params
 
 
 class Device:
@@ -316,7 +309,7 @@ class Device:
     def _encode(self, vector: np.ndarray, hyper: dict) -> tuple[str, bytes]:
         """Compress with the round's codec, carrying its state (residuals…) across rounds on disk."""
         name, params = parse_codec_spec(str(hyper.get("codec", "dense")))
-        params = codec_params_for(name, params, self.runtime)
+        params = with_layout(name, params, [p.shape for p in self.runtime.manifest.params])
         spec = format_codec_spec(name, params)
         payload, state = get_codec(name).encode(vector, self.state.codec_state(spec), params)
         self._pending_codec_state = (spec, state)  # saved once the update is in the outbox

@@ -32,6 +32,10 @@ class WireError(EdgetrainError):
     bad length, unknown codec, checksum mismatch, missing chunk."""
 
 
+class UnknownCodec(WireError):
+    """A codec spec names no registered codec, or cannot be parsed: the bytes cannot be decoded here."""
+
+
 class TransportError(EdgetrainError):
     """Talking to the broker failed."""
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import sdk.codecs as codecs
-from sdk.codecs import codec_names, format_codec_spec, get_codec, parse_codec_spec, register
+from sdk.codecs import (check_codec_spec, codec_names, format_codec_spec, get_codec, parse_codec_spec, register,
+                        with_layout)
 from sdk.errors import ConfigError, WireError
 
 
@@ -152,3 +153,33 @@ def test_format_codec_spec_refuses_unwritable_values() -> None:
         format_codec_spec("topk", {"mode": "a,b"})
     with pytest.raises(ConfigError):
         format_codec_spec("bad:name")
+
+
+# -- specs checked before any data is encoded ------------------------------------------------------
+@pytest.mark.parametrize(("spec", "message"), [
+    ("dgc:sparsity=2", "sparsity=2.0 must be in \\(0, 1\\)"),
+    ("dgc:sparsty=0.9", "unknown parameter\\(s\\) sparsty"),
+    ("q8:bits=x", "bits"),
+    ("dense:level=3", "unknown parameter\\(s\\) level"),
+    ("zstd", "unknown codec 'zstd'"),
+    ("dgc:", "must be followed by k=v"),
+])
+def test_check_codec_spec_refuses_a_bad_spec_with_config_error(spec: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        check_codec_spec(spec)
+
+
+def test_check_codec_spec_accepts_good_specs_and_low_rank_without_shapes() -> None:
+    assert check_codec_spec("dgc:sparsity=0.99,momentum=0") == ("dgc", {"sparsity": 0.99, "momentum": 0})
+    assert check_codec_spec("low_rank:rank=4") == ("low_rank", {"rank": 4})  # shapes come from the model
+
+
+def test_with_layout_gives_low_rank_the_model_shapes_and_leaves_others_alone() -> None:
+    shapes = [(8, 1, 3, 3), (8,), (10, 72), ()]
+    filled = with_layout("low_rank", {"rank": 2}, shapes)
+    assert filled == {"rank": 2, "shapes": "8x1x3x3;8;10x72;1"}
+    assert with_layout("low_rank", {"shapes": "4x4"}, shapes) == {"shapes": "4x4"}  # the spec's own wins
+    assert with_layout("dgc", {"sparsity": 0.9}, shapes) == {"sparsity": 0.9}
+    vector = np.random.default_rng(0).normal(size=8 * 9 + 8 + 720 + 1).astype(np.float32)
+    payload, _ = get_codec("low_rank").encode(vector, None, filled)
+    assert get_codec("low_rank").decode(payload, vector.size, filled).shape == vector.shape

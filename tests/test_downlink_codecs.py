@@ -176,3 +176,25 @@ def test_a_resync_on_a_retried_round_keeps_lossy_replicas_equal_to_the_shadow(sp
     payload, params = downlink.announce(params, 2)
     for replica in (early, joiner):
         assert replica.apply(_announcement(2, payload)) and np.array_equal(replica.params, downlink.shadow)
+
+
+def test_low_rank_downlink_gets_the_model_shapes_and_replicas_follow_the_shadow() -> None:
+    """``--downlink-codec low_rank`` once failed at the first delta: the codec needs the layer shapes,
+    which the aggregator now hands the downlink from the manifest."""
+    from aggregator.downlink import Downlink
+    from sdk.model_sync import ModelReplica
+
+    shapes = [(40, 30), (40,), (10, 40)]
+    size = 40 * 30 + 40 + 10 * 40
+    rng = np.random.default_rng(3)
+    downlink = Downlink(resync_every=100, codec="low_rank:rank=4", shapes=shapes)
+    assert downlink.codec == "low_rank:rank=4,shapes=40x30;40;10x40"
+    replica = ModelReplica(size)
+    params = rng.normal(size=size).astype(np.float32)
+    payload, params = downlink.announce(params, 0)
+    assert replica.apply(_announcement(0, payload))
+    for version in (1, 2):
+        params = params - np.float32(0.01) * rng.normal(size=size).astype(np.float32)
+        payload, params = downlink.announce(params, version)
+        assert payload.payload_kind == "delta" and payload.codec == downlink.codec
+        assert replica.apply(_announcement(version, payload)) and np.array_equal(replica.params, downlink.shadow)

@@ -138,7 +138,8 @@ def test_bad_updates_are_rejected_and_counted(broker: MosquittoBroker, fleet_ass
     (record,) = run.join()
 
     expected = {reason: len(updates) for reason, updates in expected_acks.items()}
-    expected.update(malformed=3, spoofed_sender=1, duplicate=1)  # an unregistered codec fails wire decoding
+    # An unregistered codec fails wire decoding (no ack: the frame was not decoded) but keeps its own reason.
+    expected.update(malformed=2, unknown_codec=1, spoofed_sender=1, duplicate=1)
     assert dict(record.devices_rejected) == expected
     assert len(record.rejected_detail) == sum(expected.values())
     assert (record.devices_chosen, record.devices_reported, record.total_examples) == (2, 2, 120)

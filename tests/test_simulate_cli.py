@@ -45,6 +45,8 @@ def test_simulate_ci_size_runs_end_to_end(fleet_assets: FleetAssets, tmp_path: P
     (["--strategy", "nope"], "unknown strategy 'nope'"),
     (["--codec", "nope"], "unknown codec 'nope'"),
     (["--codec", "dense:k"], "expected key=value"),
+    (["--codec", "dgc:sparsity=1.5"], "sparsity=1.5 must be in (0, 1)"),
+    (["--downlink-codec", "q8:bits=64"], "downlink codec 'q8:bits=64'"),
     (["--devices", "3", "--min-devices", "4"], "--min-devices 4 is more than --devices 3"),
     (["--fleet", "a/b"], "fleet name 'a/b' contains a slash"),
     (["--strategy", "fedavg", "--server-lr", "0.1"], "server_lr"),

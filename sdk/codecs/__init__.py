@@ -9,14 +9,15 @@ can be saved with safetensors, never with pickle.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 
-from ..errors import ConfigError, WireError
+from ..errors import ConfigError, UnknownCodec
 from .dense import DenseCodec
 from .dgc import DgcCodec
-from .lowrank import LowRankCodec
+from .lowrank import LowRankCodec, format_shapes
 from .quant import Fp16Codec, Q8Codec
 from .sketch import RandomMaskCodec, SketchCodec
 from .stc import StcCodec
@@ -64,10 +65,11 @@ def register(codec: Codec) -> None:
 
 
 def get_codec(name: str) -> Codec:
-    """The registered codec called ``name``; an unknown name raises WireError listing the known ones."""
+    """The registered codec called ``name``; an unknown name raises UnknownCodec (a WireError)
+    listing the known ones."""
     codec = _REGISTRY.get(name) if isinstance(name, str) else None
     if codec is None:
-        raise WireError(f"unknown codec {name!r} (known: {', '.join(codec_names()) or 'none'})")
+        raise UnknownCodec(f"unknown codec {name!r} (known: {', '.join(codec_names()) or 'none'})")
     return codec
 
 
@@ -140,6 +142,30 @@ def format_codec_spec(name: str, params: Mapping[str, ParamValue] | None = None)
     return f"{name}:{','.join(items)}"
 
 
+def check_codec_spec(spec: str) -> tuple[str, dict[str, ParamValue]]:
+    """``spec`` parsed, its codec registered and its parameters valid for that codec, or ConfigError
+    naming what is wrong, so an aggregator refuses a bad ``--codec`` before its first round rather
+    than having every device skip every round. Codecs without ``check_params`` accept any parameters."""
+    name, params = parse_codec_spec(spec)
+    try:
+        codec = get_codec(name)
+    except UnknownCodec as exc:
+        raise ConfigError(str(exc)) from None
+    check = getattr(codec, "check_params", None)
+    if check is not None:
+        check(params)
+    return name, params
+
+
+def with_layout(name: str, params: Mapping[str, ParamValue], shapes: Sequence[tuple[int, ...]]
+                ) -> dict[str, ParamValue]:
+    """``params`` plus what the codec needs from the model's parameter shapes (manifest order):
+    ``shapes=`` for codecs that declare ``needs_shapes`` (low_rank), unless the spec gave it."""
+    if getattr(get_codec(name), "needs_shapes", False) and "shapes" not in params:
+        return {**params, "shapes": format_shapes(shapes)}
+    return dict(params)
+
+
 # Built-in codecs, available as soon as the package is imported.
 register(DenseCodec())
 for _codec in (Fp16Codec(), Q8Codec(), DgcCodec(), SketchCodec(), RandomMaskCodec(), LowRankCodec(), StcCodec()):
@@ -156,9 +182,11 @@ __all__ = [
     "RandomMaskCodec",
     "SketchCodec",
     "StcCodec",
+    "check_codec_spec",
     "codec_names",
     "format_codec_spec",
     "get_codec",
     "parse_codec_spec",
     "register",
+    "with_layout",
 ]

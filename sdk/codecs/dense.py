@@ -7,12 +7,13 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..errors import WireError
+from .params import KnobParams
 
 # Explicit little-endian so big-endian peers read the same numbers.
 _WIRE_DTYPE = np.dtype("<f4")
 
 
-class DenseCodec:
+class DenseCodec(KnobParams):
     """Raw float32 little-endian; stateless (any state passed in is handed back unchanged)."""
 
     name = "dense"

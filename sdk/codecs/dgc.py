@@ -25,6 +25,7 @@ from ..errors import WireError
 from .bitio import decode_positions, encode_positions
 from .entropy import PayloadBits, empirical_entropy_bits, index_set_bound_bits
 from .params import (
+    KnobParams,
     Knob,
     check_size,
     check_vector,
@@ -81,7 +82,7 @@ def sparse_vector(size: int, positions: np.ndarray, values: np.ndarray) -> np.nd
     return out
 
 
-class DgcCodec:
+class DgcCodec(KnobParams):
     """Deep Gradient Compression; params ``sparsity`` (0.999), ``momentum`` (0.9), ``clip_norm``
     (0 = off), ``warmup_steps`` (0), ``sample_ratio`` (0.01), ``values`` (fp16|fp32), ``seed``."""
 

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 
 from ..errors import ConfigError, WireError
 from .entropy import PayloadBits, empirical_entropy_bits
-from .params import Knob, check_size, check_vector, non_negative, read_params
+from .params import KnobParams, Knob, check_size, check_vector, non_negative, read_params
 from .quant import decode_values, encode_values
 from .sketch import fresh_seed
 
@@ -44,6 +44,11 @@ def parse_shapes(text: str) -> list[tuple[int, ...]]:
     return shapes
 
 
+def format_shapes(shapes: Sequence[tuple[int, ...]]) -> str:
+    """The ``shapes=`` text for ``shapes`` (a scalar counts as one value); ``parse_shapes`` reads it back."""
+    return ";".join("x".join(map(str, shape)) or "1" for shape in shapes)
+
+
 def _matrix_sides(shape: tuple[int, ...]) -> tuple[int, int]:
     """(long side, short side) of the tensor viewed as a matrix (d0, rest)."""
     rows, cols = shape[0], math.prod(shape[1:])
@@ -61,7 +66,7 @@ def _as_tall(flat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return matrix if matrix.shape[0] >= matrix.shape[1] else matrix.T
 
 
-class LowRankCodec:
+class LowRankCodec(KnobParams):
     """Seeded-A low-rank sketch per weight matrix; params ``rank`` (8), ``shapes`` (required), ``seed``."""
 
     name = "low_rank"
@@ -94,6 +99,12 @@ class LowRankCodec:
                 flat = (_projection(seed, index, long_side, rank).T @ _as_tall(flat, shape)).reshape(-1)
             parts.append(encode_values(flat, True)[0])
         return b"".join(parts), state
+
+    # Encoding needs the model's layer shapes; ``sdk.codecs.with_layout`` fills them in on either end.
+    needs_shapes: ClassVar[bool] = True
+
+    def check_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        return self._read(params)
 
     def _read(self, params: Mapping[str, Any]) -> dict[str, Any]:
         shapes = params.get("shapes") if isinstance(params, Mapping) else None

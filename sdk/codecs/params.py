@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -42,6 +42,17 @@ def read_params(codec: str, params: Mapping[str, Any], knobs: Mapping[str, Knob]
             raise ConfigError(f"{codec} codec: {key}={value!r} must be {knob.meaning}")
         out[key] = value
     return out
+
+
+class KnobParams:
+    """Mixin for a codec whose parameters are its ``_knobs``: ``check_params`` reads a spec's
+    parameters against them, so either end can refuse a bad spec before any data is encoded."""
+
+    name: str
+    _knobs: ClassVar[dict[str, Knob]] = {}
+
+    def check_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        return read_params(self.name, params, self._knobs)
 
 
 def check_vector(codec: str, vector: Any, finite: bool = True) -> np.ndarray:

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import WireError
 from .entropy import PayloadBits, empirical_entropy_bits
-from .params import Knob, check_size, check_vector, non_negative, read_params
+from .params import KnobParams, Knob, check_size, check_vector, non_negative, read_params
 
 _F16 = np.dtype("<f2")
 _F32 = np.dtype("<f4")
@@ -93,7 +93,7 @@ def to_blocks(vector: np.ndarray, block: int) -> np.ndarray:
     return padded.reshape(rows, block)
 
 
-class Fp16Codec:
+class Fp16Codec(KnobParams):
     """IEEE fp16, little-endian; stateless. Finite values beyond ±65504 are refused (they would
     become Inf silently)."""
 
@@ -130,7 +130,7 @@ _Q8_HEADER = struct.Struct("<BI")  # tag, block length
 _Q8_TAG = 0x51  # 'Q'
 
 
-class Q8Codec:
+class Q8Codec(KnobParams):
     """8-bit uniform quantisation per block of ``block`` values (0 = one block for the whole vector),
     ``stochastic`` rounding (default true: unbiased), optional ``seed`` for reproducible noise."""
 

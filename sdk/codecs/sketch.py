@@ -22,7 +22,7 @@ from ..errors import WireError
 from .bitio import pack_uint, packed_size, unpack_uint
 from .entropy import PayloadBits, empirical_entropy_bits
 from .hadamard import next_power_of_two, random_signs, rotate, unrotate
-from .params import Knob, check_size, check_vector, non_negative, read_params
+from .params import KnobParams, Knob, check_size, check_vector, non_negative, read_params
 from .quant import check_ranges, decode_values, dequantize_blocks, encode_values, quantize_blocks
 
 _MASK_STREAM, _SIGN_STREAM, _ROUNDING_STREAM = 1, 2, 3
@@ -60,7 +60,7 @@ def _power_of_two(value: int) -> bool:
     return value >= 1 and value & (value - 1) == 0
 
 
-class SketchCodec:
+class SketchCodec(KnobParams):
     """Subsample (seeded mask) + randomized Hadamard rotation + stochastic ``bits``-bit quantisation."""
 
     name = "sketch"
@@ -161,7 +161,7 @@ _MASK_HEADER = struct.Struct("<BdQ")  # tag, keep, seed
 _MASK_TAG = 0x4D  # 'M'
 
 
-class RandomMaskCodec:
+class RandomMaskCodec(KnobParams):
     """Konečný et al.'s random mask: a seeded Bernoulli(``keep``) subset, values only (fp16 by
     default, ``values=fp32`` for full precision), rescaled by ``1/keep`` so the decode is unbiased."""
 

@@ -22,7 +22,7 @@ from ..errors import WireError
 from .bitio import decode_positions, encode_positions, pack_uint, packed_size, unpack_uint
 from .dgc import sparse_vector
 from .entropy import PayloadBits, empirical_entropy_bits, index_set_bound_bits
-from .params import Knob, check_size, check_vector, in_open_unit, kept_count, read_params, state_array
+from .params import KnobParams, Knob, check_size, check_vector, in_open_unit, kept_count, read_params, state_array
 
 _STC_TAG = 0x54  # 'T'
 _MU = struct.Struct("<f")
@@ -36,7 +36,7 @@ def top_k_positions(magnitude: np.ndarray, k: int) -> np.ndarray:
     return np.sort(np.argpartition(magnitude, n - k)[n - k :]).astype(np.int64)
 
 
-class StcCodec:
+class StcCodec(KnobParams):
     """Sparse ternary compression with error feedback; param ``sparsity`` (default 0.99)."""
 
     name = "stc"

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ..codecs import get_codec, parse_codec_spec
-from ..errors import ConfigError, WireError
+from ..errors import ConfigError, UnknownCodec, WireError
 from .messages import Ack, Announcement, DeviceMetrics, Message, Status, Update, from_header, header_fields
 
 MAGIC = b"ET"
@@ -136,11 +136,11 @@ def _check_codec(message: Message) -> None:
     try:
         name, _ = parse_codec_spec(spec)
     except ConfigError as exc:
-        raise WireError(f"unknown codec: bad codec spec in {type(message).__name__}.codec ({exc})") from None
+        raise UnknownCodec(f"unknown codec: bad codec spec in {type(message).__name__}.codec ({exc})") from None
     try:
         get_codec(name)
-    except WireError as exc:
-        raise WireError(f"{type(message).__name__}.codec: {exc}") from None
+    except UnknownCodec as exc:
+        raise UnknownCodec(f"{type(message).__name__}.codec: {exc}") from None
 
 
 def encode(message: Message) -> bytes:
