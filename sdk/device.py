@@ -80,6 +80,10 @@ class LocalData:
                    partition_digest([idx]))
 
 
+class RoundInterrupted(Exception):
+    """Training stopped between two steps because the device is shutting down (never leaves ``Device``)."""
+
+
 def _positive_int(hyper: dict, key: str, default: int | None) -> int | None:
     """A round setting that must be an integer >= 1; ConfigError names it (the device skips the round)."""
     value = hyper.get(key, default)
@@ -147,6 +151,7 @@ class Device:
         self._pending_codec_state: tuple[str, dict | None] = ("dense", None)
         self._gradient_stream: tuple[int, Iterator[tuple[np.ndarray, np.ndarray]]] | None = None
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self._stop = threading.Event()
         self._reassembler = wire.Reassembler()
         self.rounds_trained = 0
         self._answered_deadline = float("-inf")  # deadline of the last announcement answered or re-sent for
@@ -168,6 +173,7 @@ class Device:
         return wire.encode(wire.Status(device_id=self.config.device_id, online=online, info=info))
 
     def run(self, stop: threading.Event) -> None:
+        self._stop = stop  # also checked between training steps: a long round must not delay a shutdown
         fleet, me = self.config.fleet, self.config.device_id
         enqueue = lambda topic, payload: self._inbox.put((topic, payload))  # noqa: E731 (network thread)
         self.transport.subscribe(topics.announce_topic(fleet), enqueue)
@@ -253,8 +259,17 @@ class Device:
             self.energy.begin()
         try:
             update = self.compute_gradient(a) if gradient else self.train_round(a)
+        except RoundInterrupted:
+            # Nothing was sent and the round is not marked done: a restarted device trains it again if
+            # it is still open. The codec state is untouched (encoding comes after training).
+            _log.info("round %d: stopped mid-training; not answered", a.round_id)
+            if self.energy is not None:
+                self.energy.end()
+            return
         except (ConfigError, WireError) as exc:  # e.g. a codec parameter this codec refuses: skip, stay up
             _log.error("round %d: cannot produce an update: %s", a.round_id, exc)
+            if self.energy is not None and not gradient:
+                self.energy.end()  # close the round's window; it measured no update
             return
         frame = wire.encode(update)
         parts = wire.split(frame, self.config.max_chunk_bytes, update.update_id) if self.config.max_chunk_bytes else [frame]
@@ -337,7 +352,7 @@ class Device:
         # Distinct, reproducible shuffles per (seed, device, round).
         rng = np.random.default_rng([self.config.seed, self.config.partition_index, a.round_id])
         cpu = time.process_time()
-        timer = StepTimer(round_batches(self.data, hyper, rng))
+        timer = StepTimer(self._until_stopped(round_batches(self.data, hyper, rng)))
         result = self.runtime.train(timer, config)
         timer.finish()
         cpu_s = time.process_time() - cpu
@@ -346,6 +361,14 @@ class Device:
             "train_loss": result.mean_loss, "compute_s": result.compute_s, "steps": float(result.steps),
             "cpu_s": cpu_s}, {"compute_s": result.compute_s, **step_stats_ms(timer.durations_s),
                               "steps": float(result.steps), "examples": float(result.examples), "cpu_s": cpu_s})
+
+    def _until_stopped(self, batches: Iterator[tuple[np.ndarray, np.ndarray]]
+                       ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``batches``, but RoundInterrupted (out of the runtime's training loop) once ``stop`` is set."""
+        for batch in batches:
+            if self._stop.is_set():
+                raise RoundInterrupted("stop requested")
+            yield batch
 
     def compute_gradient(self, a: wire.Announcement) -> wire.Update:
         """One mini-batch gradient at the announced model (a large-batch worker never trains ahead)."""
