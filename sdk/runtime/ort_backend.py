@@ -206,7 +206,10 @@ class OrtRuntime(Runtime):
             self._optimizer_used = True
             optimizer.set_learning_rate(config.lr)
         else:
-            sgd = NumpySGD(config, self._ort_parameters())
+            # The weights stay in numpy between steps (only this loop changes them), so a step writes
+            # them to ORT once instead of also reading them back.
+            ort_weights = self._ort_parameters()
+            sgd = NumpySGD(config, ort_weights)
         self._module.train()
         steps = examples = 0
         loss_sum = 0.0
@@ -221,7 +224,8 @@ class OrtRuntime(Runtime):
                 optimizer.step()
             else:
                 assert sgd is not None
-                self._write_ort_parameters(sgd.step(self._ort_parameters(), self._ort_gradient()))
+                ort_weights = sgd.step(ort_weights, self._ort_gradient())
+                self._write_ort_parameters(ort_weights)
             steps += 1
             examples += len(y)
             loss_sum += loss * len(y)
