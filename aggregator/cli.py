@@ -24,6 +24,8 @@ def add_round_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--round-timeout", type=positive_float, default=120.0, help="round deadline in seconds (default 120)")
     g.add_argument("--join-timeout", type=positive_float, default=180.0,
                    help="seconds to wait for M live devices before a round (default 180)")
+    g.add_argument("--broker-outage", type=positive_float, default=300.0,
+                   help="seconds an announcement waits for a broker that is down before the run fails (default 300)")
     g.add_argument("--local-epochs", type=positive_int, default=1, help="E (default 1)")
     g.add_argument("--local-steps", type=positive_int, default=None,
                    help="exactly K local steps per round instead of E epochs (FL only)")
@@ -120,6 +122,7 @@ def aggregator_config(args: argparse.Namespace, out_dir: Path, fleet: str, resum
     resolve_defaults(args)
     return AggregatorConfig(fleet=fleet, out_dir=out_dir, rounds=args.rounds, round_timeout_s=args.round_timeout,
                             join_timeout_s=args.join_timeout, seed=args.seed, resume=resume,
+                            broker_outage_s=args.broker_outage,
                             expect_devices=getattr(args, "devices", 0) or 0,
                             uplink_codec=args.codec, max_norm=args.max_norm, max_examples=args.max_examples,
                             eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,

@@ -1,11 +1,11 @@
 """The aggregator service: rounds over the broker, on top of the pure pieces.
 
-Each round: wait for enough live devices → ``strategy.configure_round`` → announce (retained) →
-collect until every chosen device reported or the deadline passed → ``validate_update`` on every
-update before the strategy sees it → ``strategy.aggregate`` (streaming) → evaluate → checkpoint
-atomically → one line in ``metrics.jsonl``. Too few updates by the deadline: the round is announced
-again with a new deadline (updates already accepted are kept; devices that already answered skip
-it), at most ``max_attempts`` times. Network callbacks only queue; everything else runs here.
+Each round: wait for enough live devices → ``strategy.configure_round`` → announce (retained; a broker
+outage is waited out, ``publish_retry``) → collect until every chosen device reported or the deadline
+passed → ``validate_update`` on every update before the strategy sees it → ``strategy.aggregate``
+(streaming) → evaluate → checkpoint atomically → one line in ``metrics.jsonl``. Too few updates by the
+deadline: the round is announced again with a new deadline (updates already accepted are kept; devices
+that already answered skip it), at most ``max_attempts`` times. Network callbacks only queue; the rest runs here.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from sdk.transport import Transport
 
 from .device_metrics import DeviceMetricsCollector
 from .downlink import Downlink
+from .publish_retry import OutagePublisher
 from .checkpoint import Checkpoint, load_latest, rng_from_state, rng_state, save_checkpoint
 from .results import MetricsLog, RoundRecord, plot_run, write_summary
 from .round_state import Progress, RoundTally
@@ -59,6 +60,7 @@ class AggregatorConfig:
     checkpoint_every: int = 1  # checkpoint every K rounds (and after the last)
     resync_every: int = 1  # announce the whole model every K versions, deltas in between
     downlink_codec: str = "dense"  # codec of the announced deltas
+    broker_outage_s: float = 300.0  # how long an announcement waits out a broker outage before the run fails
     labels: Mapping[str, Any] = field(default_factory=dict)  # run settings for summary.json (report)
 
     def __post_init__(self) -> None:
@@ -67,6 +69,8 @@ class AggregatorConfig:
             raise ConfigError(f"rounds must be >= 1, got {self.rounds}")
         if not self.round_timeout_s > 0:
             raise ConfigError(f"round timeout must be > 0 s, got {self.round_timeout_s}")
+        if not self.broker_outage_s > 0:
+            raise ConfigError(f"broker_outage_s must be > 0 s, got {self.broker_outage_s}")
         if self.max_attempts < 1:
             raise ConfigError(f"max_attempts must be >= 1, got {self.max_attempts}")
         for what, every in (("eval_every", self.eval_every), ("checkpoint_every", self.checkpoint_every),
@@ -105,6 +109,7 @@ class Aggregator:
                                  [p.shape for p in runtime.manifest.params])
         self._settled = False
         self.device_metrics = DeviceMetricsCollector()
+        self.publisher = OutagePublisher(transport, config.broker_outage_s, self._sleep_unless_stopped, _log)
         if config.resume:
             self._restore()
 
@@ -165,6 +170,10 @@ class Aggregator:
             except queue.Empty:
                 continue
             self._handle(topic, payload, tally, ctx)
+
+    def _sleep_unless_stopped(self, seconds: float) -> None:
+        if self._stop.wait(seconds):  # a stop request also ends a wait for the broker
+            raise RunStopped(f"stopped in round {self.next_round} while waiting for the broker; --resume continues")
 
     def _handle(self, topic: str, payload: bytes, tally: RoundTally | None, ctx: ValidationContext | None) -> None:
         fleet = self.config.fleet
@@ -259,7 +268,10 @@ class Aggregator:
     def _ack(self, device: str, update: wire.Update, accepted: bool, reason: str, tally: RoundTally | None) -> None:
         frame = wire.encode(wire.Ack(device_id=device, round_id=update.round_id, update_id=update.update_id,
                                      accepted=accepted, reason=reason))
-        self.transport.publish(topics.ack_topic(self.config.fleet, device), frame)
+        # Best effort: waiting out an outage here would stall the round. A lost ack is safe: the device keeps
+        # the update in its outbox and re-sends it after its reconnect or when the round is announced again;
+        # that copy is acked then, and seen_update_ids keeps it from being counted twice.
+        self.publisher.ack(topics.ack_topic(self.config.fleet, device), frame, f"ack of {device}'s {update.update_id}")
         if tally is not None:
             tally.bytes_down += len(frame)
 
@@ -281,18 +293,23 @@ class Aggregator:
             self._settled = True
         return sorted(self.live)
 
-    def _announce(self, round_id: int, selected: tuple[str, ...], hyper: dict, deadline_unix_s: float) -> int:
+    def _announce(self, round_id: int, selected: tuple[str, ...], hyper: dict) -> tuple[int, float]:
+        """Publish the round (retained), waiting out a broker outage: (bytes down, monotonic deadline)."""
         # The whole model or the delta from what the devices hold (sdk.model_sync); with a lossless codec
         # the server continues from exactly the parameters the devices reconstruct.
         down, self.params = self.downlink.announce(self.params, self.model_version)
         if down.base_version is not None:
             hyper = {**hyper, "base_version": down.base_version}
-        frame = wire.encode(wire.Announcement(
-            round_id=round_id, model_version=self.model_version, strategy=self.strategy.name, selected=selected,
-            deadline_unix_s=deadline_unix_s, hyperparams=hyper, payload_kind=down.payload_kind, codec=down.codec,
-            payload=down.payload))
-        self.transport.publish(topics.announce_topic(self.config.fleet), frame, retain=True, timeout_s=30)
-        return len(frame) * len(self.live | set(selected))  # every live device downloads it to stay in sync
+
+        def frame() -> bytes:  # per attempt: the deadline runs from the one that got through, not from before an
+            # outage. An earlier copy the outage cut off may reach the broker too: harmless, the same round, retained.
+            return wire.encode(wire.Announcement(
+                round_id=round_id, model_version=self.model_version, strategy=self.strategy.name, selected=selected,
+                deadline_unix_s=time.time() + self.config.round_timeout_s, hyperparams=hyper,
+                payload_kind=down.payload_kind, codec=down.codec, payload=down.payload))
+        topic = topics.announce_topic(self.config.fleet)
+        size, sent = self.publisher.announce(topic, frame, f"round {round_id} announcement")
+        return size * len(self.live | set(selected)), sent + self.config.round_timeout_s  # all live devices download it
 
     def run_round(self, round_id: int, on_progress: Callable[[Progress], None] | None = None) -> RoundRecord:
         started = time.monotonic()
@@ -308,9 +325,8 @@ class Aggregator:
         attempts = 0
         while True:
             attempts += 1
-            deadline_mono = time.monotonic() + self.config.round_timeout_s
-            tally.bytes_down += self._announce(round_id, tuple(sorted(selected)), hyper,
-                                               time.time() + self.config.round_timeout_s)
+            bytes_down, deadline_mono = self._announce(round_id, tuple(sorted(selected)), hyper)
+            tally.bytes_down += bytes_down
             early, self._early = self._early, []
             for device, update, size in early:
                 tally.bytes_up += size
@@ -328,6 +344,11 @@ class Aggregator:
                 return not (pending & self.live) and len(ctx.reported_devices) >= minimum
 
             self._pump(round_done, deadline_mono, tally, ctx)
+            if len(self.live | ctx.reported_devices) < minimum:  # e.g. a broker restart fired every device's will
+                _log.warning("round %d: %d device(s) live, %d needed; waiting up to %.0f s for them before choosing "
+                             "again", round_id, len(self.live), minimum, self.config.join_timeout_s)
+                self._pump(lambda: len(self.live | ctx.reported_devices) >= minimum,
+                           time.monotonic() + self.config.join_timeout_s, tally, ctx)
             if len(ctx.reported_devices) >= minimum:
                 break
             if attempts >= self.config.max_attempts:
@@ -381,7 +402,7 @@ class Aggregator:
                 self.run_round(self.next_round, on_progress)
                 self.next_round += 1
             # Clear the retained announcement so a device joining later does not train a finished run.
-            self.transport.publish(topics.announce_topic(self.config.fleet), b"", retain=True)
+            self.publisher.announce(topics.announce_topic(self.config.fleet), lambda: b"", "clearing the announcement")
         finally:
             self.transport.close()
         records = self.metrics.read()
