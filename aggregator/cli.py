@@ -158,7 +158,9 @@ def build_aggregator(args: argparse.Namespace, broker, out_dir: Path, bundle: Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     # Never clean_start: Mosquitto does not persist a session whose connection asked for a clean start, so
     # a broker restart would drop updates queued for us. A fresh run discards the old session in start().
-    transport = Transport(broker, client_id=f"edgetrain-aggregator-{fleet}", clean_start=False)
+    # One aggregator per fleet: it can retry the broker every 10 s at most (devices, many, back off to 60 s),
+    # so a round resumes within seconds of the broker's return.
+    transport = Transport(broker, client_id=f"edgetrain-aggregator-{fleet}", clean_start=False, reconnect_max_s=10.0)
     return Aggregator(config, strategy, transport, runtime, read_initial_parameters(bundle, manifest), test_data)
 
 
