@@ -117,7 +117,7 @@ def make_strategy_from_args(args: argparse.Namespace, shapes: list[tuple[int, ..
 
 def aggregator_config(args: argparse.Namespace, out_dir: Path, fleet: str, resume: bool):
     """The service's settings from parsed flags; ConfigError names a bad one (fleet, codec…)."""
-    from .service import AggregatorConfig
+    from .config import AggregatorConfig
 
     resolve_defaults(args)
     return AggregatorConfig(fleet=fleet, out_dir=out_dir, rounds=args.rounds, round_timeout_s=args.round_timeout,

@@ -222,7 +222,7 @@ def test_outage_publisher_rebuilds_the_frame_per_attempt_and_reads_the_timeouts(
 
 def test_the_bound_is_configured_and_checked(tmp_path: Path) -> None:
     from aggregator.cli import aggregator_config
-    from aggregator.service import AggregatorConfig
+    from aggregator.config import AggregatorConfig
     from tests.fleet import round_args
 
     assert AggregatorConfig(fleet="f", out_dir=tmp_path, rounds=1).broker_outage_s == 300.0
