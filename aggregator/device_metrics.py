@@ -39,6 +39,7 @@ class DeviceMetricsCollector:
     def __init__(self) -> None:
         self._values: dict[int, dict[str, dict[str, float | None]]] = {}
         self._status: dict[str, dict[str, str]] = {}
+        self._partition: dict[str, str] = {}  # device -> the digest of the training examples it holds
         self.bench: dict[str, dict[str, float | None]] = {}
         self.rejected: Counter[str] = Counter()
         self.bytes_received = 0
@@ -48,6 +49,22 @@ class DeviceMetricsCollector:
         said = {k: str(info[k]) for k in STATUS_KEYS if isinstance(info.get(k), str)}
         if said:
             self._status[device] = said
+        digest = info.get("partition_digest")
+        if isinstance(digest, str) and digest and self._partition.get(device) != digest:
+            self._partition[device] = digest
+            twins = sorted(d for d, other in self._partition.items() if other == digest and d != device)
+            if twins and int(info.get("num_examples", 1) or 0) > 0:
+                # Two devices on the same examples (a repeated --index, say) are not two devices' data:
+                # the run still works, but it is not the experiment the fleet was meant to be.
+                _log.warning("devices %s and %s train on the same examples (partition digest %s): check their "
+                             "--index/--count/--seed", device, ", ".join(twins), digest)
+
+    def shared_partitions(self) -> dict[str, list[str]]:
+        """Digest -> devices, for every partition that more than one device reports holding."""
+        groups: dict[str, list[str]] = {}
+        for device, digest in sorted(self._partition.items()):
+            groups.setdefault(digest, []).append(device)
+        return {digest: devices for digest, devices in groups.items() if len(devices) > 1}
 
     def _reject(self, reason: str, detail: str) -> None:
         _log.warning("device metrics rejected (%s): %s", reason, detail)
@@ -108,4 +125,5 @@ class DeviceMetricsCollector:
 
     def summary(self) -> dict[str, Any]:
         """For ``summary.json``: each device's bench result and what it said about its energy sensor."""
-        return {"device_bench": dict(self.bench), "device_energy_sources": dict(self._status)}
+        return {"device_bench": dict(self.bench), "device_energy_sources": dict(self._status),
+                "shared_partitions": self.shared_partitions()}

@@ -195,6 +195,20 @@ def test_collector_attributes_by_topic_and_counts_what_it_refuses() -> None:
     assert collector.take(4, {"a"})["metrics_rejected"] == {}
 
 
+def test_collector_flags_devices_that_hold_the_same_examples(caplog: pytest.LogCaptureFixture) -> None:
+    collector = DeviceMetricsCollector()
+    collector.note_status("a", {"partition_digest": "d1", "num_examples": 60})
+    collector.note_status("a", {"partition_digest": "d1", "num_examples": 60})  # its own status again
+    collector.note_status("b", {"partition_digest": "d2", "num_examples": 60})
+    assert collector.shared_partitions() == {} and "same examples" not in caplog.text
+    collector.note_status("c", {"partition_digest": "d1", "num_examples": 60})  # a repeated --index
+    assert collector.shared_partitions() == {"d1": ["a", "c"]}
+    assert "devices c and a train on the same examples (partition digest d1)" in caplog.text
+    collector.note_status("c", {"partition_digest": "d3", "num_examples": 60})  # restarted with its own share
+    assert collector.shared_partitions() == {}
+    assert collector.summary()["shared_partitions"] == {}
+
+
 def test_step_timer_group_and_bench_values() -> None:
     timer = StepTimer(iter(range(4)))
     assert list(timer) == [0, 1, 2, 3] and len(timer.durations_s) == 4
