@@ -71,6 +71,8 @@ class LowRankCodec(KnobParams):
 
     name = "low_rank"
     lossless = False
+    # Encoding needs the model's layer shapes; ``sdk.codecs.with_layout`` fills them in on either end.
+    needs_shapes: ClassVar[bool] = True
     _knobs: ClassVar[dict[str, Knob]] = {
         "rank": Knob(int, 8, lambda r: 1 <= r <= 65535, "in 1..65535"),
         "shapes": Knob(str, None),
@@ -99,9 +101,6 @@ class LowRankCodec(KnobParams):
                 flat = (_projection(seed, index, long_side, rank).T @ _as_tall(flat, shape)).reshape(-1)
             parts.append(encode_values(flat, True)[0])
         return b"".join(parts), state
-
-    # Encoding needs the model's layer shapes; ``sdk.codecs.with_layout`` fills them in on either end.
-    needs_shapes: ClassVar[bool] = True
 
     def check_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
         return self._read(params)
