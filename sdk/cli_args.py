@@ -5,6 +5,7 @@ import argparse
 import os
 from pathlib import Path
 
+from .broker_config import BrokerConfig
 from .errors import ConfigError
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
@@ -22,9 +23,7 @@ def add_broker_args(parser: argparse.ArgumentParser, default: str | None = DEFAU
     group.add_argument("--key-file", type=Path, help="client private key")
 
 
-def broker_config(args: argparse.Namespace):  # -> sdk.transport.BrokerConfig (imports paho)
-    from .transport import BrokerConfig
-
+def broker_config(args: argparse.Namespace) -> BrokerConfig:
     for flag in ("ca_file", "cert_file", "key_file"):
         path = getattr(args, flag)
         if path is not None and not Path(path).is_file():
