@@ -100,13 +100,14 @@ def _initial_accuracy(assets: FleetAssets) -> float:
     return runtime.evaluate(x, test.labels[:EVAL_EXAMPLES].astype(np.int64)).accuracy
 
 
-def _check_run(run: DownlinkRun, spec: str) -> None:
+def _check_run(run: DownlinkRun, spec: str, announced: str | None = None) -> None:
+    """``announced``: the codec spec the deltas carry, when the aggregator completes ``spec`` (low_rank's shapes)."""
     assert [r.round_id for r in run.records] == list(range(1, STEPS + 1))
     assert all(r.devices_reported == len(LIMITS) and not r.devices_rejected for r in run.records), [(r.devices_reported, r.devices_rejected, r.rejected_detail, r.round_wall_s) for r in run.records]
     kinds = {a.model_version: (a.payload_kind, a.codec) for a in run.announcements()}
     # Whole models (dense) at versions 0, 5, 10; deltas in the downlink codec in between.
     assert {v for v, (kind, _) in kinds.items() if kind == "params"} == set(range(0, STEPS, RESYNC_EVERY))
-    assert {codec for kind, codec in kinds.values() if kind == "delta"} == {spec}
+    assert {codec for kind, codec in kinds.values() if kind == "delta"} == {announced or spec}
     shadow = run.aggregator.aggregator.downlink.shadow
     assert run.aggregator.aggregator.downlink.shadow_version == STEPS - 1
     for d in run.devices:  # every device holds exactly what the aggregator believes they hold
@@ -119,6 +120,14 @@ def test_dense_downlink_server_and_devices_are_bit_identical(downlink_run: Calla
     _check_run(run, "dense")
     # The last announced version is the model after step STEPS - 1: the server's, bit for bit.
     assert np.array_equal(run.checkpoint(STEPS - 1), run.aggregator.aggregator.downlink.shadow)
+
+
+def test_low_rank_downlink_runs_with_the_shapes_the_aggregator_adds(
+        downlink_run: Callable[[str], DownlinkRun], fleet_assets: FleetAssets) -> None:  # noqa: F811
+    """Once failed at the first delta (the codec needs the layer shapes); the devices' replicas follow."""
+    run = downlink_run("low_rank:rank=4")
+    shapes = ";".join("x".join(map(str, p.shape)) or "1" for p in load_runtime(fleet_assets.bundle).manifest.params)
+    _check_run(run, "low_rank:rank=4", f"low_rank:rank=4,shapes={shapes}")
 
 
 @pytest.mark.parametrize("spec", ["q8", "dgc:sparsity=0.9"])
@@ -148,6 +157,14 @@ def _announcement(version: int, payload) -> wire.Announcement:
     return wire.Announcement(round_id=version + 1, model_version=version, strategy="large-batch", selected=("d",),
                              deadline_unix_s=4e9, hyperparams=hyper, payload_kind=payload.payload_kind,
                              codec=payload.codec, payload=payload.payload)
+
+
+def test_low_rank_downlink_runs_with_the_shapes_the_aggregator_adds(
+        downlink_run: Callable[[str], DownlinkRun], fleet_assets: FleetAssets) -> None:  # noqa: F811
+    """Once failed at the first delta (the codec needs the layer shapes); the devices' replicas follow."""
+    run = downlink_run("low_rank:rank=4")
+    shapes = ";".join("x".join(map(str, p.shape)) or "1" for p in load_runtime(fleet_assets.bundle).manifest.params)
+    _check_run(run, "low_rank:rank=4", f"low_rank:rank=4,shapes={shapes}")
 
 
 @pytest.mark.parametrize("spec", ["q8", "dgc:sparsity=0.9"])
