@@ -163,7 +163,10 @@ class Aggregator:
             self._count_rejection(tally, "malformed", f"{type(message).__name__} on update topic {topic}")
             return
         if ctx is None:
-            if message.round_id == self.next_round and message.model_version == self.model_version:
+            if message.update_id in self.seen_update_ids:  # accepted before; its ack was lost: say "held"
+                self._reject(device, message, UpdateRejected(REJECT_DUPLICATE, f"update {message.update_id!r} "
+                                                             "already accepted"), None)
+            elif message.round_id == self.next_round and message.model_version == self.model_version:
                 self._early.append((device, message, len(payload)))  # e.g. queued while we restarted
             else:  # the same reason codes as validate_update: a past round is late, a future one wrong
                 reason = REJECT_LATE if message.round_id < self.next_round else REJECT_WRONG_ROUND

@@ -107,6 +107,10 @@ def _reject(reason: str, update: Update, detail: str) -> UpdateRejected:
 def _check_header(update: Update, topic_device: str, ctx: ValidationContext) -> None:
     if update.device_id != topic_device:
         raise _reject(REJECT_SPOOFED_SENDER, update, f"arrived on the topic of device {topic_device!r}")
+    # Before the round checks: an update accepted in an earlier round and re-sent because its ack was
+    # lost is one we hold (the device is acked "accepted"), not a late one.
+    if update.update_id in ctx.seen_update_ids:
+        raise _reject(REJECT_DUPLICATE, update, "update_id already accepted")
     if update.round_id < ctx.round_id:
         raise _reject(REJECT_LATE, update, f"is for past round {update.round_id}, current is {ctx.round_id}")
     if update.round_id > ctx.round_id:
@@ -116,8 +120,6 @@ def _check_header(update: Update, topic_device: str, ctx: ValidationContext) -> 
     if update.model_version != ctx.model_version:
         raise _reject(REJECT_WRONG_MODEL_VERSION, update,
                       f"trained from model version {update.model_version}, round uses {ctx.model_version}")
-    if update.update_id in ctx.seen_update_ids:
-        raise _reject(REJECT_DUPLICATE, update, "update_id already accepted")
     if update.device_id in ctx.reported_devices:
         raise _reject(REJECT_DUPLICATE, update, f"device already reported for round {ctx.round_id}")
     count = update.num_examples

@@ -96,6 +96,8 @@ CASES: list[tuple[str, dict[str, Any], str, dict[str, Any], Callable[[Validation
     (v.REJECT_WRONG_ROUND, dict(round_id=8), "dev-1", {}, _same),
     (v.REJECT_WRONG_MODEL_VERSION, dict(model_version=2), "dev-1", {}, _same),
     (v.REJECT_DUPLICATE, {}, "dev-1", {}, _seen),
+    # accepted in round 6, re-sent in round 7 because its ack was lost: held, not late
+    (v.REJECT_DUPLICATE, dict(round_id=6, model_version=2), "dev-1", {}, _seen),
     (v.REJECT_DUPLICATE, dict(update_id="u-2"), "dev-1", {}, _reported),
     (v.REJECT_BAD_EXAMPLE_COUNT, dict(num_examples=0), "dev-1", {}, _same),
     (v.REJECT_UNKNOWN_CODEC, dict(codec="nope"), "dev-1", {}, _same),
