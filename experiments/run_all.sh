@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The comparison of docs/results.md: {FL, LB} x {dense, DGC, Konečný sketch, STC} x {IID, Dirichlet(0.3)}
 # on Fashion-MNIST with 10 simulated devices, plus a centralized baseline with the same model and the FL
-# runs' number of epochs; then `edgetrain report`; and the short-round FL runs (`*-ls19`, `*-ls10`), three
-# seeds each (SEEDS="0" for one), reported apart in docs/results/short-rounds/. About 80 minutes on 2 cores.
+# runs' number of epochs; then `edgetrain report`; and the short-round FL runs (`*-ls19`, `*-ls10`, `*-ls5`), three
+# seeds each (SEEDS="0" for one), reported apart in docs/results/short-rounds/. About 100 minutes on 2 cores.
 #   bash experiments/run_all.sh            # everything
 #   bash experiments/run_all.sh 'fl-*'     # a subset (a glob over experiments/*.toml)
 # Run outputs go to runs/experiments/ (bundles and checkpoints stay there, uncommitted); the small
