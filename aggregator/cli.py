@@ -149,7 +149,7 @@ def build_aggregator(args: argparse.Namespace, broker, out_dir: Path, bundle: Pa
     # Evaluation runs here on the server: torch where it is installed, from a multi-runtime directory too.
     bundle = select_bundle(bundle, "torch" if (bundle / "torch").is_dir() and runtime_available("torch") else "auto")
     manifest = load_manifest(bundle)
-    strategy = make_strategy_from_args(args, [p.shape for p in manifest.params])
+    strategy = make_strategy_from_args(args, manifest.shapes)
     runtime = load_runtime(bundle, manifest)
     limit_threads(runtime, args.threads)
     test = load_split("test", args.data_dir)

@@ -63,8 +63,7 @@ class Aggregator:
         self._reassemblers: dict[str, wire.Reassembler] = {}
         self._early: list[tuple[str, wire.Update, int]] = []  # updates for the round about to open
         self._stop = threading.Event()
-        self.downlink = Downlink(config.resync_every, config.downlink_codec,
-                                 [p.shape for p in runtime.manifest.params])
+        self.downlink = Downlink(config.resync_every, config.downlink_codec, runtime.manifest.shapes)
         self._settled = False
         self.device_metrics = DeviceMetricsCollector()
         self.publisher = OutagePublisher(transport, config.broker_outage_s, self._sleep_unless_stopped, _log)

@@ -105,17 +105,16 @@ class ClientConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.fraction <= 1.0:
             raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
-        for name in ("min_devices", "local_epochs", "batch_size"):
+        for name in ("min_devices", "local_epochs", "batch_size", "local_steps"):
             value = getattr(self, name)
+            if name == "local_steps" and value is None:  # None: E epochs instead
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr must be finite and > 0, got {self.lr}")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
-        steps = self.local_steps
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-            raise ConfigError(f"local_steps must be an integer >= 1 or None, got {steps!r}")
 
 
 def _flat_float32(params: np.ndarray, what: str) -> np.ndarray:

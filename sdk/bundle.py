@@ -64,6 +64,11 @@ class Manifest:
     def num_params(self) -> int:
         return sum(p.size for p in self.params)
 
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        """Each parameter's shape, in manifest (flat-vector) order."""
+        return [p.shape for p in self.params]
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 

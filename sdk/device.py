@@ -99,6 +99,7 @@ def round_batches(data: LocalData, hyper: dict, rng: np.random.Generator) -> Ite
     batch_size = _positive_int(hyper, "batch_size", 32)
     steps = _positive_int(hyper, "local_steps", None)
     epochs = _positive_int(hyper, "local_epochs", 1)
+    # Checked here, not in the generator below, so a bad setting fails when the round starts.
     return _round_batches(data, batch_size, steps, epochs, rng)
 
 
@@ -259,15 +260,13 @@ class Device:
             self.energy.begin()
         try:
             update = self.compute_gradient(a) if gradient else self.train_round(a)
-        except RoundInterrupted:
-            # Nothing was sent and the round is not marked done: a restarted device trains it again if
-            # it is still open. The codec state is untouched (encoding comes after training).
-            _log.info("round %d: stopped mid-training; not answered", a.round_id)
-            if self.energy is not None:
-                self.energy.end()
-            return
-        except (ConfigError, WireError) as exc:  # e.g. a codec parameter this codec refuses: skip, stay up
-            _log.error("round %d: cannot produce an update: %s", a.round_id, exc)
+        except (RoundInterrupted, ConfigError, WireError) as exc:
+            # Nothing sent, the round not marked done (a restarted device trains it again while it is open),
+            # the codec state untouched. ConfigError/WireError: e.g. a codec parameter this codec refuses.
+            if isinstance(exc, RoundInterrupted):
+                _log.info("round %d: stopped mid-training; not answered", a.round_id)
+            else:
+                _log.error("round %d: cannot produce an update: %s", a.round_id, exc)
             if self.energy is not None and not gradient:
                 self.energy.end()  # close the round's window; it measured no update
             return
@@ -324,7 +323,7 @@ class Device:
     def _encode(self, vector: np.ndarray, hyper: dict) -> tuple[str, bytes]:
         """Compress with the round's codec, carrying its state (residuals…) across rounds on disk."""
         name, params = parse_codec_spec(str(hyper.get("codec", "dense")))
-        params = with_layout(name, params, [p.shape for p in self.runtime.manifest.params])
+        params = with_layout(name, params, self.runtime.manifest.shapes)
         spec = format_codec_spec(name, params)
         payload, state = get_codec(name).encode(vector, self.state.codec_state(spec), params)
         self._pending_codec_state = (spec, state)  # saved once the update is in the outbox
