@@ -12,7 +12,7 @@ import pytest
 
 from tests.mosquitto import MosquittoBroker, TlsMaterial, make_tls_material
 
-_BROKER_FIXTURES = {"broker", "broker_factory"}
+_BROKER_FIXTURES = {"broker", "broker_factory", "module_broker"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -41,6 +41,14 @@ def broker_factory(tmp_path: Path) -> Iterator[Callable[..., MosquittoBroker]]:
 def broker(broker_factory: Callable[..., MosquittoBroker]) -> MosquittoBroker:
     """A plain anonymous broker with persistence, private to one test."""
     return broker_factory()
+
+
+@pytest.fixture(scope="module")
+def module_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
+    """One broker shared by a module's tests, for runs cached across them (each uses its own fleet name)."""
+    broker = MosquittoBroker(tmp_path_factory.mktemp("module-broker"))
+    yield broker
+    broker.kill()
 
 
 @pytest.fixture(scope="session")

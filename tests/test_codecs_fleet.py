@@ -11,7 +11,7 @@ directory, and the dense baseline of a strategy is run once and shared.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,19 +82,12 @@ def _flags(strategy: str, spec: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def codec_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
-    broker = MosquittoBroker(tmp_path_factory.mktemp("codec-broker"))
-    yield broker
-    broker.kill()
-
-
-@pytest.fixture(scope="module")
-def codec_run(codec_broker: MosquittoBroker, fleet_assets: FleetAssets,  # noqa: F811
+def codec_run(module_broker: MosquittoBroker, fleet_assets: FleetAssets,  # noqa: F811
               tmp_path_factory: pytest.TempPathFactory) -> Callable[..., CodecRun]:
     """``codec_run(strategy, spec, tag)``: one run on a fresh fleet, cached per (strategy, spec, tag), so
     the dense baseline of a strategy runs once and the ``dense`` case is a second, independent run."""
     cache: dict[tuple[str, str, str], CodecRun] = {}
-    config = broker_config(codec_broker.url)
+    config = broker_config(module_broker.url)
 
     def run(strategy: str, spec: str, tag: str = "case") -> CodecRun:
         key = (strategy, spec, tag)

@@ -68,14 +68,7 @@ class DownlinkRun:
 
 
 @pytest.fixture(scope="module")
-def downlink_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
-    broker = MosquittoBroker(tmp_path_factory.mktemp("downlink-broker"))
-    yield broker
-    broker.kill()
-
-
-@pytest.fixture(scope="module")
-def downlink_run(downlink_broker: MosquittoBroker, fleet_assets: FleetAssets,  # noqa: F811
+def downlink_run(module_broker: MosquittoBroker, fleet_assets: FleetAssets,  # noqa: F811
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], DownlinkRun]]:
     """``downlink_run(spec)``: one run per downlink codec spec, cached (dense is the baseline of the others)."""
     runs: dict[str, DownlinkRun] = {}
@@ -83,7 +76,7 @@ def downlink_run(downlink_broker: MosquittoBroker, fleet_assets: FleetAssets,  #
     def run(spec: str) -> DownlinkRun:
         if spec not in runs:
             fleet = "down-" + spec.replace(":", "-").replace("=", "-").replace(",", "-")
-            runs[spec] = DownlinkRun(downlink_broker, fleet_assets, tmp_path_factory.mktemp(fleet), fleet, spec)
+            runs[spec] = DownlinkRun(module_broker, fleet_assets, tmp_path_factory.mktemp(fleet), fleet, spec)
         return runs[spec]
 
     yield run
@@ -157,14 +150,6 @@ def _announcement(version: int, payload) -> wire.Announcement:
     return wire.Announcement(round_id=version + 1, model_version=version, strategy="large-batch", selected=("d",),
                              deadline_unix_s=4e9, hyperparams=hyper, payload_kind=payload.payload_kind,
                              codec=payload.codec, payload=payload.payload)
-
-
-def test_low_rank_downlink_runs_with_the_shapes_the_aggregator_adds(
-        downlink_run: Callable[[str], DownlinkRun], fleet_assets: FleetAssets) -> None:  # noqa: F811
-    """Once failed at the first delta (the codec needs the layer shapes); the devices' replicas follow."""
-    run = downlink_run("low_rank:rank=4")
-    shapes = ";".join("x".join(map(str, p.shape)) or "1" for p in load_runtime(fleet_assets.bundle).manifest.params)
-    _check_run(run, "low_rank:rank=4", f"low_rank:rank=4,shapes={shapes}")
 
 
 @pytest.mark.parametrize("spec", ["q8", "dgc:sparsity=0.9"])
