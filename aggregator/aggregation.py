@@ -23,7 +23,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from sdk.errors import ConfigError
+from edgetrain.sdk.errors import ConfigError
 
 ServerState = dict[str, np.ndarray]
 

@@ -1,6 +1,6 @@
 """Run an embedded amqtt broker (pure Python, MQTT 3.1.1 only) on 127.0.0.1:PORT until SIGTERM.
 
-``python -m aggregator.amqtt_broker --port N``: the fallback that ``simulate`` starts when no
+``python -m edgetrain.aggregator.amqtt_broker --port N``: the fallback that ``simulate`` starts when no
 Mosquitto is installed. A process of its own, so the broker's asyncio loop never competes with
 the aggregator's threads and the devices still talk to a separate process, as in a deployment.
 No persistence on disk: sessions live as long as the process. Loopback only, no passwords.
@@ -18,7 +18,7 @@ from amqtt.broker import Broker
 from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
 
-from aggregator.local_broker import READY_LINE
+from edgetrain.aggregator.local_broker import READY_LINE
 
 
 def broker_config(port: int) -> dict[str, object]:
@@ -56,7 +56,7 @@ async def serve(port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m aggregator.amqtt_broker", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m edgetrain.aggregator.amqtt_broker", description=__doc__)
     parser.add_argument("--port", type=int, required=True, help="TCP port on 127.0.0.1")
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)

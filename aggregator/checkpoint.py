@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from sdk.errors import BundleError, ConfigError
+from edgetrain.sdk.errors import BundleError, ConfigError
 
 FORMAT_VERSION = 1
 CHECKPOINTS_DIR = "checkpoints"

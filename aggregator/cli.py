@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from sdk.cli_args import add_broker_args, broker_config, limit_threads, positive_float, positive_int
+from edgetrain.sdk.cli_args import add_broker_args, broker_config, limit_threads, positive_float, positive_int
 
 
 def add_round_args(p: argparse.ArgumentParser) -> None:
@@ -91,7 +91,7 @@ def make_strategy_from_args(args: argparse.Namespace, shapes: list[tuple[int, ..
 
     if args.strategy == LARGE_BATCH:
         if getattr(args, "local_steps", None) is not None:
-            from sdk.errors import ConfigError
+            from edgetrain.sdk.errors import ConfigError
 
             raise ConfigError("--local-steps is for FL strategies; a large-batch device takes one step per round")
         from .large_batch import LargeBatch
@@ -138,10 +138,10 @@ def check_round_args(args: argparse.Namespace, fleet: str) -> None:
 
 def build_aggregator(args: argparse.Namespace, broker, out_dir: Path, bundle: Path, fleet: str, resume: bool):
     """The service with its strategy, evaluation runtime and test data, from parsed flags."""
-    from sdk.bundle import load_manifest, read_initial_parameters
-    from sdk.data import load_split, to_model_input
-    from sdk.runtime import load_runtime, runtime_available, select_bundle
-    from sdk.transport import Transport
+    from edgetrain.sdk.bundle import load_manifest, read_initial_parameters
+    from edgetrain.sdk.data import load_split, to_model_input
+    from edgetrain.sdk.runtime import load_runtime, runtime_available, select_bundle
+    from edgetrain.sdk.transport import Transport
 
     from .service import Aggregator
 

@@ -5,9 +5,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from sdk import topics
-from sdk.codecs import check_codec_spec
-from sdk.errors import ConfigError
+from edgetrain.sdk import topics
+from edgetrain.sdk.codecs import check_codec_spec
+from edgetrain.sdk.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
-from sdk import wire
-from sdk.errors import WireError
+from edgetrain.sdk import wire
+from edgetrain.sdk.errors import WireError
 
 _log = logging.getLogger(__name__)
 BENCH_ROUND_ID = 0  # the same constant as sdk.device_metrics; rounds count from 1

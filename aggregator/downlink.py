@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sdk.codecs import check_codec_spec, format_codec_spec, get_codec, with_layout
-from sdk.errors import ConfigError
+from edgetrain.sdk.codecs import check_codec_spec, format_codec_spec, get_codec, with_layout
+from edgetrain.sdk.errors import ConfigError
 
 
 @dataclass(frozen=True)

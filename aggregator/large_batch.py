@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from sdk.errors import ConfigError
+from edgetrain.sdk.errors import ConfigError
 
 from .aggregation import WeightedMean
 from .server_optim import LargeBatchHyper, OptimState, lars_step, learning_rate, sgd_step

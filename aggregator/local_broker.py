@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdk.errors import BrokerUnavailable
+from edgetrain.sdk.errors import BrokerUnavailable
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 READY_LINE = "amqtt broker listening on"  # what aggregator.amqtt_broker prints once it accepts
@@ -199,7 +199,7 @@ class EmbeddedBroker:
         env = dict(os.environ, PYTHONUNBUFFERED="1",
                    PYTHONPATH=os.pathsep.join(filter(None, [str(_REPO_ROOT), os.environ.get("PYTHONPATH")])))
         with open(self.log_path, "ab") as log:
-            self._process = subprocess.Popen([sys.executable, "-m", "aggregator.amqtt_broker", "--port", str(self.port)],
+            self._process = subprocess.Popen([sys.executable, "-m", "edgetrain.aggregator.amqtt_broker", "--port", str(self.port)],
                                              stdout=log, stderr=subprocess.STDOUT, env=env)
         # The runner's own line, not a probe connection (amqtt logs an ERROR for one that sends
         # nothing). Importing amqtt takes a second or more on a busy machine: a longer wait.

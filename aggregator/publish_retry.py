@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from sdk.errors import BrokerUnavailable, PublishTimeout
+from edgetrain.sdk.errors import BrokerUnavailable, PublishTimeout
 
 _log = logging.getLogger(__name__)
 ANNOUNCE_TIMEOUT_S = 30.0  # one attempt's wait for an announcement's PUBACK (a whole model can be large)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from sdk.errors import ConfigError, DataError
+from edgetrain.sdk.errors import ConfigError, DataError
 
 from .results import BYTES_PER_MB, METRICS_FILE, SUMMARY_FILE, MetricsLog, RoundRecord
 

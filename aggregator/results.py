@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from sdk.errors import ConfigError, DataError
+from edgetrain.sdk.errors import ConfigError, DataError
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"

@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from sdk.errors import ConfigError
+from edgetrain.sdk.errors import ConfigError
 
 OptimState = dict[str, np.ndarray]
 OPTIMIZERS = ("sgd", "lars")

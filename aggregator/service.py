@@ -17,10 +17,10 @@ from typing import Callable
 
 import numpy as np
 
-from sdk import topics, wire
-from sdk.errors import EdgetrainError, UnknownCodec, UpdateRejected, WireError
-from sdk.runtime import Runtime
-from sdk.transport import Transport
+from edgetrain.sdk import topics, wire
+from edgetrain.sdk.errors import EdgetrainError, UnknownCodec, UpdateRejected, WireError
+from edgetrain.sdk.runtime import Runtime
+from edgetrain.sdk.transport import Transport
 
 from .config import AggregatorConfig
 from .device_metrics import DeviceMetricsCollector

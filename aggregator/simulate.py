@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sdk.cli_args import add_broker_args, broker_config, positive_int
-from sdk.errors import ConfigError
+from edgetrain.sdk.cli_args import add_broker_args, broker_config, positive_int
+from edgetrain.sdk.errors import ConfigError
 
 from .cli import LARGE_BATCH, add_round_args, build_aggregator, check_round_args, round_printer
 
@@ -92,8 +92,8 @@ def _device_runtime(runtime: str, index: int) -> str:
 def _export_bundles(args: argparse.Namespace, out: Path) -> Path:
     """One bundle per runtime the fleet uses, plus torch for the aggregator's evaluation, in
     ``out/bundle/<runtime>/``; the same seed gives every runtime the same initial weights."""
-    from export.bundle_writer import export_bundle
-    from export.models import default_config
+    from edgetrain.export.bundle_writer import export_bundle
+    from edgetrain.sdk.models import default_config
 
     bundle = out / "bundle"
     for runtime in {"torch", *(_device_runtime(args.runtime, i) for i in range(args.devices))}:
@@ -112,7 +112,7 @@ def _spawn_devices(args: argparse.Namespace, broker_url: str, bundle: Path, out:
     procs = []
     for i in range(args.devices):
         device_id = f"dev-{i:03d}"
-        cmd = [sys.executable, "-m", "sdk.cli", "device", "--broker", broker_url, "--fleet", args.fleet,
+        cmd = [sys.executable, "-m", "edgetrain", "device", "--broker", broker_url, "--fleet", args.fleet,
                "--device-id", device_id, "--bundle", str(bundle), "--partition", args.partition,
                "--seed", str(args.seed), "--index", str(i), "--count", str(args.devices),
                "--state-dir", str(out / "devices" / device_id), "--threads", str(args.device_threads),
@@ -181,8 +181,8 @@ def run(args: argparse.Namespace) -> int:
                           "no round could ever start")
     check_round_args(args, args.fleet)
     if args.bundle is not None:
-        from sdk.bundle import load_manifest
-        from sdk.runtime import select_bundle
+        from edgetrain.sdk.bundle import load_manifest
+        from edgetrain.sdk.runtime import select_bundle
 
         load_manifest(select_bundle(args.bundle))
     if args.norm != "none" and args.model != "cnn":

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from sdk.errors import ConfigError
+from edgetrain.sdk.errors import ConfigError
 
 from .aggregation import SERVER_STEPS, ServerHyper, ServerState, WeightedMean, init_server_state
 

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sdk.codecs import get_codec, parse_codec_spec
-from sdk.errors import ConfigError, UpdateRejected, WireError
+from edgetrain.sdk.codecs import get_codec, parse_codec_spec
+from edgetrain.sdk.errors import ConfigError, UpdateRejected, WireError
 
 if TYPE_CHECKING:  # only for the annotation: the wire module is the protocol's owner
-    from sdk.wire.messages import Update
+    from edgetrain.sdk.wire.messages import Update
 
 REJECT_SPOOFED_SENDER = "spoofed_sender"  # update.device_id differs from the topic it arrived on
 REJECT_UNKNOWN_DEVICE = "unknown_device"  # not selected for this round

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from sdk.codecs import get_codec, parse_codec_spec
-from sdk.codecs.entropy import PayloadBits, empirical_entropy_bits
+from edgetrain.sdk.codecs import get_codec, parse_codec_spec
+from edgetrain.sdk.codecs.entropy import PayloadBits, empirical_entropy_bits
 
 HIDDEN = (1024, 768)
 # torch Linear weights are (out, in); manifest order is weight, bias per layer.
@@ -57,7 +56,7 @@ def real_vectors(steps: int, local_steps: int, batch: int, seed: int) -> dict[st
     """(gradient, delta) of a 784-1024-768-10 MLP after ``steps`` SGD steps on Fashion-MNIST."""
     import torch
 
-    from sdk.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_split, to_model_input
+    from edgetrain.sdk.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_split, to_model_input
 
     torch.manual_seed(seed)
     data = load_split("train")

@@ -18,11 +18,10 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from device_bench.power.detect import SOURCES, detect_power_source  # noqa: E402
-from device_bench.sampler import EnergyMeter  # noqa: E402
-from sdk.errors import MeasurementUnavailable  # noqa: E402
+from edgetrain.sdk.energy.power.detect import SOURCES, detect_power_source
+from edgetrain.sdk.energy.meter import EnergyMeter
+from edgetrain.sdk.errors import MeasurementUnavailable
 
 
 def cpu_load(stop: threading.Event) -> int:

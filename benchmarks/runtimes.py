@@ -62,12 +62,12 @@ def _child(bundle: Path, steps: int, batch_size: int, momentum: float) -> dict[s
     import importlib
 
     started = time.perf_counter()
-    from sdk.bundle import load_manifest
-    from sdk.runtime import TrainConfig
+    from edgetrain.sdk.bundle import load_manifest
+    from edgetrain.sdk.runtime import TrainConfig
 
     manifest = load_manifest(bundle)
-    backend = {"torch": "sdk.runtime.torch_backend", "onnx": "sdk.runtime.ort_backend",
-               "executorch": "sdk.runtime.executorch_backend"}[manifest.runtime]
+    backend = {"torch": "edgetrain.sdk.runtime.torch_backend", "onnx": "edgetrain.sdk.runtime.ort_backend",
+               "executorch": "edgetrain.sdk.runtime.executorch_backend"}[manifest.runtime]
     module = importlib.import_module(backend)
     if manifest.runtime == "onnx":
         module.import_training_api()
@@ -94,7 +94,7 @@ def _child(bundle: Path, steps: int, batch_size: int, momentum: float) -> dict[s
 
 
 def _measure(label: str, model: str, bundle: Path, steps: int, batch_size: int, momentum: float) -> StepStats:
-    from sdk.bundle import MANIFEST_NAME, load_manifest
+    from edgetrain.sdk.bundle import MANIFEST_NAME, load_manifest
 
     manifest = load_manifest(bundle)
     size = sum((bundle / rel).stat().st_size for rel in [*manifest.files, MANIFEST_NAME])
@@ -130,11 +130,10 @@ def main() -> int:
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--momentum", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    sys.path.insert(0, str(REPO))  # run as a script from a checkout, installed or not
     if args.child is not None:
         print(json.dumps(_child(args.child, args.steps, args.batch_size, args.momentum)))
         return 0
-    from export.bundle_writer import export_bundle
+    from edgetrain.export.bundle_writer import export_bundle
 
     rows: list[StepStats] = []
     with tempfile.TemporaryDirectory(prefix="edgetrain-bench-") as tmp:

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from sdk import topics
+from edgetrain.sdk import topics
 
 from .bench import LatencyStats
-from .sampler import EnergyMeter
+from edgetrain.sdk.energy.meter import EnergyMeter
 
 COMMUNICATION_WINDOW = "communication"
 
@@ -26,7 +26,7 @@ COMMUNICATION_WINDOW = "communication"
 def measure_publish_ack(broker_config: Any, frame: bytes, meter: EnergyMeter, *, fleet: str = "bench",
                         device_id: str = "bench", repeats: int = 10, timeout_s: float = 30.0) -> dict[str, Any]:
     """Publish ``frame`` ``repeats`` times after one untimed warm-up publish; latency stats in seconds."""
-    from sdk.transport import Transport  # imports paho only when a broker is asked for
+    from edgetrain.sdk.transport import Transport  # imports paho only when a broker is asked for
 
     topic = topics.update_topic(fleet, device_id)
     transport = Transport(broker_config, client_id=f"{device_id}-bench-{os.getpid()}", clean_start=True,

@@ -1,7 +1,7 @@
 """``edgetrain bench``: measure a bundle on this board; ``edgetrain bench compare``: tabulate results.
 
-Registered in ``sdk.cli`` through ``register(subparsers)``; the runtime, paho and matplotlib are
-imported only when the command runs. ``python -m device_bench.cli`` runs it stand-alone.
+Registered in ``edgetrain.cli`` through ``register(subparsers)``; the runtime, paho and matplotlib are
+imported only when the command runs. ``python -m edgetrain.device_bench.cli`` runs it stand-alone.
 """
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sdk.cli_args import add_broker_args, positive_float, positive_int
-from sdk.errors import ConfigError, EdgetrainError
+from edgetrain.sdk.cli_args import add_broker_args, positive_float, positive_int
+from edgetrain.sdk.errors import ConfigError, EdgetrainError
 
-from .power.detect import SOURCES
+from edgetrain.sdk.energy.power.detect import SOURCES
 
 
 def register(subparsers: Any) -> None:
@@ -69,7 +69,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
 def _broker_probe(args: argparse.Namespace) -> Callable[[bytes, Any], dict[str, Any]]:
     """Publish->PUBACK timing against ``--broker`` (imports paho only now)."""
-    from sdk.cli_args import broker_config
+    from edgetrain.sdk.cli_args import broker_config
 
     from .broker_probe import measure_publish_ack
 
@@ -88,9 +88,9 @@ def _mb(value: int | None) -> str:
 def run(args: argparse.Namespace) -> int:
     from .bench import BenchConfig, run_benchmark
     from .context import collect_context, read_temperatures_c
-    from .power import SourceOptions, detect_power_source
+    from edgetrain.sdk.energy.power import SourceOptions, detect_power_source
     from .report import build_report, write_outputs
-    from .sampler import EnergyMeter
+    from edgetrain.sdk.energy.meter import EnergyMeter
 
     if args.bundle is None or args.out is None:
         raise ConfigError("--bundle and --out are required (or use 'edgetrain bench compare FILES')")
@@ -145,7 +145,7 @@ def _print_summary(report: dict[str, Any], files: dict[str, Path]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry (``python -m device_bench.cli bench …``) with sdk.cli's error handling."""
+    """Stand-alone entry (``python -m edgetrain.device_bench.cli bench …``) with edgetrain.cli's error handling."""
     parser = argparse.ArgumentParser(prog="edgetrain")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .power.base import under_root
+from edgetrain.sdk.energy.power.base import under_root
 
 LIBRARIES = ("edgetrain", "numpy", "torch", "onnxruntime-training-cpu", "onnxruntime", "executorch",
              "paho-mqtt", "safetensors", "psutil")

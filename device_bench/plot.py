@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .sampler import EnergyMeter
+from edgetrain.sdk.energy.meter import EnergyMeter
 
 WINDOW_COLOURS = {"idle": "tab:gray", "warmup": "tab:olive", "train": "tab:green", "encode": "tab:orange", "communication": "tab:purple"}
 MAX_STEP_MARKERS = 400  # beyond this the markers are a solid block; the train span says enough

@@ -10,9 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sdk.errors import ConfigError
+from edgetrain.sdk.errors import ConfigError
 
-from .sampler import EnergyMeter, WindowEnergy
+from edgetrain.sdk.energy.meter import EnergyMeter, WindowEnergy
 
 SCHEMA_VERSION = 1
 BENCH_JSON, TRACE_CSV, WINDOWS_CSV, PLOT_PNG, SUMMARY_MD = (

@@ -9,7 +9,7 @@
 # metrics.jsonl + summary.json of each run are copied to docs/results/runs/, where the report reads them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EDGETRAIN=${EDGETRAIN:-.venv/bin/python -m sdk.cli}
+EDGETRAIN=${EDGETRAIN:-.venv/bin/python -m edgetrain}
 RUNS=${RUNS:-runs/experiments}
 KEEP=docs/results/runs
 mkdir -p "$RUNS" "$KEEP"

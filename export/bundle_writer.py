@@ -13,12 +13,12 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from sdk.bundle import MANIFEST_NAME, WEIGHTS_NAME, Manifest, ParamSpec, sha256_file, write_manifest
-from sdk.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
-from sdk.errors import ConfigError
-from sdk.runtime.base import TrainConfig
+from edgetrain.sdk.bundle import MANIFEST_NAME, WEIGHTS_NAME, Manifest, ParamSpec, sha256_file, write_manifest
+from edgetrain.sdk.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from edgetrain.sdk.errors import ConfigError
+from edgetrain.sdk.runtime.base import TrainConfig
 
-from .models import INPUT_SHAPE, NUM_CLASSES, build_model, resolve_config
+from edgetrain.sdk.models import INPUT_SHAPE, NUM_CLASSES, build_model, resolve_config
 
 BUFFERS_NAME = "buffers.safetensors"
 AVAILABLE_RUNTIMES = ("torch", "onnx", "executorch")

@@ -8,8 +8,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from sdk.bundle import RUNTIMES, Manifest
-from sdk.errors import ConfigError
+from edgetrain.sdk.bundle import RUNTIMES, Manifest
+from edgetrain.sdk.errors import ConfigError
 
 # Mirrors export.models.MODELS (a test keeps them equal); listed here so --help needs no torch.
 MODEL_NAMES: tuple[str, ...] = ("mlp", "cnn")

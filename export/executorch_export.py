@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from sdk.errors import ConfigError
+from edgetrain.sdk.errors import ConfigError
 
-from .models import INPUT_SHAPE, NUM_CLASSES
+from edgetrain.sdk.models import INPUT_SHAPE, NUM_CLASSES
 
 PROGRAM_NAME = "model.pte"
 METHOD_NAME = "forward"

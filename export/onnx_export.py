@@ -25,9 +25,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from sdk.errors import ConfigError
+from edgetrain.sdk.errors import ConfigError
 
-from .models import INPUT_SHAPE, NUM_CLASSES
+from edgetrain.sdk.models import INPUT_SHAPE, NUM_CLASSES
 
 TRAINING_MODEL = "training_model.onnx"
 EVAL_MODEL = "eval_model.onnx"

@@ -8,6 +8,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from .energy.power import SourceOptions
+from .energy.round_energy import open_round_energy
 from .cli_args import add_broker_args, broker_config, limit_threads, positive_int
 
 
@@ -49,15 +51,9 @@ def register(subparsers: Any) -> None:
 
 
 def open_energy(args: argparse.Namespace) -> tuple[Any, str]:
-    """(device_bench's RoundEnergy or None, why not). device_bench is imported only here, and only
-    when energy is wanted, so a device without it (or with --power-source none) still runs."""
+    """(the round's energy meter or None, why not)."""
     if args.power_source == "none":
         return None, "turned off (--power-source none)"
-    try:
-        from device_bench.fleet_energy import open_round_energy
-        from device_bench.power import SourceOptions
-    except ImportError as exc:
-        return None, f"device_bench not importable ({exc})"
     return open_round_energy(args.power_source, args.sysfs_root, SourceOptions(vcgencmd=args.vcgencmd,
                                                                                     meter_csv=args.meter_csv))
 

@@ -2,7 +2,7 @@
 
 One ``wire.DeviceMetrics`` per Federated Learning round, with per-step latency (mean and p95 over the
 local steps), compute and CPU seconds, examples, peak RSS, the update frame's bytes, the codec's
-encode time and, where the board has a power sensor, the joules of the round (device_bench's
+encode time and, where the board has a power sensor, the joules of the round (the SDK's
 ``EnergyMeter``, Zeus-style windows: You, Chung & Chowdhury, NSDI 2023).
 
 Large Batch Training sends a gradient every step (~0.1 s on a small model): one metrics message per
@@ -33,7 +33,7 @@ BENCH_PREFIX = "bench_"
 
 
 class EnergyProbe(Protocol):
-    """One measurement window at a time over the board's power source (``device_bench.fleet_energy``)."""
+    """One measurement window at a time over the board's power source (``edgetrain.sdk.energy.round_energy``)."""
 
     def begin(self) -> None: ...
 

@@ -22,8 +22,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import pytest
 
-from sdk import topics, wire
-from sdk.transport import BrokerConfig, Transport
+from edgetrain.sdk import topics, wire
+from edgetrain.sdk.transport import BrokerConfig, Transport
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WAIT_S = 20.0  # upper bound for any event-driven wait; passing runs take a fraction of it
@@ -42,7 +42,7 @@ class FleetAssets:
 def write_tiny_dataset(directory: Path, seed: int = 0) -> Path:
     """600 train / 200 test 28x28 uint8 images in Fashion-MNIST's IDX layout; each class is a fixed
     random prototype plus noise, so a small MLP learns it in a round or two."""
-    from sdk.data import write_idx
+    from edgetrain.sdk.data import write_idx
 
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -60,8 +60,8 @@ def write_tiny_dataset(directory: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def fleet_assets(tmp_path_factory: pytest.TempPathFactory) -> FleetAssets:
     """The tiny data set and an ``mlp`` torch bundle, made once per test session."""
-    from export.bundle_writer import export_bundle
-    from sdk.bundle import load_manifest, read_initial_parameters
+    from edgetrain.export.bundle_writer import export_bundle
+    from edgetrain.sdk.bundle import load_manifest, read_initial_parameters
 
     root = tmp_path_factory.mktemp("fleet-assets")
     data_dir = write_tiny_dataset(root / "data")
@@ -188,9 +188,9 @@ def make_device(broker: BrokerConfig, assets: FleetAssets, fleet: str, device_id
                 index: int, count: int, limit: int | None = None,
                 gate: Gate | None = None):  # -> sdk.device.Device
     """A ``Device`` with a real Transport and torch runtime; ``gate`` (if given) holds training."""
-    from sdk.data import PartitionSpec
-    from sdk.device import Device, DeviceConfig, LocalData
-    from sdk.runtime import load_runtime
+    from edgetrain.sdk.data import PartitionSpec
+    from edgetrain.sdk.device import Device, DeviceConfig, LocalData
+    from edgetrain.sdk.runtime import load_runtime
 
     config = DeviceConfig(fleet=fleet, device_id=device_id, state_dir=state_dir, partition=PartitionSpec.parse("iid"),
                           partition_index=index, partition_count=count)
@@ -279,7 +279,7 @@ class ProcessHandle:
 
 def spawn_cli(args: Sequence[str], log_path: Path) -> ProcessHandle:
     """``python -m sdk.cli ARGS`` with one intra-op thread, stdout+stderr to ``log_path``."""
-    argv = [sys.executable, "-m", "sdk.cli", *map(str, args)]
+    argv = [sys.executable, "-m", "edgetrain", *map(str, args)]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=_subprocess_env(), cwd=REPO_ROOT)
@@ -299,7 +299,7 @@ def spawn_device(broker_url: str, assets: FleetAssets, fleet: str, device_id: st
 # -- the aggregator --------------------------------------------------------------------------
 def round_args(*flags: str) -> argparse.Namespace:
     """The flags of ``edgetrain aggregate`` (rounds group) parsed as its CLI would."""
-    from aggregator.cli import add_round_args
+    from edgetrain.aggregator.cli import add_round_args
 
     parser = argparse.ArgumentParser()
     add_round_args(parser)
@@ -311,7 +311,7 @@ class AggregatorThread:
 
     def __init__(self, broker: BrokerConfig, assets: FleetAssets, fleet: str, out_dir: Path, *flags: str,
                  resume: bool = False) -> None:
-        from aggregator.cli import build_aggregator
+        from edgetrain.aggregator.cli import build_aggregator
 
         args = round_args("--data-dir", str(assets.data_dir), *flags)
         self.aggregator = build_aggregator(args, broker, out_dir, assets.bundle, fleet, resume)
@@ -350,7 +350,7 @@ class AggregatorThread:
 
 def metrics(out_dir: Path) -> list:
     """The run's ``metrics.jsonl`` as RoundRecords."""
-    from aggregator.results import MetricsLog
+    from edgetrain.aggregator.results import MetricsLog
 
     return MetricsLog(out_dir).read()
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.local_broker import BrokerTls, LocalMosquitto, find_mosquitto, free_port  # noqa: F401
+from edgetrain.aggregator.local_broker import BrokerTls, LocalMosquitto, find_mosquitto, free_port  # noqa: F401
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from aggregator.aggregation import (
+from edgetrain.aggregator.aggregation import (
     SERVER_STEPS,
     ServerHyper,
     WeightedMean,
@@ -18,7 +18,7 @@ from aggregator.aggregation import (
     fedyogi_step,
     init_server_state,
 )
-from sdk.errors import ConfigError
+from edgetrain.sdk.errors import ConfigError
 
 
 def _vectors(rng: np.random.Generator, count: int, size: int) -> tuple[list[np.ndarray], np.ndarray]:

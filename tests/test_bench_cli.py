@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_bench.cli import main
+from edgetrain.device_bench.cli import main
 from tests.fake_sysfs import FakeRapl
 
 pytest.importorskip("torch")
@@ -20,7 +20,7 @@ STEPS, WARMUP = 12, 2
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from export.bundle_writer import export_bundle
+    from edgetrain.export.bundle_writer import export_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "mlp"
     export_bundle("mlp", {"hidden": [16]}, out_dir=out, seed=0)
@@ -58,7 +58,7 @@ def test_bench_without_a_sensor_reports_latency_memory_and_why_no_energy(
 
 def test_bench_with_a_fake_rapl_counter_and_real_data(bundle: Path, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    from sdk.data import write_idx
+    from edgetrain.sdk.data import write_idx
 
     data = tmp_path / "fmnist"
     data.mkdir()
@@ -116,8 +116,8 @@ def test_device_bench_imports_and_compares_without_torch(tmp_path: Path) -> None
                 if name == "torch" or name.startswith("torch."):
                     raise ModuleNotFoundError(name)
         sys.meta_path.insert(0, _NoTorch())
-        import device_bench.cli, device_bench.bench, device_bench.sampler, device_bench.report, device_bench.power
-        import device_bench.context, device_bench.broker_probe
+        import edgetrain.device_bench.cli, edgetrain.device_bench.bench, edgetrain.sdk.energy.meter, edgetrain.device_bench.report, edgetrain.sdk.energy.power
+        import edgetrain.device_bench.context, edgetrain.device_bench.broker_probe
         assert "torch" not in sys.modules
         print("ok")
     """)

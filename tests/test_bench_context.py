@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from device_bench.context import collect_context, parse_l4t_release, parse_throttled
+from edgetrain.device_bench.context import collect_context, parse_l4t_release, parse_throttled
 from tests.fake_sysfs import FakeVcgencmd, fake_command, jetson_board_files
 
 

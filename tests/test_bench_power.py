@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from device_bench.power import SourceOptions, detect_power_source
-from device_bench.power.csv_meter import CsvMeterSource
-from device_bench.power.estimate import CpuTimeEstimate
-from device_bench.power.ina3221 import Ina3221Source
-from device_bench.power.pi5_pmic import Pi5PmicSource, parse_pmic_adc
-from device_bench.power.rapl import RaplSource, unwrap_delta_uj
-from device_bench.sampler import EnergyMeter, Window
-from sdk.errors import ConfigError, MeasurementUnavailable
+from edgetrain.sdk.energy.power import SourceOptions, detect_power_source
+from edgetrain.sdk.energy.power.csv_meter import CsvMeterSource
+from edgetrain.sdk.energy.power.estimate import CpuTimeEstimate
+from edgetrain.sdk.energy.power.ina3221 import Ina3221Source
+from edgetrain.sdk.energy.power.pi5_pmic import Pi5PmicSource, parse_pmic_adc
+from edgetrain.sdk.energy.power.rapl import RaplSource, unwrap_delta_uj
+from edgetrain.sdk.energy.meter import EnergyMeter, Window
+from edgetrain.sdk.errors import ConfigError, MeasurementUnavailable
 from tests.fake_sysfs import (
     FakeClock,
     FakeIna3221Hwmon,

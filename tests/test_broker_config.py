@@ -8,7 +8,7 @@ from tests.fleet import REPO_ROOT
 
 
 def test_broker_urls_and_the_cli_args_load_without_paho() -> None:
-    code = ("import sys; from sdk.cli_args import broker_config; from sdk.broker_config import BrokerConfig; "
+    code = ("import sys; from edgetrain.sdk.cli_args import broker_config; from edgetrain.sdk.broker_config import BrokerConfig; "
             "c = BrokerConfig.parse('mqtt://u:p@h:1884?protocol=3.1.1'); "
             "assert (c.host, c.port, c.username, c.protocol) == ('h', 1884, 'u', '3.1.1'); "
             "assert not [m for m in sys.modules if m.startswith('paho')], 'paho was imported'")
@@ -17,7 +17,7 @@ def test_broker_urls_and_the_cli_args_load_without_paho() -> None:
 
 
 def test_transport_still_exports_broker_config() -> None:
-    from sdk.broker_config import BrokerConfig as direct
-    from sdk.transport import BrokerConfig as via_transport
+    from edgetrain.sdk.broker_config import BrokerConfig as direct
+    from edgetrain.sdk.transport import BrokerConfig as via_transport
 
     assert via_transport is direct

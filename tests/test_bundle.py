@@ -9,12 +9,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from export.bundle_writer import BUFFERS_NAME, _exportable_buffers, export_bundle  # noqa: E402
-from export.models import build_model  # noqa: E402
-from sdk.bundle import MANIFEST_NAME, WEIGHTS_NAME, load_manifest, sha256_file  # noqa: E402
-from sdk.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD  # noqa: E402
-from sdk.errors import BundleError, ConfigError  # noqa: E402
-from sdk.runtime import load_runtime  # noqa: E402
+from edgetrain.export.bundle_writer import BUFFERS_NAME, _exportable_buffers, export_bundle  # noqa: E402
+from edgetrain.sdk.models import build_model  # noqa: E402
+from edgetrain.sdk.bundle import MANIFEST_NAME, WEIGHTS_NAME, load_manifest, sha256_file  # noqa: E402
+from edgetrain.sdk.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD  # noqa: E402
+from edgetrain.sdk.errors import BundleError, ConfigError  # noqa: E402
+from edgetrain.sdk.runtime import load_runtime  # noqa: E402
 
 
 def _flat(model: torch.nn.Module) -> np.ndarray:

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator import checkpoint as ck
-from aggregator.checkpoint import Checkpoint, list_checkpoints, load_latest, rng_from_state, rng_state, save_checkpoint
-from aggregator.strategy import make_strategy
-from sdk.errors import BundleError, ConfigError
+from edgetrain.aggregator import checkpoint as ck
+from edgetrain.aggregator.checkpoint import Checkpoint, list_checkpoints, load_latest, rng_from_state, rng_state, save_checkpoint
+from edgetrain.aggregator.strategy import make_strategy
+from edgetrain.sdk.errors import BundleError, ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,7 +110,7 @@ def test_sigkill_mid_write_never_leaves_a_half_checkpoint(tmp_path: Path) -> Non
     # was doing, every visible checkpoint must load and the latest must be the last completed one.
     script = textwrap.dedent(f"""
         import sys, numpy as np
-        from aggregator.checkpoint import Checkpoint, save_checkpoint
+        from edgetrain.aggregator.checkpoint import Checkpoint, save_checkpoint
         params = np.arange(200_000, dtype=np.float32)
         for r in range(1, 100_000):
             save_checkpoint({str(tmp_path)!r}, Checkpoint(r, r, params + r, {{"m": params}}, {{}}, {{}}), keep_last=2)

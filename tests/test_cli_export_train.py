@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("torch")
-idx = pytest.importorskip("sdk.data.idx", reason="sdk.data.idx (write_idx) not written yet")
+idx = pytest.importorskip("edgetrain.sdk.data.idx", reason="edgetrain.sdk.data.idx (write_idx) not written yet")
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCH_LINE = re.compile(r"^epoch (\d+)/(\d+)\s+train_loss (\S+)\s+test_loss (\S+)\s+test_acc (\S+)\s+train_s (\S+)",
@@ -22,7 +22,7 @@ EPOCH_LINE = re.compile(r"^epoch (\d+)/(\d+)\s+train_loss (\S+)\s+test_loss (\S+
 
 
 def _edgetrain(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "sdk.cli", *map(str, args)], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "edgetrain", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=240)
 
 

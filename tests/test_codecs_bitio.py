@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sdk.codecs.bitio import (
+from edgetrain.sdk.codecs.bitio import (
     best_rice_parameter,
     best_rice_parameters,
     decode_positions,
@@ -24,8 +24,8 @@ from sdk.codecs.bitio import (
     unpack_uint,
     unpack_varwidth,
 )
-from sdk.codecs.entropy import empirical_entropy_bits, index_set_bound_bits
-from sdk.errors import WireError
+from edgetrain.sdk.codecs.entropy import empirical_entropy_bits, index_set_bound_bits
+from edgetrain.sdk.errors import WireError
 
 
 @settings(max_examples=150, deadline=None)

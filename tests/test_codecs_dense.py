@@ -6,10 +6,10 @@ import struct
 import numpy as np
 import pytest
 
-import sdk.codecs as codecs
-from sdk.codecs import (check_codec_spec, codec_names, format_codec_spec, get_codec, parse_codec_spec, register,
+import edgetrain.sdk.codecs as codecs
+from edgetrain.sdk.codecs import (check_codec_spec, codec_names, format_codec_spec, get_codec, parse_codec_spec, register,
                         with_layout)
-from sdk.errors import ConfigError, WireError
+from edgetrain.sdk.errors import ConfigError, WireError
 
 
 @pytest.fixture

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from aggregator.checkpoint import list_checkpoints, load_checkpoint
-from sdk import topics, wire
-from sdk.codecs import codec_names, get_codec, parse_codec_spec
+from edgetrain.aggregator.checkpoint import list_checkpoints, load_checkpoint
+from edgetrain.sdk import topics, wire
+from edgetrain.sdk.codecs import codec_names, get_codec, parse_codec_spec
 from tests.fleet import (  # noqa: F401
     AggregatorThread,
     FleetAssets,

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sdk.codecs import codec_names, get_codec
-from sdk.errors import ConfigError, WireError
+from edgetrain.sdk.codecs import codec_names, get_codec
+from edgetrain.sdk.errors import ConfigError, WireError
 
 # Params that make each codec's payload small and exercise its interesting paths.
 _PARAMS: dict[str, dict] = {

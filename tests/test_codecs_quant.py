@@ -8,10 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from sdk.codecs import get_codec
-from sdk.codecs.bitio import packed_size
-from sdk.codecs.sketch import seeded_mask
-from sdk.errors import WireError
+from edgetrain.sdk.codecs import get_codec
+from edgetrain.sdk.codecs.bitio import packed_size
+from edgetrain.sdk.codecs.sketch import seeded_mask
+from edgetrain.sdk.errors import WireError
 
 
 @settings(max_examples=60, deadline=None)

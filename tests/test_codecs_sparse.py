@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
-from sdk.codecs import get_codec
-from sdk.codecs.dgc import sampled_top_k, warmup_density
-from sdk.errors import ConfigError
+from edgetrain.sdk.codecs import get_codec
+from edgetrain.sdk.codecs.dgc import sampled_top_k, warmup_density
+from edgetrain.sdk.errors import ConfigError
 
 
 def _gradients(steps: int, size: int, seed: int) -> list[np.ndarray]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sdk.data import (
+from edgetrain.sdk.data import (
     DATA_DIR_ENV,
     DEFAULT_DATA_DIR,
     FASHION_MNIST_MEAN,
@@ -21,8 +21,8 @@ from sdk.data import (
     to_model_input,
     write_idx,
 )
-from sdk.data.idx import encode_idx
-from sdk.errors import ConfigError, DataError
+from edgetrain.sdk.data.idx import encode_idx
+from edgetrain.sdk.errors import ConfigError, DataError
 
 
 def _header(code: int, dims: tuple[int, ...]) -> bytes:

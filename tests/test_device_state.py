@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.downlink import Downlink
-from sdk import topics, wire
-from sdk.codecs import format_codec_spec, get_codec, parse_codec_spec
-from sdk.data import PartitionSpec
-from sdk.device import Device, DeviceConfig, LocalData, gradient_batches
-from sdk.device_state import DeviceState
-from sdk.runtime import load_runtime
+from edgetrain.aggregator.downlink import Downlink
+from edgetrain.sdk import topics, wire
+from edgetrain.sdk.codecs import format_codec_spec, get_codec, parse_codec_spec
+from edgetrain.sdk.data import PartitionSpec
+from edgetrain.sdk.device import Device, DeviceConfig, LocalData, gradient_batches
+from edgetrain.sdk.device_state import DeviceState
+from edgetrain.sdk.runtime import load_runtime
 from tests.fleet import DeviceThread, FleetAssets, fleet_assets, wait_for  # noqa: F401
 
 FLEET = "state"

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from sdk import topics, wire
+from edgetrain.sdk import topics, wire
 from tests.fleet import (AggregatorThread, DeviceThread, FleetAssets, Gate, Sniffer, broker_config, cleanup,  # noqa: F401
                          fleet_assets, make_device)
 from tests.mosquitto import MosquittoBroker

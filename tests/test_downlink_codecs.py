@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.checkpoint import list_checkpoints, load_checkpoint
-from sdk import topics, wire
-from sdk.data import load_split, to_model_input
-from sdk.runtime import load_runtime
+from edgetrain.aggregator.checkpoint import list_checkpoints, load_checkpoint
+from edgetrain.sdk import topics, wire
+from edgetrain.sdk.data import load_split, to_model_input
+from edgetrain.sdk.runtime import load_runtime
 from tests.fleet import (  # noqa: F401
     AggregatorThread,
     FleetAssets,
@@ -157,8 +157,8 @@ def test_a_resync_on_a_retried_round_keeps_lossy_replicas_equal_to_the_shadow(sp
     """A retried round re-announces the same version; when a device (re)joined meanwhile it goes out as a
     whole model. Devices already holding that version (from the lossy delta) keep their replica, so the
     whole model must be what they hold, not the server's exact parameters."""
-    from aggregator.downlink import Downlink
-    from sdk.model_sync import ModelReplica
+    from edgetrain.aggregator.downlink import Downlink
+    from edgetrain.sdk.model_sync import ModelReplica
 
     rng = np.random.default_rng(0)
     downlink = Downlink(resync_every=100, codec=spec)
@@ -183,8 +183,8 @@ def test_a_resync_on_a_retried_round_keeps_lossy_replicas_equal_to_the_shadow(sp
 def test_low_rank_downlink_gets_the_model_shapes_and_replicas_follow_the_shadow() -> None:
     """``--downlink-codec low_rank`` once failed at the first delta: the codec needs the layer shapes,
     which the aggregator now hands the downlink from the manifest."""
-    from aggregator.downlink import Downlink
-    from sdk.model_sync import ModelReplica
+    from edgetrain.aggregator.downlink import Downlink
+    from edgetrain.sdk.model_sync import ModelReplica
 
     shapes = [(40, 30), (40,), (10, 40)]
     size = 40 * 30 + 40 + 10 * 40

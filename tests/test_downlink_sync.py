@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from aggregator.downlink import Downlink
-from sdk.model_sync import ModelReplica
-from sdk.wire import Announcement
+from edgetrain.aggregator.downlink import Downlink
+from edgetrain.sdk.model_sync import ModelReplica
+from edgetrain.sdk.wire import Announcement
 
 
 def _announcement(version: int, payload) -> Announcement:

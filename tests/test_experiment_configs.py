@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.report import load_run
-from aggregator.simulate import apply_config, register
-from sdk.errors import ConfigError
+from edgetrain.aggregator.report import load_run
+from edgetrain.aggregator.simulate import apply_config, register
+from edgetrain.sdk.errors import ConfigError
 from tests.fleet import FleetAssets, fleet_assets  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +60,7 @@ def test_every_shipped_experiment_config_is_valid(path: Path) -> None:
 
 def test_centralized_baseline_is_a_run_directory(fleet_assets: FleetAssets, tmp_path: Path) -> None:
     out = tmp_path / "central"
-    done = subprocess.run([sys.executable, "-m", "sdk.cli", "train", "--bundle", str(fleet_assets.bundle),
+    done = subprocess.run([sys.executable, "-m", "edgetrain", "train", "--bundle", str(fleet_assets.bundle),
                            "--data-dir", str(fleet_assets.data_dir), "--epochs", "2", "--out", str(out),
                            "--label", "baseline"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr

@@ -15,13 +15,13 @@ pytest.importorskip("executorch", reason="executorch==1.5.1 not installed (extra
 
 from torch import nn  # noqa: E402
 
-from export import executorch_export, onnx_export  # noqa: E402
-from export.bundle_writer import export_bundle  # noqa: E402
-from sdk import runtime as runtime_module  # noqa: E402
-from sdk.bundle import MANIFEST_NAME, load_manifest  # noqa: E402
-from sdk.cli import main  # noqa: E402
-from sdk.errors import BundleError, ConfigError  # noqa: E402
-from sdk.runtime import load_runtime, select_bundle  # noqa: E402
+from edgetrain.export import executorch_export, onnx_export  # noqa: E402
+from edgetrain.export.bundle_writer import export_bundle  # noqa: E402
+from edgetrain.sdk import runtime as runtime_module  # noqa: E402
+from edgetrain.sdk.bundle import MANIFEST_NAME, load_manifest  # noqa: E402
+from edgetrain.cli import main  # noqa: E402
+from edgetrain.sdk.errors import BundleError, ConfigError  # noqa: E402
+from edgetrain.sdk.runtime import load_runtime, select_bundle  # noqa: E402
 
 SMALL_CNN = {"channels": [8, 8], "kernel_size": 3, "hidden": 16}
 
@@ -98,7 +98,7 @@ def test_export_all_and_auto_selection(tmp_path: Path, monkeypatch: pytest.Monke
     assert sorted(p.name for p in root.iterdir()) == ["executorch", "onnx", "torch"]
     layouts = {r: load_manifest(root / r).params for r in ("onnx", "torch", "executorch")}
     assert layouts["onnx"] == layouts["torch"] == layouts["executorch"]
-    with caplog.at_level(logging.INFO, logger="sdk.runtime"):
+    with caplog.at_level(logging.INFO, logger="edgetrain.sdk.runtime"):
         chosen = load_runtime(root)
     assert chosen.name == "onnx" and "using the onnx bundle" in caplog.text
     assert load_runtime(root, prefer="torch").name == "torch"

@@ -13,11 +13,11 @@ from typing import Callable
 
 import pytest
 
-from aggregator import publish_retry
-from aggregator.checkpoint import list_checkpoints, load_latest
-from sdk import topics, wire
-from sdk.errors import BrokerUnavailable
-from sdk.transport import Transport
+from edgetrain.aggregator import publish_retry
+from edgetrain.aggregator.checkpoint import list_checkpoints, load_latest
+from edgetrain.sdk import topics, wire
+from edgetrain.sdk.errors import BrokerUnavailable
+from edgetrain.sdk.transport import Transport
 from tests.fleet import (AggregatorThread, FleetAssets, Gate, Sniffer, broker_config, cleanup,  # noqa: F401
                          fleet_assets, metrics, spawn_cli, spawn_device, start_device_threads, wait_for)
 from tests.mosquitto import MosquittoBroker
@@ -98,7 +98,7 @@ def test_broker_restart_while_updates_in_flight(outage: str, broker: MosquittoBr
 
 
 def _records(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name.startswith("aggregator") and text in r.getMessage()]
+    return [r for r in caplog.records if r.name.startswith("edgetrain.aggregator") and text in r.getMessage()]
 
 
 @pytest.mark.parametrize("outage", ["stop", "kill"])
@@ -108,7 +108,7 @@ def test_aggregator_rides_out_a_broker_outage_longer_than_its_publish_timeouts(
     # Short publish timeouts (30 s and 10 s in production) keep the test short; the outage outlasts both.
     monkeypatch.setattr(publish_retry, "ANNOUNCE_TIMEOUT_S", 1.0)
     monkeypatch.setattr(publish_retry, "ACK_TIMEOUT_S", 0.5)
-    caplog.set_level(logging.INFO, logger="aggregator")
+    caplog.set_level(logging.INFO, logger="edgetrain.aggregator")
     config = broker_config(broker.url)
     gate = Gate(rounds=frozenset({1}))
     limits = [50, 80, 110]

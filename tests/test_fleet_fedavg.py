@@ -7,9 +7,9 @@ from typing import Callable
 
 import numpy as np
 
-from aggregator.checkpoint import list_checkpoints, load_checkpoint, load_latest
-from sdk import topics, wire
-from sdk.codecs import get_codec, parse_codec_spec
+from edgetrain.aggregator.checkpoint import list_checkpoints, load_checkpoint, load_latest
+from edgetrain.sdk import topics, wire
+from edgetrain.sdk.codecs import get_codec, parse_codec_spec
 from tests.fleet import (AggregatorThread, FleetAssets, Sniffer, broker_config, cleanup, fleet_assets,  # noqa: F401
                          metrics, start_device_threads)
 from tests.mosquitto import MosquittoBroker

@@ -15,12 +15,12 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from aggregator.checkpoint import list_checkpoints, load_checkpoint
-from aggregator.server_optim import LargeBatchHyper, lars_step
-from sdk import topics, wire
-from sdk.data import PartitionSpec
-from sdk.device import DeviceConfig, LocalData, gradient_batches
-from sdk.runtime import load_runtime
+from edgetrain.aggregator.checkpoint import list_checkpoints, load_checkpoint
+from edgetrain.aggregator.server_optim import LargeBatchHyper, lars_step
+from edgetrain.sdk import topics, wire
+from edgetrain.sdk.data import PartitionSpec
+from edgetrain.sdk.device import DeviceConfig, LocalData, gradient_batches
+from edgetrain.sdk.runtime import load_runtime
 from tests.fleet import (AggregatorThread, FleetAssets, Sniffer, broker_config, cleanup, fleet_assets,  # noqa: F401
                          metrics, spawn_device, start_device_threads, wait_for)
 from tests.mosquitto import MosquittoBroker

@@ -12,14 +12,14 @@ from collections.abc import Callable
 
 import pytest
 
-from aggregator.device_metrics import DeviceMetricsCollector
-from device_bench.fleet_energy import RoundEnergy, open_round_energy
-from device_bench.power import SourceOptions
-from device_bench.power.ina3221 import Ina3221Source
-from sdk import topics, wire
-from sdk.device_metrics import GradientGroup, StepTimer, bench_values, step_stats_ms
-from sdk.errors import MeasurementUnavailable
-from sdk.transport import BrokerConfig
+from edgetrain.aggregator.device_metrics import DeviceMetricsCollector
+from edgetrain.sdk.energy.round_energy import RoundEnergy, open_round_energy
+from edgetrain.sdk.energy.power import SourceOptions
+from edgetrain.sdk.energy.power.ina3221 import Ina3221Source
+from edgetrain.sdk import topics, wire
+from edgetrain.sdk.device_metrics import GradientGroup, StepTimer, bench_values, step_stats_ms
+from edgetrain.sdk.errors import MeasurementUnavailable
+from edgetrain.sdk.transport import BrokerConfig
 from tests.fake_sysfs import FakeIna3221Hwmon, FakeRapl
 from tests.fleet import (AggregatorThread, DeviceThread, FleetAssets, Gate, Sniffer, broker_config,  # noqa: F401
                          cleanup, fleet_assets, metrics, spawn_cli, spawn_device)
@@ -40,10 +40,10 @@ def _metered_device(broker: BrokerConfig, assets: FleetAssets, root: Path, index
                     energy: RoundEnergy | None, unavailable: str = "", bench: dict | None = None,
                     gradient_every: int = 10):
     """A device thread whose round bumps its own fake RAPL counter while the energy window is open."""
-    from sdk.data import PartitionSpec
-    from sdk.device import Device, DeviceConfig, LocalData
-    from sdk.runtime import load_runtime
-    from sdk.transport import Transport
+    from edgetrain.sdk.data import PartitionSpec
+    from edgetrain.sdk.device import Device, DeviceConfig, LocalData
+    from edgetrain.sdk.runtime import load_runtime
+    from edgetrain.sdk.transport import Transport
 
     device_id = f"dev-{index}"
     config = DeviceConfig(fleet=FLEET, device_id=device_id, state_dir=root / device_id,

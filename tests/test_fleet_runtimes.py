@@ -16,13 +16,13 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from aggregator.checkpoint import list_checkpoints, load_checkpoint
-from aggregator.results import SUMMARY_FILE
-from sdk import topics, wire
-from sdk.codecs import get_codec, parse_codec_spec
-from sdk.data import PartitionSpec
-from sdk.device import DeviceConfig, LocalData, gradient_batches, round_batches
-from sdk.runtime import Runtime, TrainConfig, load_runtime, runtime_available
+from edgetrain.aggregator.checkpoint import list_checkpoints, load_checkpoint
+from edgetrain.aggregator.results import SUMMARY_FILE
+from edgetrain.sdk import topics, wire
+from edgetrain.sdk.codecs import get_codec, parse_codec_spec
+from edgetrain.sdk.data import PartitionSpec
+from edgetrain.sdk.device import DeviceConfig, LocalData, gradient_batches, round_batches
+from edgetrain.sdk.runtime import Runtime, TrainConfig, load_runtime, runtime_available
 from tests.fleet import (AggregatorThread, DeviceThread, FleetAssets, ProcessHandle, Sniffer,  # noqa: F401
                          broker_config, cleanup, fleet_assets, make_device, metrics, spawn_cli, spawn_device)
 from tests.mosquitto import MosquittoBroker, find_mosquitto
@@ -41,8 +41,8 @@ BATCH = 32
 @pytest.fixture(scope="module")
 def mixed_assets(fleet_assets: FleetAssets, tmp_path_factory: pytest.TempPathFactory) -> FleetAssets:
     """The tests' tiny mlp as torch/ and onnx/ sub-bundles of one directory, like ``export --runtime all``."""
-    from export.bundle_writer import export_bundle
-    from sdk.bundle import load_manifest, read_initial_parameters
+    from edgetrain.export.bundle_writer import export_bundle
+    from edgetrain.sdk.bundle import load_manifest, read_initial_parameters
 
     root = tmp_path_factory.mktemp("mixed-bundle")
     for runtime in ("torch", "onnx"):

@@ -11,9 +11,9 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from sdk import topics, wire
-from sdk.errors import BrokerUnavailable, TransportError
-from sdk.transport import Transport
+from edgetrain.sdk import topics, wire
+from edgetrain.sdk.errors import BrokerUnavailable, TransportError
+from edgetrain.sdk.transport import Transport
 from tests.fleet import (AggregatorThread, DeviceThread, FleetAssets, Gate, Sniffer,  # noqa: F401 (fixtures)
                          broker_config, cleanup, fleet_assets, make_device, metrics, publish_update)
 from tests.mosquitto import MosquittoBroker, make_tls_material

@@ -27,24 +27,24 @@ HIDE_TORCH = textwrap.dedent("""
 """)
 
 TORCH_FREE_MODULES = (
-    "sdk",
-    "sdk.errors",
-    "sdk.bundle",
-    "sdk.data",
-    "sdk.wire",
-    "sdk.codecs",
-    "sdk.runtime",
-    "sdk.cli",
-    "sdk.local_train",
-    "sdk.device_metrics",
-    "sdk.device",
-    "sdk.device_cli",
-    "sdk.device_state",
-    "sdk.model_sync",
-    "sdk.outbox",
-    "sdk.topics",
-    "sdk.transport",
-    "export.cli",  # registered by sdk.cli, so `edgetrain --help` must not need torch either
+    "edgetrain.sdk",
+    "edgetrain.sdk.errors",
+    "edgetrain.sdk.bundle",
+    "edgetrain.sdk.data",
+    "edgetrain.sdk.wire",
+    "edgetrain.sdk.codecs",
+    "edgetrain.sdk.runtime",
+    "edgetrain.cli",
+    "edgetrain.aggregator.centralized",
+    "edgetrain.sdk.device_metrics",
+    "edgetrain.sdk.device",
+    "edgetrain.sdk.device_cli",
+    "edgetrain.sdk.device_state",
+    "edgetrain.sdk.model_sync",
+    "edgetrain.sdk.outbox",
+    "edgetrain.sdk.topics",
+    "edgetrain.sdk.transport",
+    "edgetrain.export.cli",  # registered by edgetrain.cli, so `edgetrain --help` must not need torch either
 )
 
 
@@ -78,7 +78,7 @@ def test_the_torch_blocker_really_blocks() -> None:
     # without this, a broken blocker would make every check above pass vacuously
     result = _run_without_torch("""
         try:
-            import sdk.runtime.torch_backend
+            import edgetrain.sdk.runtime.torch_backend
         except ModuleNotFoundError as exc:
             print("blocked", exc.name)
     """)
@@ -89,7 +89,7 @@ def test_the_torch_blocker_really_blocks() -> None:
 def test_cli_help_works_without_torch() -> None:
     result = _run_without_torch("""
         import contextlib, io
-        from sdk.cli import main
+        from edgetrain.cli import main
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             try:

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-import aggregator.local_broker
-import aggregator.simulate
-from aggregator.local_broker import EmbeddedBroker, amqtt_available, start_local_broker
-from sdk.cli import main
-from sdk.errors import BrokerUnavailable, ConfigError
-from sdk.transport import BrokerConfig, Transport
+import edgetrain.aggregator.local_broker as local_broker_module
+import edgetrain.aggregator.simulate as simulate_module
+from edgetrain.aggregator.local_broker import EmbeddedBroker, amqtt_available, start_local_broker
+from edgetrain.cli import main
+from edgetrain.sdk.errors import BrokerUnavailable, ConfigError
+from edgetrain.sdk.transport import BrokerConfig, Transport
 from tests.fleet import FleetAssets, fleet_assets, metrics  # noqa: F401
 
 needs_amqtt = pytest.mark.skipif(not amqtt_available(), reason="amqtt not installed (pip install amqtt)")
@@ -23,7 +23,7 @@ needs_amqtt = pytest.mark.skipif(not amqtt_available(), reason="amqtt not instal
 
 @pytest.fixture
 def no_mosquitto(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(aggregator.local_broker, "find_mosquitto", lambda: None)
+    monkeypatch.setattr(local_broker_module, "find_mosquitto", lambda: None)
 
 
 @pytest.fixture
@@ -101,8 +101,8 @@ def test_simulate_without_any_broker_exits_with_one_line(fleet_assets: FleetAsse
     def must_not_start(*args: object, **kwargs: object) -> None:
         raise AssertionError("a process was started without a broker")
 
-    monkeypatch.setattr(aggregator.local_broker, "amqtt_available", lambda: False)
-    monkeypatch.setattr(aggregator.simulate.subprocess, "Popen", must_not_start)
+    monkeypatch.setattr(local_broker_module, "amqtt_available", lambda: False)
+    monkeypatch.setattr(simulate_module.subprocess, "Popen", must_not_start)
     code = main(["simulate", "--devices", "2", "--rounds", "1", "--data-dir", str(fleet_assets.data_dir),
                  "--bundle", str(fleet_assets.bundle), "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err

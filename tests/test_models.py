@@ -5,8 +5,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from export import cli as export_cli  # noqa: E402
-from export.models import (  # noqa: E402
+from edgetrain.export import cli as export_cli  # noqa: E402
+from edgetrain.sdk.models import (  # noqa: E402
     MODELS,
     NORMS,
     build_model,
@@ -14,7 +14,7 @@ from export.models import (  # noqa: E402
     default_config,
     resolve_config,
 )
-from sdk.errors import ConfigError  # noqa: E402
+from edgetrain.sdk.errors import ConfigError  # noqa: E402
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -19,8 +19,8 @@ pytest.importorskip("torch", reason="the host side (export, reference) needs tor
 pytest.importorskip("onnxruntime.training", reason="onnxruntime-training-cpu==1.19.2 not installed (extra 'ort')")
 pytest.importorskip("onnxscript", reason="onnxscript not installed (extra 'export')")
 
-from export.bundle_writer import export_bundle  # noqa: E402
-from sdk.runtime import TrainConfig, load_runtime  # noqa: E402
+from edgetrain.export.bundle_writer import export_bundle  # noqa: E402
+from edgetrain.sdk.runtime import TrainConfig, load_runtime  # noqa: E402
 from tests.test_import_without_torch import HIDE_TORCH as _HIDE_TORCH  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def test_ort_bundle_trains_without_torch(tmp_path: Path) -> None:
     result = _run_without_torch("""
         from pathlib import Path
         import numpy as np
-        from sdk.runtime import TrainConfig, load_runtime
+        from edgetrain.sdk.runtime import TrainConfig, load_runtime
         root = Path(sys.argv[1])
         runtime = load_runtime(root / "onnx")
         xs, ys = np.load(root / "x.npy"), np.load(root / "y.npy")
@@ -86,7 +86,7 @@ def test_ort_backend_leaves_an_installed_torch_unimported(tmp_path: Path) -> Non
     code = textwrap.dedent("""
         import sys
         import numpy as np
-        from sdk.runtime import TrainConfig, load_runtime
+        from edgetrain.sdk.runtime import TrainConfig, load_runtime
         runtime = load_runtime(sys.argv[1])
         x = np.zeros((4, 1, 28, 28), np.float32)
         runtime.train([(x, np.arange(4))], TrainConfig(lr=0.1))

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sdk.data import PartitionSpec, device_indices, label_histogram, partition, partition_digest
-from sdk.errors import ConfigError
+from edgetrain.sdk.data import PartitionSpec, device_indices, label_histogram, partition, partition_digest
+from edgetrain.sdk.errors import ConfigError
 
 SPECS = [PartitionSpec("iid"), PartitionSpec("dirichlet", alpha=0.5), PartitionSpec("shards", shards_per_device=2)]
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from aggregator import publish_retry
-from aggregator.publish_retry import (
+from edgetrain.aggregator import publish_retry
+from edgetrain.aggregator.publish_retry import (
     OutagePublisher,
     publish_best_effort,
     publish_through_outage,
 )
-from sdk.errors import BrokerUnavailable, ConfigError, PublishTimeout, TransportError
+from edgetrain.sdk.errors import BrokerUnavailable, ConfigError, PublishTimeout, TransportError
 
 URL = "mqtt://broker.example:1883"
 POLL_S = 0.2  # publish_through_outage's default poll: a reconnect is seen within one
@@ -69,7 +69,7 @@ def test_a_live_broker_gets_one_publish_and_no_wait() -> None:
 
 def test_a_broker_already_down_gets_nothing_until_it_is_back(caplog: pytest.LogCaptureFixture) -> None:
     broker = FakeBroker(down_from=0.0, back_at=42.0)
-    with caplog.at_level(logging.INFO, logger="aggregator.publish_retry"):
+    with caplog.at_level(logging.INFO, logger="edgetrain.aggregator.publish_retry"):
         assert _run(broker, log_every_s=10.0) == 1
     # Nothing was handed to paho while the connection was down: no copy queued to go out twice.
     assert broker.calls == [(pytest.approx(42.0, abs=POLL_S), 5.0, True)]
@@ -165,7 +165,7 @@ def test_best_effort_warns_and_does_not_wait_while_disconnected(caplog: pytest.L
         timeouts.append(timeout_s)
         raise PublishTimeout("no PUBACK")
 
-    with caplog.at_level(logging.WARNING, logger="aggregator.publish_retry"):
+    with caplog.at_level(logging.WARNING, logger="edgetrain.aggregator.publish_retry"):
         assert not publish_best_effort(publish, what="ack of dev-1's u1", timeout_s=10.0, connected=False)
         assert not publish_best_effort(publish, what="ack of dev-1's u2", timeout_s=10.0, connected=True)
     assert timeouts == [0.0, 10.0]
@@ -221,8 +221,8 @@ def test_outage_publisher_rebuilds_the_frame_per_attempt_and_reads_the_timeouts(
 
 
 def test_the_bound_is_configured_and_checked(tmp_path: Path) -> None:
-    from aggregator.cli import aggregator_config
-    from aggregator.config import AggregatorConfig
+    from edgetrain.aggregator.cli import aggregator_config
+    from edgetrain.aggregator.config import AggregatorConfig
     from tests.fleet import round_args
 
     assert AggregatorConfig(fleet="f", out_dir=tmp_path, rounds=1).broker_outage_s == 300.0

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from aggregator.report import load_run, markdown_table, milestone, parse_targets
-from aggregator.results import MetricsLog, RoundRecord, write_summary
-from sdk.errors import ConfigError, DataError
+from edgetrain.aggregator.report import load_run, markdown_table, milestone, parse_targets
+from edgetrain.aggregator.results import MetricsLog, RoundRecord, write_summary
+from edgetrain.sdk.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,12 +68,12 @@ def test_bad_inputs_name_the_problem(tmp_path: Path) -> None:
 def test_report_cli_writes_markdown_and_three_plots(tmp_path: Path) -> None:
     run = _make_run(tmp_path / "run1", [0.8, 0.9], {"strategy": "fedavg"})
     out = tmp_path / "report"
-    done = subprocess.run([sys.executable, "-m", "sdk.cli", "report", str(run), "--out", str(out)],
+    done = subprocess.run([sys.executable, "-m", "edgetrain", "report", str(run), "--out", str(out)],
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert "| run1 | fedavg |" in (out / "report.md").read_text()
     for name in ("accuracy_vs_round.png", "accuracy_vs_uplink_mb.png", "accuracy_vs_wall_s.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    bad = subprocess.run([sys.executable, "-m", "sdk.cli", "report", str(tmp_path / "nope"), "--out", str(out)],
+    bad = subprocess.run([sys.executable, "-m", "edgetrain", "report", str(tmp_path / "nope"), "--out", str(out)],
                          capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 1 and "not a run directory" in bad.stderr

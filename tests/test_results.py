@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.results import (
+from edgetrain.aggregator.results import (
     METRICS_FILE,
     MetricsLog,
     RoundRecord,
     plot_run,
     write_summary,
 )
-from sdk.errors import ConfigError, DataError
+from edgetrain.sdk.errors import ConfigError, DataError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sdk.device import LocalData, round_batches
-from sdk.errors import ConfigError
+from edgetrain.sdk.device import LocalData, round_batches
+from edgetrain.sdk.errors import ConfigError
 
 
 def _data(n: int) -> LocalData:

@@ -15,10 +15,10 @@ pytest.importorskip("onnx", reason="onnx<1.18 not installed (extra 'export')")
 pytest.importorskip("onnxscript", reason="onnxscript not installed (extra 'export')")
 pytest.importorskip("executorch", reason="executorch==1.5.1 not installed (extra 'executorch')")
 
-from export.bundle_writer import export_bundle  # noqa: E402
-from sdk.bundle import load_manifest, read_initial_parameters  # noqa: E402
-from sdk.errors import RuntimeBackendError  # noqa: E402
-from sdk.runtime import Runtime, TrainConfig, load_runtime  # noqa: E402
+from edgetrain.export.bundle_writer import export_bundle  # noqa: E402
+from edgetrain.sdk.bundle import load_manifest, read_initial_parameters  # noqa: E402
+from edgetrain.sdk.errors import RuntimeBackendError  # noqa: E402
+from edgetrain.sdk.runtime import Runtime, TrainConfig, load_runtime  # noqa: E402
 
 RUNTIMES = ("torch", "onnx", "executorch")
 MODELS = {"mlp": {"hidden": [16]}, "cnn": {"channels": [4, 8], "kernel_size": 3, "hidden": 16, "norm": "none"}}

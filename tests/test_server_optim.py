@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from aggregator.large_batch import LargeBatch
-from aggregator.server_optim import LargeBatchHyper, lars_step, learning_rate, sgd_step
-from sdk.errors import ConfigError
+from edgetrain.aggregator.large_batch import LargeBatch
+from edgetrain.aggregator.server_optim import LargeBatchHyper, lars_step, learning_rate, sgd_step
+from edgetrain.sdk.errors import ConfigError
 
 
 @pytest.mark.parametrize("momentum,nesterov,wd", [(0.0, False, 0.0), (0.9, False, 0.0), (0.9, True, 1e-3),

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-import aggregator.local_broker
-import aggregator.simulate
-from aggregator.results import PLOT_ACCURACY_VS_ROUND, PLOT_ACCURACY_VS_UPLINK, SUMMARY_FILE
-from sdk.cli import main
+import edgetrain.aggregator.local_broker as local_broker_module
+import edgetrain.aggregator.simulate as simulate_module
+from edgetrain.aggregator.results import PLOT_ACCURACY_VS_ROUND, PLOT_ACCURACY_VS_UPLINK, SUMMARY_FILE
+from edgetrain.cli import main
 from tests.fleet import FleetAssets, fleet_assets, metrics, spawn_cli  # noqa: F401
 from tests.mosquitto import find_mosquitto
 
@@ -58,8 +58,8 @@ def test_simulate_bad_input_exits_2_before_starting_anything(flags: list[str], m
     def must_not_start(*args: object, **kwargs: object) -> None:
         raise AssertionError("a process was started before the input was checked")
 
-    monkeypatch.setattr(aggregator.simulate.subprocess, "Popen", must_not_start)
-    monkeypatch.setattr(aggregator.local_broker.LocalMosquitto, "__init__", must_not_start)
+    monkeypatch.setattr(simulate_module.subprocess, "Popen", must_not_start)
+    monkeypatch.setattr(local_broker_module.LocalMosquitto, "__init__", must_not_start)
     out = tmp_path / "run"
     assert main(["simulate", *flags, "--out", str(out)]) == 2
     err = capsys.readouterr().err

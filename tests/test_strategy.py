@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from aggregator.aggregation import ServerHyper, WeightedMean, fedadam_step, init_server_state
-from aggregator.strategy import (
+from edgetrain.aggregator.aggregation import ServerHyper, WeightedMean, fedadam_step, init_server_state
+from edgetrain.aggregator.strategy import (
     STRATEGIES,
     FedAdam,
     FedAvg,
@@ -18,7 +18,7 @@ from aggregator.strategy import (
     make_strategy,
     strategy_names,
 )
-from sdk.errors import ConfigError
+from edgetrain.sdk.errors import ConfigError
 
 DEVICES = [f"dev-{i:02d}" for i in range(30)]
 

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sdk import topics
-from sdk.errors import ConfigError, WireError
+from edgetrain.sdk import topics
+from edgetrain.sdk.errors import ConfigError, WireError
 
 KIND_FUNCTIONS = {
     "update": (topics.update_topic, topics.update_filter),

@@ -8,11 +8,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from export.bundle_writer import export_bundle  # noqa: E402
-from export.models import build_model  # noqa: E402
-from sdk.errors import BundleError, ConfigError  # noqa: E402
-from sdk.runtime import Runtime, TrainConfig, load_runtime  # noqa: E402
-from sdk.runtime.torch_backend import TorchRuntime  # noqa: E402
+from edgetrain.export.bundle_writer import export_bundle  # noqa: E402
+from edgetrain.sdk.models import build_model  # noqa: E402
+from edgetrain.sdk.errors import BundleError, ConfigError  # noqa: E402
+from edgetrain.sdk.runtime import Runtime, TrainConfig, load_runtime  # noqa: E402
+from edgetrain.sdk.runtime.torch_backend import TorchRuntime  # noqa: E402
 
 MLP_CONFIG = {"hidden": [16]}
 SEED = 11

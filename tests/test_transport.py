@@ -13,10 +13,10 @@ from typing import Callable, Iterator
 
 import pytest
 
-from sdk import topics
-from sdk.errors import BrokerUnavailable, ConfigError, PublishTimeout, TransportError
-from sdk.outbox import Outbox, OutboxEntry
-from sdk.transport import BrokerConfig, Transport
+from edgetrain.sdk import topics
+from edgetrain.sdk.errors import BrokerUnavailable, ConfigError, PublishTimeout, TransportError
+from edgetrain.sdk.outbox import Outbox, OutboxEntry
+from edgetrain.sdk.transport import BrokerConfig, Transport
 from tests.mosquitto import MosquittoBroker, TlsMaterial, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -127,7 +127,7 @@ def test_outbox_survives_restart_and_a_corrupt_entry(tmp_path: Path,
     victim = sorted((tmp_path / "outbox").glob("*.rec"))[0]  # round-3's file, the oldest
     victim.write_bytes(victim.read_bytes()[:-3])  # a torn write
     (tmp_path / "outbox" / "000000000000-deadbeef.rec").write_bytes(b"ETOUTBOX\x01\xff\xff")
-    with caplog.at_level(logging.WARNING, logger="sdk.transport"):
+    with caplog.at_level(logging.WARNING, logger="edgetrain.sdk.transport"):
         assert [e.key for e in Outbox(tmp_path / "outbox").pending()] == ["round-1", "round-4"]
     assert "corrupt" in caplog.text
     assert len(list((tmp_path / "outbox" / "corrupt").iterdir())) == 2
@@ -188,7 +188,7 @@ def test_retained_announce_reaches_a_late_subscriber(
 
 WILL_SCRIPT = """
 import sys
-from sdk.transport import BrokerConfig, Transport
+from edgetrain.sdk.transport import BrokerConfig, Transport
 url, topic = sys.argv[1:3]
 device = Transport(BrokerConfig.parse(url), "doomed", will=(topic, b"offline", True))
 device.connect()

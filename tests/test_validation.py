@@ -6,11 +6,11 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import pytest
 
-from aggregator import validation as v
-from aggregator.validation import ValidationContext, validate_update
-from sdk.codecs import get_codec
-from sdk.errors import ConfigError, UpdateRejected, WireError
-from sdk.wire import Update
+from edgetrain.aggregator import validation as v
+from edgetrain.aggregator.validation import ValidationContext, validate_update
+from edgetrain.sdk.codecs import get_codec
+from edgetrain.sdk.errors import ConfigError, UpdateRejected, WireError
+from edgetrain.sdk.wire import Update
 
 NUM_PARAMS = 50
 

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sdk.codecs import get_codec
-from sdk.errors import ConfigError, UnknownCodec, WireError
-from sdk.wire import (
+from edgetrain.sdk.codecs import get_codec
+from edgetrain.sdk.errors import ConfigError, UnknownCodec, WireError
+from edgetrain.sdk.wire import (
     MAGIC,
     WIRE_VERSION,
     Ack,

@@ -17,9 +17,9 @@ _log = logging.getLogger(__name__)
 
 # bundle runtime -> (module that implements it, python packages it needs, extra that installs them)
 _BACKENDS = {
-    "torch": ("sdk.runtime.torch_backend", ("torch",), "torch"),
-    "onnx": ("sdk.runtime.ort_backend", ("onnxruntime",), "ort"),
-    "executorch": ("sdk.runtime.executorch_backend", ("executorch", "torch"), "executorch"),
+    "torch": ("edgetrain.sdk.runtime.torch_backend", ("torch",), "torch"),
+    "onnx": ("edgetrain.sdk.runtime.ort_backend", ("onnxruntime",), "ort"),
+    "executorch": ("edgetrain.sdk.runtime.executorch_backend", ("executorch", "torch"), "executorch"),
 }
 # `prefer="auto"` over a directory of sub-bundles: the leanest installed runtime first
 # (ORT trains without torch in ~90 MB RSS; ExecuTorch's Python bindings are the slowest)

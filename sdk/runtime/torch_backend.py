@@ -159,7 +159,7 @@ def _load_buffers(model: nn.Module, bundle_dir: Path, manifest: Manifest) -> Non
 
 def load(bundle_dir: Path, manifest: Manifest) -> TorchRuntime:
     """Rebuild the bundle's model and load its weights (and BatchNorm statistics, if any)."""
-    from export.models import build_model
+    from edgetrain.sdk.models import build_model
 
     if manifest.runtime != "torch":
         raise BundleError(f"{bundle_dir}: a {manifest.runtime} bundle cannot be loaded by the torch runtime")

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from sdk.errors import MeasurementUnavailable
+from edgetrain.sdk.errors import MeasurementUnavailable
 
 from .base import PowerSource, RailValues, SourceOptions
 

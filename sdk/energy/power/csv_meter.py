@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sdk.errors import MeasurementUnavailable
+from edgetrain.sdk.errors import MeasurementUnavailable
 
 from .base import PowerSource, SourceOptions, TimedPower
 

@@ -12,7 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from sdk.errors import MeasurementUnavailable
+from edgetrain.sdk.errors import MeasurementUnavailable
 
 from .base import PowerSource, RailValues, SourceOptions
 

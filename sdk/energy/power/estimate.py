@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sdk.errors import ConfigError, MeasurementUnavailable
+from edgetrain.sdk.errors import ConfigError, MeasurementUnavailable
 
 from .base import PowerSource, RailValues, SourceOptions
 

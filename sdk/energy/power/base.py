@@ -2,7 +2,7 @@
 
 A source is either an ``energy_counter`` (a cumulative joule counter: RAPL, NVML) that is differenced
 at window edges, or a ``power_sampler`` (instantaneous watts: INA3221, Pi 5 PMIC, jtop, an external
-meter) that ``device_bench.sampler`` polls and integrates with the trapezoidal rule. The split follows
+meter) that ``edgetrain.sdk.energy.meter`` polls and integrates with the trapezoidal rule. The split follows
 Zeus (You, Chung & Chowdhury, NSDI 2023), which prefers counters wherever hardware offers them.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from sdk.errors import MeasurementUnavailable
+from edgetrain.sdk.errors import MeasurementUnavailable
 
 SourceKind = Literal["energy_counter", "power_sampler"]
 

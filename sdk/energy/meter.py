@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from sdk.errors import ConfigError, EdgetrainError, MeasurementUnavailable
+from edgetrain.sdk.errors import ConfigError, EdgetrainError, MeasurementUnavailable
 
 from .integrate import covered_fraction, trapezoid_j
 from .power.base import PowerSource, RailValues

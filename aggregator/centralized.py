@@ -1,6 +1,6 @@
 """``edgetrain train``: train a bundle locally on one device's share of Fashion-MNIST.
 
-Runtime-generic: everything goes through the ``sdk.runtime.Runtime`` seam, so the same command
+Runtime-generic: everything goes through the ``edgetrain.sdk.runtime.Runtime`` seam, so the same command
 trains a torch, ONNX Runtime or ExecuTorch bundle. The baseline it gives (one device, the full
 train split) is the reference that federated and large-batch runs are compared against.
 """
@@ -13,7 +13,12 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import ConfigError
+from edgetrain.sdk.data import (PartitionSpec, batch_indices, device_indices, load_split,
+                                 to_model_input)
+from edgetrain.sdk.errors import ConfigError
+from edgetrain.sdk.runtime import TrainConfig, load_runtime
+
+from .results import MetricsLog, RoundRecord, write_summary
 
 DEFAULT_EPOCHS = 3
 DEFAULT_BATCH_SIZE = 32
@@ -67,17 +72,12 @@ def _batch_size(requested: int | None, fixed: int | None) -> int:
 
 def _batches(images: np.ndarray, labels: np.ndarray, batch_size: int, rng: np.random.Generator,
              drop_last: bool, mean: float, std: float) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    from .data import batch_indices, to_model_input
-
     # normalise per batch: a float32 copy of the whole train split would cost ~190 MB on a board
     for idx in batch_indices(len(labels), batch_size, rng, shuffle=True, drop_last=drop_last):
         yield to_model_input(images[idx], mean, std), labels[idx]
 
 
 def run(args: argparse.Namespace) -> int:
-    from .data import PartitionSpec, device_indices, load_split, to_model_input
-    from .runtime import TrainConfig, load_runtime
-
     epochs = _positive(args.epochs, "--epochs")
     _positive(args.count, "--count")
     if not 0 <= args.index < args.count:
@@ -137,15 +137,11 @@ class _RunLog:
     beside fleet runs: one record per epoch, nothing sent over a network (0 bytes)."""
 
     def __init__(self, out: Path) -> None:
-        from aggregator.results import MetricsLog  # server-side format; imported only when asked for
-
         out.mkdir(parents=True, exist_ok=True)
         self.out, self.metrics, self.records = out, MetricsLog(out), []
         self.metrics.truncate_after(0)
 
     def epoch(self, epoch: int, accuracy: float, loss: float, wall_s: float, examples: int) -> None:
-        from aggregator.results import RoundRecord
-
         record = RoundRecord(round_id=epoch, model_version=epoch, accuracy=accuracy, loss=loss, devices_chosen=1,
                              devices_reported=1, devices_rejected={}, rejected_detail=(), bytes_up=0, bytes_down=0,
                              round_wall_s=wall_s, total_examples=examples)
@@ -153,6 +149,4 @@ class _RunLog:
         self.records.append(record)
 
     def finish(self, settings: dict) -> None:
-        from aggregator.results import write_summary
-
         write_summary(self.out, self.records, settings)

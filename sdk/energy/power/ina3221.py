@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdk.errors import MeasurementUnavailable
+from edgetrain.sdk.errors import MeasurementUnavailable
 
 from .base import (
     PowerSource,

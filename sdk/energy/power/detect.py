@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdk.errors import ConfigError, MeasurementUnavailable
+from edgetrain.sdk.errors import ConfigError, MeasurementUnavailable
 
 from .base import PowerSource, SourceOptions
 from .csv_meter import CsvMeterSource

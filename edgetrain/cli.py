@@ -1,26 +1,23 @@
-"""The one ``edgetrain`` command. Each subcommand lives in its own module, which exposes
-``register(subparsers)``; heavy libraries (torch, onnx) are imported only when a subcommand runs,
-so ``edgetrain --help`` and the device commands work on a board without them.
+"""The one ``edgetrain`` command, above every layer. Each subcommand lives in its layer's module,
+which exposes ``register(subparsers)``; heavy libraries (torch, onnx) are imported only when a
+subcommand runs, so ``edgetrain --help`` and the device commands work on a board without them.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from typing import Sequence
 
-from .errors import ConfigError, EdgetrainError
+from edgetrain import __version__
+from edgetrain.aggregator import centralized, report, simulate
+from edgetrain.aggregator import cli as aggregate_cli
+from edgetrain.device_bench import cli as bench_cli
+from edgetrain.export import cli as export_cli
+from edgetrain.sdk import device_cli
+from edgetrain.sdk.errors import ConfigError, EdgetrainError
 
-# Order is the order shown in --help.
-COMMAND_MODULES: tuple[str, ...] = (
-    "export.cli",
-    "sdk.local_train",
-    "sdk.device_cli",
-    "aggregator.cli",
-    "aggregator.simulate",
-    "aggregator.report",
-    "device_bench.cli",
-)
+# Each registers one subcommand; the order is the order shown in --help.
+COMMAND_MODULES = (export_cli, centralized, device_cli, aggregate_cli, simulate, report, bench_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,9 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="edgetrain",
         description="Train deep nets on edge devices: Federated Learning and Large Batch Training over MQTT.",
     )
+    parser.add_argument("--version", action="version", version=f"edgetrain {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    for module in COMMAND_MODULES:
+        module.register(sub)
     return parser
 
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from sdk.errors import ConfigError
+from edgetrain.sdk.errors import ConfigError
 
 INPUT_SHAPE: tuple[int, int, int] = (1, 28, 28)
 NUM_CLASSES = 10

@@ -12,12 +12,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from sdk.errors import EdgetrainError
+from edgetrain.sdk.errors import EdgetrainError
 
 from .power import SourceOptions, detect_power_source
 from .power.detect import DEFAULT_OPTIONS
 from .power.base import PowerSource
-from .sampler import EnergyMeter
+from .meter import EnergyMeter
 
 _log = logging.getLogger(__name__)
 WINDOW = "round"

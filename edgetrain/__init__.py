@@ -1,0 +1,12 @@
+"""edgetrain: train deep nets on edge devices — Federated Learning and Large Batch Training over MQTT.
+
+The installed distribution holds everything under this one name: ``edgetrain.sdk`` (what runs on a
+board), ``edgetrain.aggregator`` (the server), ``edgetrain.export`` (host-side bundles),
+``edgetrain.device_bench`` (per-device measurement) and ``edgetrain.cli`` (the command above them all).
+"""
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("edgetrain")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
