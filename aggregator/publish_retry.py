@@ -18,9 +18,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
 
 from edgetrain.sdk.errors import BrokerUnavailable, PublishTimeout
+from edgetrain.sdk.transport import MessageTransport
 
 _log = logging.getLogger(__name__)
 ANNOUNCE_TIMEOUT_S = 30.0  # one attempt's wait for an announcement's PUBACK (a whole model can be large)
@@ -90,25 +90,12 @@ def publish_best_effort(publish: Callable[[float], None], *, what: str, timeout_
     return True
 
 
-class _Publishing(Protocol):
-    """What ``OutagePublisher`` needs of ``sdk.transport.Transport``."""
-
-    @property
-    def config(self) -> Any: ...  # its ``url`` names the broker in errors and logs
-
-    @property
-    def is_connected(self) -> bool: ...
-
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
-                timeout_s: float = 10.0) -> None: ...
-
-
 class OutagePublisher:
     """The aggregator's publishes over ``transport``: announcements wait out a broker outage for up to
     ``bound_s`` (``sleep`` may raise to end the wait early), acks are best effort. The per-attempt
     timeouts are read from ``ANNOUNCE_TIMEOUT_S`` and ``ACK_TIMEOUT_S`` on each call."""
 
-    def __init__(self, transport: _Publishing, bound_s: float, sleep: Callable[[float], None] = time.sleep,
+    def __init__(self, transport: MessageTransport, bound_s: float, sleep: Callable[[float], None] = time.sleep,
                  log: logging.Logger = _log, clock: Callable[[], float] = time.monotonic) -> None:
         self.transport = transport
         self.bound_s = bound_s

@@ -20,7 +20,7 @@ import numpy as np
 from edgetrain.sdk import topics, wire
 from edgetrain.sdk.errors import EdgetrainError, UnknownCodec, UpdateRejected, WireError
 from edgetrain.sdk.runtime import Runtime
-from edgetrain.sdk.transport import Transport
+from edgetrain.sdk.transport import MessageTransport, Transport
 
 from .config import AggregatorConfig
 from .device_metrics import DeviceMetricsCollector
@@ -45,7 +45,7 @@ class RunStopped(EdgetrainError):
 class Aggregator:
     """Runs ``config.rounds`` rounds of ``strategy`` over ``transport``; evaluates with ``runtime``."""
 
-    def __init__(self, config: AggregatorConfig, strategy: Strategy, transport: Transport, runtime: Runtime,
+    def __init__(self, config: AggregatorConfig, strategy: Strategy, transport: MessageTransport, runtime: Runtime,
                  initial_params: np.ndarray, test_data: tuple[np.ndarray, np.ndarray]) -> None:
         self.config = config
         self.strategy = strategy

@@ -35,7 +35,7 @@ from .device_state import DeviceState
 from .model_sync import ModelReplica
 from .outbox import Outbox
 from .runtime import Runtime, TrainConfig
-from .transport import Transport
+from .transport import MessageTransport
 
 _log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class Device:
     each round's joules; ``bench`` (``sdk.device_metrics.bench_values``) is published once, retained.
     """
 
-    def __init__(self, config: DeviceConfig, transport: Transport, runtime: Runtime, data: LocalData,
+    def __init__(self, config: DeviceConfig, transport: MessageTransport, runtime: Runtime, data: LocalData,
                  energy: EnergyProbe | None = None, energy_unavailable: str = "",
                  bench: Mapping[str, float] | None = None) -> None:
         self.config = config

@@ -48,6 +48,10 @@ class PublishTimeout(TransportError):
     """A publish was not acknowledged by the broker in time."""
 
 
+class ClientIdInUse(TransportError):
+    """Another connection took over this client id (two processes share one id); the transport stops for good."""
+
+
 class UpdateRejected(EdgetrainError):
     """The aggregator refused an update. ``reason`` is a short machine-readable code."""
 

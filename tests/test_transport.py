@@ -1,6 +1,8 @@
-"""The MQTT transport against real private Mosquitto brokers, the on-disk outbox, URL parsing."""
+"""The transport seam: the MQTT transport against real private Mosquitto brokers, its in-memory twin
+against the same contract, topic matching, duplicate client ids, the on-disk outbox, URL parsing."""
 from __future__ import annotations
 
+import ast
 import logging
 import os
 import queue
@@ -8,15 +10,27 @@ import select
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 
 from edgetrain.sdk import topics
-from edgetrain.sdk.errors import BrokerUnavailable, ConfigError, PublishTimeout, TransportError
+import paho.mqtt.client as paho
+from edgetrain.sdk.errors import BrokerUnavailable, ClientIdInUse, ConfigError, PublishTimeout, TransportError
 from edgetrain.sdk.outbox import Outbox, OutboxEntry
-from edgetrain.sdk.transport import BrokerConfig, Transport
+from edgetrain.sdk.transport import (
+    BrokerConfig,
+    MemoryBroker,
+    MemoryTransport,
+    MessageTransport,
+    MqttTransport,
+    Transport,
+    check_filter,
+    topic_matches,
+)
+from tests.fleet import FleetAssets, Sniffer, fleet_assets, spawn_device, wait_for  # noqa: F401
 from tests.mosquitto import MosquittoBroker, TlsMaterial, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -358,3 +372,242 @@ def test_blocking_publish_from_a_handler_is_refused(
     transport.connect()
     transport.publish("loop", b"x")
     assert "deadlock" in str(errors.get(timeout=WAIT_S))
+
+
+# -- topic matching: one implementation, paho's rules ---------------------------------------
+MATCH_CASES = [
+    ("edgetrain/f1/update/+", "edgetrain/f1/update/dev-1"), ("edgetrain/f1/update/+", "edgetrain/f1/update"),
+    ("edgetrain/f1/update/+", "edgetrain/f1/update/dev-1/x"), ("edgetrain/#", "edgetrain"),
+    ("edgetrain/#", "edgetrain/f1/status/d"), ("#", "a/b"), ("#", "$SYS/broker/load"), ("+/b", "$x/b"),
+    ("$SYS/#", "$SYS/broker"), ("a/+/c", "a//c"), ("a/+", "a/"), ("+", "a"), ("+", "/a"), ("/+", "/a"),
+    ("a/b", "a/b"), ("a/b", "a/bb"), ("a/#", "b/a"), ("+/+", "a/b/c"),
+    ("$share/workers/edgetrain/+/update/+", "edgetrain/f1/update/dev-2"),
+]
+
+
+@pytest.mark.parametrize("topic_filter, topic", MATCH_CASES)
+def test_topic_matching_agrees_with_paho(topic_filter: str, topic: str) -> None:
+    inner = topic_filter.split("/", 2)[2] if topic_filter.startswith("$share/") else topic_filter
+    assert topic_matches(topic_filter, topic) == paho.topic_matches_sub(inner, topic)
+
+
+@pytest.mark.parametrize("bad", ["", "a/#/b", "a/b#", "a+/b", "$share/g", "$share//a", "a\x00b"])
+def test_invalid_filters_are_refused_by_both_transports(bad: str) -> None:
+    with pytest.raises(TransportError):
+        check_filter(bad)
+    with pytest.raises(TransportError):
+        MemoryTransport(MemoryBroker(), "dev-1").subscribe(bad, Inbox())
+    with pytest.raises(TransportError):
+        Transport(BrokerConfig("mqtt://h"), "dev-1").subscribe(bad, Inbox())
+
+
+def _imports_paho(path: Path) -> bool:
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+        if any(name == "paho" or name.startswith("paho.") for name in names):
+            return True
+    return False
+
+
+def test_only_the_mqtt_module_imports_paho() -> None:
+    importers = sorted(str(path.relative_to(REPO_ROOT)) for folder in ("sdk", "aggregator", "export", "device_bench",
+                                                                       "edgetrain")
+                       for path in (REPO_ROOT / folder).rglob("*.py") if _imports_paho(path))
+    assert importers == ["sdk/transport/mqtt.py"]
+
+
+# -- one contract, two transports -----------------------------------------------------------
+class Contract:
+    """Makes transports of one kind and ends one abruptly, so one scenario runs against both kinds."""
+
+    def __init__(self, make: Callable[..., MessageTransport], die: Callable[[str, str, bytes], None]) -> None:
+        self.make = make
+        self.die = die  # die(client_id, will_topic, will_payload): a client that connects, then dies
+
+
+@pytest.fixture(params=["memory", "mqtt"])
+def contract(request: pytest.FixtureRequest, transports: Callable[..., Transport]) -> Iterator[Contract]:
+    if request.param == "memory":
+        memory = MemoryBroker()
+
+        def die_in_memory(client_id: str, topic: str, payload: bytes) -> None:
+            doomed = MemoryTransport(memory, client_id, will=(topic, payload, True))
+            doomed.connect()
+            doomed.sever()
+
+        yield Contract(lambda client_id, **kw: MemoryTransport(memory, client_id, **kw), die_in_memory)
+        return
+    broker: MosquittoBroker = request.getfixturevalue("broker")
+    config = BrokerConfig.parse(broker.url)
+
+    def die_over_mqtt(client_id: str, topic: str, payload: bytes) -> None:
+        script = ("import sys\nfrom edgetrain.sdk.transport import BrokerConfig, MqttTransport\n"
+                  "t = MqttTransport(BrokerConfig.parse(sys.argv[1]), sys.argv[2], "
+                  "will=(sys.argv[3], sys.argv[4].encode(), True))\nt.connect()\nprint('ready', flush=True)\n"
+                  "sys.stdin.read()\n")
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        with subprocess.Popen([sys.executable, "-c", script, broker.url, client_id, topic, payload.decode()],
+                              env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as process:
+            try:
+                assert process.stdout is not None
+                ready, _, _ = select.select([process.stdout], [], [], 30)
+                assert ready and process.stdout.readline() == b"ready\n"
+            finally:
+                process.kill()  # SIGKILL: no DISCONNECT, the broker sees the socket close
+
+    yield Contract(lambda client_id, **kw: transports(config, client_id, **kw), die_over_mqtt)
+
+
+def test_both_transports_keep_the_same_contract(contract: Contract) -> None:
+    """Wildcard subscription, retained delivery to a late subscriber, last will, QoS 1 publish confirmed."""
+    aggregator_inbox = Inbox()
+    aggregator = contract.make("aggregator")
+    assert isinstance(aggregator, MessageTransport)
+    aggregator.subscribe(topics.update_filter(FLEET), aggregator_inbox)
+    aggregator.subscribe(topics.status_filter(FLEET), aggregator_inbox)
+    aggregator.connect()
+    assert aggregator.is_connected and aggregator.failure is None
+
+    device = contract.make("dev-1")
+    device.connect()
+    device.publish(topics.update_topic(FLEET, "dev-1"), b"update 1")  # returns once the broker acknowledged
+    device.publish(topics.metrics_topic(FLEET, "dev-1"), b"not subscribed")
+    aggregator.publish(topics.announce_topic(FLEET), b"round 1", retain=True)
+    assert aggregator_inbox.get() == (topics.update_topic(FLEET, "dev-1"), b"update 1")
+
+    late_inbox = Inbox()
+    late = contract.make("dev-late")
+    late.connect()
+    late.subscribe("edgetrain/+/announce", late_inbox)  # after the announcement: the retained copy arrives
+    assert late_inbox.get() == (topics.announce_topic(FLEET), b"round 1")
+
+    contract.die("doomed", topics.status_topic(FLEET, "doomed"), b"offline")
+    assert aggregator_inbox.get() == (topics.status_topic(FLEET, "doomed"), b"offline")
+    with pytest.raises(queue.Empty):  # the metrics message matched no filter of the aggregator's
+        aggregator_inbox.messages.get(timeout=0.3)
+
+
+def test_memory_twin_sessions_outages_and_faults(caplog: pytest.LogCaptureFixture) -> None:
+    memory = MemoryBroker()
+    ack = topics.ack_topic(FLEET, "dev-1")
+    device_inbox = Inbox()
+    device = MemoryTransport(memory, "dev-1", will=(topics.status_topic(FLEET, "dev-1"), b"offline", True))
+    device.subscribe(ack, device_inbox)
+    device.connect()
+    device.close()  # a clean close: no will, the session stays
+    aggregator = MemoryTransport(memory, "aggregator")
+    aggregator.connect()
+    aggregator.publish(ack, b"ack while away")
+    assert memory.retained(topics.status_topic(FLEET, "dev-1")) is None
+    device.connect()
+    assert device_inbox.get() == (ack, b"ack while away")
+
+    reconnected = reconnected_event(device)
+    memory.go_down()
+    assert not device.is_connected
+    with pytest.raises(PublishTimeout):
+        device.publish(topics.update_topic(FLEET, "dev-1"), b"during the outage")  # held, as paho holds it
+    seen = Inbox()
+    aggregator.subscribe(topics.update_filter(FLEET), seen)
+    memory.come_back()
+    assert reconnected.is_set() and seen.get() == (topics.update_topic(FLEET, "dev-1"), b"during the outage")
+
+    def refuse(topic: str, payload: bytes, timeout_s: float) -> None:
+        raise TransportError(f"refused the publish to {topic!r}: not authorized")
+
+    device.publish_fault = refuse
+    with pytest.raises(TransportError, match="not authorized"):
+        device.publish(topics.update_topic(FLEET, "dev-1"), b"forged")
+    assert [m.payload for m in memory.messages if m.payload == b"forged"] == []
+
+    errors: queue.Queue[Exception] = queue.Queue()
+
+    def publishing_handler(topic: str, payload: bytes) -> None:
+        try:
+            aggregator.publish("elsewhere", payload)
+        except TransportError as exc:
+            errors.put(exc)
+
+    aggregator.subscribe("loop", publishing_handler)
+    device.publish_fault = None
+    device.publish("loop", b"x")
+    assert "deadlock" in str(errors.get(timeout=WAIT_S))
+
+
+# -- duplicate client ids -------------------------------------------------------------------
+def test_memory_twin_refuses_a_second_connection_under_one_id() -> None:
+    memory = MemoryBroker()
+    first, second = MemoryTransport(memory, "dev-1"), MemoryTransport(memory, "dev-1")
+    failures: list[TransportError] = []
+    first.on_failure.append(failures.append)
+    first.connect()
+    second.connect()
+    assert isinstance(first.failure, ClientIdInUse) and failures == [first.failure] and "'dev-1'" in str(failures[0])
+    with pytest.raises(ClientIdInUse):
+        first.publish("t", b"x")
+    with pytest.raises(ClientIdInUse):
+        first.connect()
+    inbox = Inbox()
+    second.subscribe("t", inbox)
+    second.publish("t", b"still works")
+    assert inbox.get() == ("t", b"still works") and second.failure is None
+
+
+def test_a_second_client_with_the_same_id_stops_the_first(
+        broker: MosquittoBroker, transports: Callable[..., Transport]) -> None:
+    config = BrokerConfig.parse(broker.url)
+    first = transports(config, "dev-1")
+    stopped = threading.Event()
+    first.on_failure.append(lambda failure: stopped.set())
+    first.connect()
+    second = transports(config, "dev-1")
+    second.connect()  # before the fix the two took the session from each other, forever
+    assert stopped.wait(WAIT_S), "the older client never noticed the takeover"
+    assert isinstance(first.failure, ClientIdInUse) and "'dev-1'" in str(first.failure)
+    with pytest.raises(ClientIdInUse):
+        first.publish("t", b"x")
+    inbox = Inbox()
+    second.subscribe("t", inbox)
+    wait_for(lambda: second.is_connected, "the newer client to be connected")
+    time.sleep(2 * 1.0)  # two reconnect delays: a first client still fighting would have kicked it by now
+    second.publish("t", b"still works", timeout_s=2)
+    assert inbox.get() == ("t", b"still works") and second.is_connected and second.failure is None
+
+
+def test_a_broker_restart_is_not_a_takeover(broker: MosquittoBroker, transports: Callable[..., Transport]) -> None:
+    transport = transports(BrokerConfig.parse(broker.url), "dev-1")
+    transport.connect()
+    for _ in range(3):  # three restarts in a row, each connection ended by the broker
+        back = reconnected_event(transport)
+        broker.stop()
+        time.sleep(0.5)  # a restart takes a moment: a reconnect attempt finds no broker
+        broker.start()
+        assert back.wait(WAIT_S)
+    assert transport.failure is None
+    transport.publish("t", b"x")
+
+
+def test_two_device_processes_with_one_id_one_exits_naming_it(
+        broker: MosquittoBroker, fleet_assets: FleetAssets, tmp_path: Path) -> None:  # noqa: F811
+    config = BrokerConfig.parse(broker.url)
+    sniffer = Sniffer(config).subscribe(topics.status_filter(FLEET)).connect()
+    devices = [spawn_device(broker.url, fleet_assets, FLEET, "dup-0", tmp_path / name, index=0, count=2, limit=50)
+               for name in ("a", "b")]
+    try:
+        def one_exited() -> bool:
+            return any(d.process.poll() is not None for d in devices)
+
+        wait_for(one_exited, "one of the two devices with id dup-0 to exit", timeout_s=90)
+        exited = next(d for d in devices if d.process.poll() is not None)
+        survivor = next(d for d in devices if d is not exited)
+        assert exited.process.returncode == 1
+        assert "ClientIdInUse: client id 'dup-0' is in use" in exited.log()
+        time.sleep(3)  # the survivor keeps its connection and says it is online
+        assert survivor.process.poll() is None, survivor.log()[-2000:]
+        wait_for(lambda: (s := sniffer.latest_status(FLEET, "dup-0")) is not None and s.online,
+                 "the surviving device's online status")
+    finally:
+        for device in devices:
+            device.kill()
+        sniffer.close()

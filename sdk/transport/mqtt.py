@@ -1,19 +1,35 @@
-"""The broker seam: MQTT 5 over paho-mqtt 2.x, the only edgetrain module that imports paho.
+"""The MQTT implementation of the transport seam: MQTT 5 over paho-mqtt 2.x, the only edgetrain module that
+imports paho.
 
 MQTT 3.1.1 is an option (``BrokerConfig(protocol="3.1.1")``, or ``?protocol=3.1.1`` on a URL
 given to ``BrokerConfig.parse``) for brokers without MQTT 5, such as the embedded amqtt that
-``simulate`` falls back to; it has no session expiry and no properties (see ``Transport``).
+``simulate`` falls back to; it has no session expiry and no properties (see ``MqttTransport``).
 
-``Transport`` keeps a persistent session (clean start only on the very first connection, a
+``MqttTransport`` keeps a persistent session (clean start only on the very first connection, a
 session expiry) so QoS 1 messages published while a device was away reach it when it returns,
 reconnects with exponential backoff, re-makes its subscriptions on every connection, and maps
 paho's exceptions and reason codes to ``sdk.errors`` here and nowhere else. ``Outbox`` keeps a
-device's update on disk until the aggregator's ack arrives; ``Transport.attach_outbox``
+device's update on disk until the aggregator's ack arrives; ``MqttTransport.attach_outbox``
 re-publishes what it holds after each reconnect. Delivery is at least once: receivers dedupe.
 
-Threads: message handlers and paho's callbacks run on paho's network thread, so a handler must
-be quick (hand work to a ``queue.Queue``) and must not call the blocking ``publish``/``subscribe``.
-Reconnect hooks run on a separate thread and may block.
+Threads: paho's ``loop_start`` runs one network thread per client; message handlers and paho's
+callbacks run on it, so a handler must be quick (hand work to a ``queue.Queue``) and must not call
+the blocking ``publish``/``subscribe``. Reconnect hooks run on a separate thread and may block.
+Nothing outside this module relies on those threads (see ``base``): a selector-driven client can
+replace them behind the same ``MessageTransport`` protocol.
+
+One client id, one connection: when another connection takes over the id, an MQTT 5 broker tells
+the older one so with DISCONNECT reason 0x8E "Session taken over" (MQTT 5.0, 3.14.2.1). Reconnecting
+would take the session back, and the two processes would knock each other off every second, forever;
+so the transport that hears 0x8E stops for good with ``ClientIdInUse`` naming the id (``failure``,
+``on_failure``), and the newer connection keeps working. Brokers that close the old socket without a
+reason (Mosquitto 2.0.11, as installed here; every MQTT 3.1.1 broker) leave a pattern instead:
+connections that the broker closes cleanly (no socket error: the peer ended the stream) seconds after
+accepting them, reconnect after reconnect, each taken over by the other process's reconnect. Three such
+in a row (``TAKEOVER_CLOSES`` within ``TAKEOVER_WINDOW_S`` of their CONNACK each) count as a takeover too.
+In a takeover every reconnect is accepted at once; a failed reconnect (the broker was away: a restart, an
+outage) or a socket error or keepalive timeout (a lossy link) resets the count. Kicks alternate between the
+two processes, so the one kicked first (the older) reaches three first, and the other is left alone.
 """
 from __future__ import annotations
 
@@ -21,6 +37,7 @@ import logging
 import queue
 import ssl
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -29,9 +46,11 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from .broker_config import BrokerConfig
-from .errors import BrokerUnavailable, ConfigError, PublishTimeout, TransportError
-from .outbox import Outbox
+from ..broker_config import BrokerConfig
+from ..errors import BrokerUnavailable, ConfigError, PublishTimeout, TransportError
+from ..outbox import Outbox
+from .base import FailureHook, Handler, client_id_in_use, run_failure_hooks
+from .matching import check_filter, topic_matches
 
 _log = logging.getLogger(__name__)
 _paho_log = logging.getLogger(f"{__name__}.paho")
@@ -39,12 +58,14 @@ _PAHO_LEVELS = {mqtt.MQTT_LOG_ERR: logging.ERROR, mqtt.MQTT_LOG_WARNING: logging
                 mqtt.MQTT_LOG_NOTICE: logging.INFO, mqtt.MQTT_LOG_INFO: logging.INFO}
 _MQTT_MAX_PAYLOAD_BYTES = 268_435_455  # MQTT's remaining-length limit
 _PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}  # BrokerConfig.protocol -> paho's constant
+_SESSION_TAKEN_OVER = 0x8E  # MQTT 5 DISCONNECT reason: another connection took this client id
+TAKEOVER_CLOSES = 3  # short connections the broker closed in a row that mean another client has our id
+TAKEOVER_WINDOW_S = 5.0  # "short": closed within this long of its CONNACK (a reconnect delay is ~1 s)
 
-Handler = Callable[[str, bytes], None]
-__all__ = ["BrokerConfig", "Handler", "Transport"]
+__all__ = ["MqttTransport"]
 
 
-class Transport:
+class MqttTransport:
     """One MQTT 5 client: connect, subscribe, publish with PUBACK, reconnect, outbox re-publish.
 
     Register subscriptions *before* ``connect()``: a persistent session's queued messages arrive
@@ -71,6 +92,10 @@ class Transport:
         self.config = config
         self.client_id = client_id
         self.on_reconnect: list[Callable[[], None]] = []  # run after every re-connection
+        self.on_failure: list[FailureHook] = []  # run once, on the network thread, when it stops for good
+        self._failure: TransportError | None = None
+        self._connected_at = 0.0  # time.monotonic() of the last CONNACK
+        self._short_closes = 0  # connections in a row the broker closed within TAKEOVER_WINDOW_S
         self._clean_start = clean_start
         self._session_expiry_s = session_expiry_s
         self._subscriptions: dict[str, tuple[Handler, int]] = {}
@@ -109,6 +134,7 @@ class Transport:
             raise ConfigError(f"transport {client_id!r} for {config.url}: {exc}") from exc
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_connect_fail = self._on_connect_fail
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
@@ -117,7 +143,10 @@ class Transport:
 
     # -- lifecycle -------------------------------------------------------------------------
     def connect(self, timeout_s: float = 10.0) -> None:
-        """Connect and start the network thread; BrokerUnavailable names the URL and the cause."""
+        """Connect and start the network thread; BrokerUnavailable names the URL and the cause.
+        A transport that stopped for good (``failure``) raises that instead: it never reconnects."""
+        if self._failure is not None:
+            raise self._failure
         if self._connected:
             return
         url = self.config.url
@@ -167,7 +196,7 @@ class Transport:
             self._hook_thread.join(timeout=5)
             self._hook_thread = None
 
-    def __enter__(self) -> Transport:
+    def __enter__(self) -> MqttTransport:
         if not self._connected:
             self.connect()
         return self
@@ -175,15 +204,31 @@ class Transport:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def discard_session(self) -> None:
+        """Drop what the broker kept for this client id from an earlier run: a throw-away clean-start
+        connection with no session expiry, so that ours can then connect without clean start (Mosquitto
+        2.0 persists only sessions whose current connection did not ask for a clean start)."""
+        if self._connected:
+            raise TransportError(f"transport {self.client_id!r}: discard_session() while connected would "
+                                 "take over its own session; call it before connect()")
+        wipe = MqttTransport(self.config, self.client_id, clean_start=True, session_expiry_s=0)
+        wipe.connect()
+        wipe.close()
+
     @property
     def is_connected(self) -> bool:
         return self._connected
+
+    @property
+    def failure(self) -> TransportError | None:
+        return self._failure
 
     # -- subscribe / publish ---------------------------------------------------------------
     def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1,
                   timeout_s: float = 10.0) -> None:
         """Remember ``handler`` for ``topic_filter`` (re-made on every connection); when
         connected, block until the broker's SUBACK and raise TransportError if it refuses."""
+        check_filter(topic_filter)
         with self._lock:
             self._subscriptions[topic_filter] = (handler, qos)
         if not self._connected:
@@ -195,8 +240,10 @@ class Transport:
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             raise TransportError(f"subscribe to {topic_filter!r} failed: {mqtt.error_string(rc)}")
         with self._acks:
-            if not self._acks.wait_for(lambda: mid in self._suback, timeout_s):
+            if not self._acks.wait_for(lambda: mid in self._suback or self._failure is not None, timeout_s):
                 raise TransportError(f"no SUBACK for {topic_filter!r} within {timeout_s} s")
+            if self._failure is not None:
+                raise self._failure
             reasons = self._suback.pop(mid)
         if any(r.is_failure for r in reasons):
             with self._lock:
@@ -210,8 +257,11 @@ class Transport:
 
         If the connection is down, paho keeps the message and sends it after the reconnect, so
         a publish that outlives a short outage succeeds; otherwise PublishTimeout. A PUBACK with
-        a failure reason (not authorised, quota…) raises TransportError.
+        a failure reason (not authorised, quota…) raises TransportError; after the transport stopped
+        for good, its ``failure``.
         """
+        if self._failure is not None:
+            raise self._failure
         self._refuse_on_network_thread("publish")
         self._check_size(topic, payload)
         try:
@@ -221,10 +271,13 @@ class Transport:
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             raise TransportError(f"publish to {topic!r} failed: {mqtt.error_string(info.rc)}")
         with self._acks:
-            if not self._acks.wait_for(lambda: info.mid in self._puback, timeout_s):
+            if not self._acks.wait_for(lambda: info.mid in self._puback or self._failure is not None, timeout_s):
                 self._abandoned.add(info.mid)
                 raise PublishTimeout(f"no PUBACK from broker {self.config.url} for {topic!r} "
                                      f"within {timeout_s} s (connected: {self._connected})")
+            if info.mid not in self._puback:  # woken by the failure, not by a PUBACK
+                self._abandoned.add(info.mid)
+                raise self._failure  # type: ignore[misc]  # not None: the wait above ended on it
             reason = self._puback.pop(info.mid)
         if reason.is_failure:
             raise TransportError(f"broker {self.config.url} refused the publish to {topic!r}: "
@@ -253,11 +306,16 @@ class Transport:
                     reason: mqtt.ReasonCode, props: Properties) -> None:
         self._network_thread = threading.get_ident()
         self._connack_reason = reason
+        if self._failure is not None:  # stopped for good (taken over): never take the session back
+            client.disconnect()
+            return
         if reason.is_failure:
             _log.warning("broker %s refused the connection: %s", self.config.url, reason)
             self._connack.set()
             return
         self._max_packet_bytes = getattr(props, "MaximumPacketSize", None)
+        self._connected_at = time.monotonic()
+        self._last_paho_error = ""  # from here on, an error logged by paho means the socket failed
         with self._lock:
             subscriptions = [(f, q) for f, (_, q) in self._subscriptions.items()]
         if subscriptions:  # the broker may have lost the session: always subscribe again
@@ -273,12 +331,24 @@ class Transport:
 
     def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: mqtt.DisconnectFlags,
                        reason: mqtt.ReasonCode, props: Properties | None) -> None:
-        if self._connected:
+        was_connected = self._connected
+        self._connected = False
+        if was_connected and self._taken_over(flags, reason):
+            evidence = ("the broker said 'Session taken over'" if flags.is_disconnect_packet_from_server else
+                        f"the broker closed {self._short_closes} connections in a row within "
+                        f"{TAKEOVER_WINDOW_S:g} s of accepting each")
+            self._fail(client_id_in_use(self.client_id, self.config.url, evidence))
+            # paho resets its state after this callback, so stopping its reconnect loop from here does not
+            # stick: the hook thread stops it; a reconnect that slips in first is closed by _on_connect.
+            self._hooks.put(self._stop_client)
+        elif was_connected:
             _log.info("disconnected from %s: %s", self.config.url, reason)
         elif not self._connack.is_set():
             self._closed_before_connack = f"{reason}; {self._last_paho_error}".rstrip("; ")
             self._connack.set()
-        self._connected = False
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
+        self._short_closes = 0  # the broker was away (a restart, an outage): not another client taking our id
 
     def _on_log(self, client: mqtt.Client, userdata: object, level: int, message: str) -> None:
         if level == mqtt.MQTT_LOG_ERR:  # paho reports socket and TLS failures only here
@@ -289,7 +359,7 @@ class Transport:
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         with self._lock:
-            handlers = [h for f, (h, _) in self._subscriptions.items() if _matches(f, msg.topic)]
+            handlers = [h for f, (h, _) in self._subscriptions.items() if topic_matches(f, msg.topic)]
         if not handlers:
             _log.warning("message on %r has no handler; dropped", msg.topic)
         for handler in handlers:
@@ -314,6 +384,26 @@ class Transport:
             self._acks.notify_all()
 
     # -- helpers ---------------------------------------------------------------------------
+    def _taken_over(self, flags: mqtt.DisconnectFlags, reason: mqtt.ReasonCode) -> bool:
+        """Whether the connection that just ended was taken over by another client with our id."""
+        if self._closing:
+            return False
+        if self._mqtt5 and flags.is_disconnect_packet_from_server:
+            return bool(reason.value == _SESSION_TAKEN_OVER)
+        closed_cleanly = not self._last_paho_error  # paho logs an error for a reset or timeout, not for EOF
+        short = time.monotonic() - self._connected_at < TAKEOVER_WINDOW_S
+        self._short_closes = self._short_closes + 1 if closed_cleanly and short else 0
+        return self._short_closes >= TAKEOVER_CLOSES
+
+    def _fail(self, failure: TransportError) -> None:
+        """Stop for good: wake every waiting publish/subscribe with ``failure``, then tell the hooks."""
+        if self._failure is not None:
+            return
+        with self._acks:
+            self._failure = failure
+            self._acks.notify_all()
+        run_failure_hooks(self.on_failure, failure, _log)
+
     def _run_hooks(self) -> None:
         while (hook := self._hooks.get()) is not None:
             try:
@@ -349,8 +439,3 @@ class Transport:
 def _opt(path: str | Path | None) -> str | None:
     return None if path is None else str(path)
 
-
-def _matches(topic_filter: str, topic: str) -> bool:
-    if topic_filter.startswith("$share/"):  # $share/<group>/<filter> delivers as <filter>
-        topic_filter = topic_filter.split("/", 2)[2]
-    return mqtt.topic_matches_sub(topic_filter, topic)
