@@ -2,16 +2,15 @@
 the codec spec changes, and it starts afresh when the device had to resync its model.
 
 The device under test is the real ``sdk.device.Device`` loop on a thread, fed announcements built by
-the aggregator's real ``Downlink`` through an in-memory stand-in for the transport (no broker: what
-is tested here is the device's state, and this keeps every step deterministic). The raw gradients
+the aggregator's real ``Downlink`` through the in-memory transport (``MemoryBroker``, whose delivery is
+synchronous: what is tested here is the device's state, and this keeps every step deterministic). The raw gradients
 are recomputed with the device's own batch stream (``gradient_batches``), so DGC's error feedback
 (Lin et al., ICLR 2018) can be checked for conservation: with momentum 0, every gradient a device
 computed is either on the wire already or still in its residual ``v``.
 """
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from edgetrain.sdk.data import PartitionSpec
 from edgetrain.sdk.device import Device, DeviceConfig, LocalData, gradient_batches
 from edgetrain.sdk.device_state import DeviceState
 from edgetrain.sdk.runtime import load_runtime
+from edgetrain.sdk.transport import MemoryBroker, MemoryTransport
 from tests.fleet import DeviceThread, FleetAssets, fleet_assets, wait_for  # noqa: F401
 
 FLEET = "state"
@@ -75,40 +75,20 @@ def test_a_stateless_codec_in_between_still_discards_the_old_state(tmp_path: Pat
 
 
 # -- the device loop ----------------------------------------------------------------------------
-class MemoryTransport:
-    """What ``Device`` needs of ``sdk.transport.Transport``: handlers get frames the test delivers,
-    publications are recorded."""
+class Wire:
+    """The in-memory broker a device talks to here: the test publishes as the aggregator; ``messages`` decodes
+    what the device published."""
 
     def __init__(self) -> None:
-        self.handlers: dict[str, Callable[[str, bytes], None]] = {}
-        self.published: list[tuple[str, bytes]] = []
-        self.on_reconnect: list[Callable[[], None]] = []
-        self.connected = threading.Event()
-        self._lock = threading.Lock()
-
-    def subscribe(self, topic_filter: str, handler: Callable[[str, bytes], None], qos: int = 1) -> None:
-        self.handlers[topic_filter] = handler
-
-    def connect(self, timeout_s: float = 10.0) -> None:
-        self.connected.set()
-
-    def attach_outbox(self, outbox: object, timeout_s: float = 10.0) -> None:
-        pass  # nothing is ever lost here, so there is nothing to re-send
-
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
-                timeout_s: float | None = None) -> None:
-        with self._lock:
-            self.published.append((topic, payload))
-
-    def close(self) -> None:
-        pass
+        self.broker = MemoryBroker()
+        self.aggregator = MemoryTransport(self.broker, "aggregator")
+        self.aggregator.connect()
 
     def deliver(self, topic: str, payload: bytes) -> None:
-        self.handlers[topic](topic, payload)
+        self.aggregator.publish(topic, payload)  # synchronous: the device's handler has queued it on return
 
     def messages(self, kind: type) -> list:
-        with self._lock:
-            frames = [payload for _, payload in self.published]
+        frames = [m.payload for m in list(self.broker.messages) if m.sender == DEVICE]
         return [m for m in map(wire.decode, frames) if isinstance(m, kind)]
 
 
@@ -121,10 +101,11 @@ class DeviceHarness:
         self.runtime = load_runtime(assets.bundle)
         self.data = LocalData.load(self.config, self.runtime, assets.data_dir, limit=LIMIT)
         self.num_params = assets.num_params
-        self.transport = MemoryTransport()
-        self.device = Device(self.config, self.transport, load_runtime(assets.bundle), self.data)  # type: ignore[arg-type]
+        self.transport = Wire()
+        device_transport = MemoryTransport(self.transport.broker, DEVICE)
+        self.device = Device(self.config, device_transport, load_runtime(assets.bundle), self.data)
         self.thread = DeviceThread(self.device).start()
-        self.transport.connected.wait(10)
+        wait_for(lambda: device_transport.is_connected, "the device to connect")
         # A new device process starts its batch stream afresh; so does this replay.
         self._batches = gradient_batches(self.data, BATCH, (self.config.seed, self.config.partition_index))
         self.raw: list[np.ndarray] = []  # the gradients the device computed, recomputed here
