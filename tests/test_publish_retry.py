@@ -4,7 +4,6 @@ are best effort. Instant: every sleep and timeout advances the fake clock only."
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from edgetrain.aggregator.publish_retry import (
     publish_through_outage,
 )
 from edgetrain.sdk.errors import BrokerUnavailable, ConfigError, PublishTimeout, TransportError
+from edgetrain.sdk.transport import MemoryBroker, MemoryTransport
 
 URL = "mqtt://broker.example:1883"
 POLL_S = 0.2  # publish_through_outage's default poll: a reconnect is seen within one
@@ -174,50 +174,47 @@ def test_best_effort_warns_and_does_not_wait_while_disconnected(caplog: pytest.L
     assert publish_best_effort(lambda timeout_s: None, what="ack", timeout_s=10.0, connected=True)
 
 
-@dataclass
-class FakeTransport:
-    """What OutagePublisher uses of a Transport."""
-
-    broker: FakeBroker
-    sent: list[tuple[str, bytes, bool, float]] = field(default_factory=list)
-
-    @property
-    def config(self) -> object:
-        return type("Config", (), {"url": URL})()
-
-    @property
-    def is_connected(self) -> bool:
-        return self.broker.is_connected()
-
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
-                timeout_s: float = 10.0) -> None:
-        self.sent.append((topic, payload, retain, timeout_s))
-        self.broker.publish(timeout_s)
-
-
 def test_outage_publisher_rebuilds_the_frame_per_attempt_and_reads_the_timeouts(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(publish_retry, "ANNOUNCE_TIMEOUT_S", 3.0)
     monkeypatch.setattr(publish_retry, "ACK_TIMEOUT_S", 1.0)
-    broker = FakeBroker(down_from=1.0, back_at=20.0)
-    transport = FakeTransport(broker)
-    publisher = OutagePublisher(transport, bound_s=60.0, sleep=broker.sleep, clock=broker.clock)
+    clock = FakeBroker(down_from=1.0, back_at=20.0)  # the fake clock and when the PUBACKs come
+    memory = MemoryBroker(URL)  # the in-memory transport, taken down and brought back on the fake clock
+    transport = MemoryTransport(memory, "aggregator")
+    transport.publish_fault = lambda topic, payload, timeout_s: clock.publish(timeout_s)  # each PUBACK's wait
+    received: list[tuple[str, bytes]] = []
+    watcher = MemoryTransport(memory, "watcher")
+    watcher.subscribe("f/#", lambda topic, payload: received.append((topic, payload)))
+    for client in (transport, watcher):
+        client.connect()
+
+    def sleep(seconds: float) -> None:
+        clock.sleep(seconds)
+        if clock.is_connected() and not memory.is_up:
+            memory.come_back()
+
+    publisher = OutagePublisher(transport, bound_s=60.0, sleep=sleep, clock=clock.clock)
     built: list[float] = []
 
     def build() -> bytes:
-        built.append(broker.now)
-        return f"deadline {broker.now + 10:.0f}".encode()
+        built.append(clock.now)
+        return f"deadline {clock.now + 10:.0f}".encode()
 
     assert publisher.announce("f/announce", build, "round 1 announcement") == (len(b"deadline 10"), 0.0)
-    broker.now = 1.0  # the broker goes down
-    assert not publisher.ack("f/ack/dev-0", b"ack", "ack of dev-0's u1")  # no wait while down
-    assert broker.now == 1.0
+    clock.now = 1.0
+    memory.go_down()
+    assert not publisher.ack("f/ack/dev-0", b"ack", "ack of dev-0's u1")  # no wait while down...
+    assert clock.now == 1.0
     size, began = publisher.announce("f/announce", build, "round 2 announcement")
     # Round 2's frame was built once the broker was back, and that attempt's start is what counts.
     assert built == [0.0, pytest.approx(20.0, abs=POLL_S)] and began == built[1] and size == len(b"deadline 30")
-    assert [(topic, payload, retain, timeout) for topic, payload, retain, timeout in transport.sent] == [
-        ("f/announce", b"deadline 10", True, 3.0), ("f/ack/dev-0", b"ack", False, 0.0),
-        ("f/announce", b"deadline 30", True, 3.0)]
+    # Announcements waited for their PUBACK with ANNOUNCE_TIMEOUT_S; the ack, held while the broker was
+    # down, went out after the reconnect (as paho sends its held copy), before round 2's announcement; the
+    # watcher's re-subscription on reconnect got the retained round 1 again, as from Mosquitto.
+    assert [timeout for _, timeout, _ in clock.calls] == [3.0, 3.0]
+    assert received == [("f/announce", b"deadline 10"), ("f/announce", b"deadline 10"), ("f/ack/dev-0", b"ack"),
+                        ("f/announce", b"deadline 30")]
+    assert memory.retained("f/announce") == b"deadline 30"
 
 
 def test_the_bound_is_configured_and_checked(tmp_path: Path) -> None:
