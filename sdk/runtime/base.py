@@ -14,6 +14,7 @@ import numpy as np
 
 from ..bundle import Manifest
 from ..errors import ConfigError
+from ..optim import SGDHyper, check_sgd_hyper
 
 
 def check_batch(x: np.ndarray, y: np.ndarray, manifest: Manifest,
@@ -58,16 +59,13 @@ class TrainConfig:
     prox_mu: float = 0.0
 
     def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise ConfigError(f"learning rate must be > 0, got {self.lr}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.prox_mu < 0:
-            raise ConfigError(f"prox_mu must be >= 0, got {self.prox_mu}")
-        if self.nesterov and self.momentum == 0:
-            raise ConfigError("nesterov needs momentum > 0")
+        check_sgd_hyper(lr=self.lr, momentum=self.momentum, nesterov=self.nesterov,
+                        weight_decay=self.weight_decay, prox_mu=self.prox_mu)
+
+    def sgd_hyper(self) -> SGDHyper:
+        """These settings for the numpy SGD kernel (``edgetrain.sdk.optim``)."""
+        return SGDHyper(lr=self.lr, momentum=self.momentum, nesterov=self.nesterov,
+                        weight_decay=self.weight_decay, prox_mu=self.prox_mu)
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ one vector) is mapped to it here, per tensor.
 Optimiser: the bundle's ORT optimizer model does the step when it can — plain SGD (lr set with
 ``set_learning_rate``) or AdamW with betas/eps/weight decay baked at export. ORT's SGD block has no
 momentum or weight decay, so for an SGD bundle a round asking for momentum, Nesterov, weight decay or
-FedProx's proximal term (Li et al., MLSys 2020) gets torch.optim.SGD's update rule in numpy over ORT's
-gradients instead (Sutskever et al., ICML 2013 for the momentum form).
+FedProx's proximal term (Li et al., MLSys 2020) steps with the SDK's numpy SGD kernel
+(``edgetrain.sdk.optim``, torch.optim.SGD's update rule) over ORT's gradients instead.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import numpy as np
 
 from ..bundle import Manifest, check_flat, read_initial_parameters
 from ..errors import BundleError, ConfigError, RuntimeBackendError
+from ..optim import SGD
 from .base import (EvalResult, GradientResult, Runtime, TrainConfig, TrainResult, check_batch,
                    check_evaluation)
 
@@ -197,7 +198,7 @@ class OrtRuntime(Runtime):
         """One optimiser step per batch; ``mean_loss`` is the cross-entropy alone (NaN when no batch came)."""
         use_ort_optimizer = self._uses_ort_optimizer(config)
         optimizer = None
-        sgd: NumpySGD | None = None
+        sgd: SGD | None = None
         if use_ort_optimizer:
             # a fresh optimiser per call: state must not leak across rounds once parameters are replaced
             if self._optimizer_used and self._optimizer_name == "adamw":
@@ -209,7 +210,7 @@ class OrtRuntime(Runtime):
             # The weights stay in numpy between steps (only this loop changes them), so a step writes
             # them to ORT once instead of also reading them back.
             ort_weights = self._ort_parameters()
-            sgd = NumpySGD(config, ort_weights)
+            sgd = SGD(config.sgd_hyper(), ort_weights)
         self._module.train()
         steps = examples = 0
         loss_sum = 0.0
@@ -261,27 +262,6 @@ def _threads_from_environment() -> int | None:
     """OMP_NUM_THREADS, which ORT ignores but edgetrain's simulation sets per device process."""
     value = os.environ.get("OMP_NUM_THREADS", "")
     return int(value) if value.isdigit() and int(value) > 0 else None
-
-
-class NumpySGD:
-    """torch.optim.SGD's update (dampening 0) plus FedProx's mu·(w − w_start), on flat vectors."""
-
-    def __init__(self, config: TrainConfig, w_start: np.ndarray) -> None:
-        self.config = config
-        self.w_start = w_start.copy() if config.prox_mu else None
-        self.velocity: np.ndarray | None = None
-
-    def step(self, w: np.ndarray, g: np.ndarray) -> np.ndarray:
-        c = self.config
-        d = g.astype(np.float32, copy=True)
-        if self.w_start is not None:
-            d += np.float32(c.prox_mu) * (w - self.w_start)
-        if c.weight_decay:
-            d += np.float32(c.weight_decay) * w
-        if c.momentum:
-            self.velocity = d.copy() if self.velocity is None else np.float32(c.momentum) * self.velocity + d
-            d = d + np.float32(c.momentum) * self.velocity if c.nesterov else self.velocity
-        return (w - np.float32(c.lr) * d).astype(np.float32, copy=False)
 
 
 def load(bundle_dir: Path, manifest: Manifest, threads: int | None = None) -> OrtRuntime:
