@@ -145,3 +145,18 @@ def test_prox_needs_its_centre_and_shapes_must_agree() -> None:
         sgd(w, np.ones(4, np.float32), None, lr=0.1)
     with pytest.raises(ConfigError, match="momentum buffer"):
         sgd(w, w, np.ones(2, np.float32), lr=0.1, momentum=0.5)
+
+
+def test_lars_step_honours_nesterov() -> None:
+    """It was silently ignored before the kernel: LARS with nesterov=True stepped as without."""
+    from edgetrain.aggregator.server_optim import LargeBatchHyper, lars_step
+
+    rng = np.random.default_rng(3)
+    w, g = rng.normal(size=16).astype(np.float32), rng.normal(size=16).astype(np.float32)
+    shapes = [(3, 4), (4,)]
+    ends = {}
+    for nesterov in (False, True):
+        hyper = LargeBatchHyper(optimizer="lars", momentum=0.9, nesterov=nesterov, trust_coefficient=0.01)
+        new, state = lars_step(w, g, {}, hyper, lr=1.0, shapes=shapes)
+        ends[nesterov], _ = lars_step(new, g, state, hyper, lr=1.0, shapes=shapes)
+    assert not np.allclose(ends[True], ends[False])
