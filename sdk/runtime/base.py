@@ -6,9 +6,10 @@ one flat float32 vector in manifest order, so aggregation, codecs and the wire n
 """
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, ContextManager, Iterable
 
 import numpy as np
 
@@ -68,6 +69,11 @@ class TrainConfig:
                         weight_decay=self.weight_decay, prox_mu=self.prox_mu)
 
 
+# One optimiser step on a checked, non-empty batch; returns the batch's mean cross-entropy (without
+# any proximal term, so losses stay comparable across prox_mu settings).
+TrainStep = Callable[[np.ndarray, np.ndarray], float]
+
+
 @dataclass(frozen=True)
 class TrainResult:
     steps: int
@@ -110,9 +116,32 @@ class Runtime(ABC):
     def set_parameters(self, flat: np.ndarray) -> None:
         """Overwrite every parameter from the flat float32 vector (checked against the manifest)."""
 
-    @abstractmethod
     def train(self, batches: Iterable[tuple[np.ndarray, np.ndarray]], config: TrainConfig) -> TrainResult:
-        """One optimiser step per batch, in order."""
+        """One optimiser step per batch, in order: the one training loop every backend shares.
+
+        Each batch is checked against the manifest; empty batches are skipped (no step). ``mean_loss``
+        is the example-weighted mean cross-entropy (NaN when no batch came); ``compute_s`` times the
+        steps, not the optimiser's set-up.
+        """
+        steps = examples = 0
+        loss_sum = 0.0
+        with self._training(config) as step:
+            started = time.perf_counter()
+            for x, y in batches:
+                x, y = check_batch(x, y, self.manifest)
+                if len(y) == 0:
+                    continue
+                loss_sum += step(x, y) * len(y)
+                steps += 1
+                examples += len(y)
+            compute_s = time.perf_counter() - started
+        mean_loss = loss_sum / examples if examples else float("nan")
+        return TrainResult(steps=steps, examples=examples, mean_loss=mean_loss, compute_s=compute_s)
+
+    @abstractmethod
+    def _training(self, config: TrainConfig) -> ContextManager[TrainStep]:
+        """The backend's primitive under ``train``: set up a fresh optimiser for one call (no state may
+        leak across rounds once parameters are replaced), yield its ``TrainStep``, clean up on exit."""
 
     @abstractmethod
     def gradient(self, x: np.ndarray, y: np.ndarray) -> GradientResult:

@@ -17,18 +17,17 @@ import importlib
 import importlib.util
 import os
 import sys
-import time
 import types
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterator
 
 import numpy as np
 
 from ..bundle import Manifest, check_flat, read_initial_parameters
 from ..errors import BundleError, ConfigError, RuntimeBackendError
 from ..optim import SGD
-from .base import (EvalResult, GradientResult, Runtime, TrainConfig, TrainResult, check_batch,
-                   check_evaluation)
+from .base import EvalResult, GradientResult, Runtime, TrainConfig, TrainStep, check_batch, check_evaluation
 
 
 def import_training_api() -> Any:
@@ -194,46 +193,52 @@ class OrtRuntime(Runtime):
             raise RuntimeBackendError(f"onnx bundle names an unknown ORT optimizer {self._optimizer_name!r}")
         return not (config.momentum or config.weight_decay or config.prox_mu)
 
-    def train(self, batches: Iterable[tuple[np.ndarray, np.ndarray]], config: TrainConfig) -> TrainResult:
-        """One optimiser step per batch; ``mean_loss`` is the cross-entropy alone (NaN when no batch came)."""
-        use_ort_optimizer = self._uses_ort_optimizer(config)
-        optimizer = None
-        sgd: SGD | None = None
-        if use_ort_optimizer:
-            # a fresh optimiser per call: state must not leak across rounds once parameters are replaced
-            if self._optimizer_used and self._optimizer_name == "adamw":
-                self._reopen_keeping_parameters()
-            optimizer = self._api.Optimizer(str(self._optimizer_path), self._module)
-            self._optimizer_used = True
-            optimizer.set_learning_rate(config.lr)
+    @contextmanager
+    def _training(self, config: TrainConfig) -> Iterator[TrainStep]:
+        """The bundle's ORT optimizer when it does what ``config`` asks, else the numpy SGD kernel."""
+        if self._uses_ort_optimizer(config):
+            step = self._ort_optimizer_step(config)
         else:
-            # The weights stay in numpy between steps (only this loop changes them), so a step writes
-            # them to ORT once instead of also reading them back.
-            ort_weights = self._ort_parameters()
-            sgd = SGD(config.sgd_hyper(), ort_weights)
+            step = self._kernel_step(config)
         self._module.train()
-        steps = examples = 0
-        loss_sum = 0.0
-        started = time.perf_counter()
-        for x, y in batches:
-            x, y = check_batch(x, y, self.manifest)
-            if len(y) == 0:
-                continue
-            self._module.lazy_reset_grad()  # ORT accumulates gradients across calls until reset
-            loss = float(self._module(x, y)[0])
-            if optimizer is not None:
-                optimizer.step()
-            else:
-                assert sgd is not None
-                ort_weights = sgd.step(ort_weights, self._ort_gradient())
-                self._write_ort_parameters(ort_weights)
-            steps += 1
-            examples += len(y)
-            loss_sum += loss * len(y)
-        compute_s = time.perf_counter() - started
-        self._module.lazy_reset_grad()
-        return TrainResult(steps=steps, examples=examples, mean_loss=loss_sum / examples if examples else float("nan"),
-                           compute_s=compute_s)
+        try:
+            yield step
+        finally:
+            self._module.lazy_reset_grad()
+
+    def _forward_backward(self, x: np.ndarray, y: np.ndarray) -> float:
+        self._module.lazy_reset_grad()  # ORT accumulates gradients across calls until reset
+        return float(self._module(x, y)[0])
+
+    def _ort_optimizer_step(self, config: TrainConfig) -> TrainStep:
+        # a fresh optimiser per call: state must not leak across rounds once parameters are replaced
+        if self._optimizer_used and self._optimizer_name == "adamw":
+            self._reopen_keeping_parameters()
+        optimizer = self._api.Optimizer(str(self._optimizer_path), self._module)
+        self._optimizer_used = True
+        optimizer.set_learning_rate(config.lr)
+
+        def step(x: np.ndarray, y: np.ndarray) -> float:
+            loss = self._forward_backward(x, y)
+            optimizer.step()
+            return loss
+
+        return step
+
+    def _kernel_step(self, config: TrainConfig) -> TrainStep:
+        # The weights stay in numpy between steps (only this loop changes them), so a step writes
+        # them to ORT once instead of also reading them back.
+        weights = self._ort_parameters()
+        sgd = SGD(config.sgd_hyper(), weights)
+
+        def step(x: np.ndarray, y: np.ndarray) -> float:
+            nonlocal weights
+            loss = self._forward_backward(x, y)
+            weights = sgd.step(weights, self._ort_gradient())
+            self._write_ort_parameters(weights)
+            return loss
+
+        return step
 
     def gradient(self, x: np.ndarray, y: np.ndarray) -> GradientResult:
         x, y = check_batch(x, y, self.manifest, nonempty_for="gradient")
