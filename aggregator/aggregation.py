@@ -24,7 +24,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from edgetrain.sdk.errors import ConfigError
-from edgetrain.sdk.optim import check_lr, check_sgd_hyper, check_unit_interval, sgd
+from edgetrain.sdk.optim import check_positive, check_sgd_hyper, check_unit_interval, sgd
 
 ServerState = dict[str, np.ndarray]
 
@@ -119,7 +119,7 @@ class ServerHyper:
                         names={"lr": "server_lr", "momentum": "server momentum"})
         check_unit_interval(self.beta1, "beta1")
         check_unit_interval(self.beta2, "beta2")
-        check_lr(self.tau, "tau")
+        check_positive(self.tau, "tau")
 
 
 def _prepare(params: np.ndarray, delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

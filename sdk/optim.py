@@ -31,11 +31,16 @@ import numpy as np
 from .errors import ConfigError
 
 
+def check_positive(value: float, name: str) -> float:
+    """A scale (LARS η, an adaptive optimiser's τ): finite and > 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
 def check_lr(lr: float, name: str = "lr") -> float:
     """A learning rate: finite and > 0."""
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (math.isfinite(lr) and lr > 0):
-        raise ConfigError(f"{name} must be a finite number > 0, got {lr!r}")
-    return float(lr)
+    return check_positive(lr, f"learning rate {name}")
 
 
 def check_unit_interval(value: float, name: str) -> float:
@@ -68,7 +73,7 @@ def check_sgd_hyper(*, lr: float, momentum: float = 0.0, dampening: float = 0.0,
         raise ConfigError(f"nesterov needs {named['momentum']} > 0 and {named['dampening']} 0, "
                           f"got {momentum} and {dampening}")
     if trust_coefficient is not None:
-        check_lr(trust_coefficient, named["trust_coefficient"])
+        check_positive(trust_coefficient, named["trust_coefficient"])
 
 
 @dataclass(frozen=True)
