@@ -24,6 +24,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from edgetrain.sdk.errors import ConfigError
+from edgetrain.sdk.optim import check_positive, check_sgd_hyper, check_unit_interval, sgd
 
 ServerState = dict[str, np.ndarray]
 
@@ -114,16 +115,11 @@ class ServerHyper:
     tau: float = 1e-3
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.server_lr) and self.server_lr > 0):
-            raise ConfigError(f"server_lr must be finite and > 0, got {self.server_lr}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(f"server momentum must be in [0, 1), got {self.momentum}")
-        if not 0.0 <= self.beta1 < 1.0:
-            raise ConfigError(f"beta1 must be in [0, 1), got {self.beta1}")
-        if not 0.0 <= self.beta2 < 1.0:
-            raise ConfigError(f"beta2 must be in [0, 1), got {self.beta2}")
-        if not (math.isfinite(self.tau) and self.tau > 0):
-            raise ConfigError(f"tau must be finite and > 0, got {self.tau}")
+        check_sgd_hyper(lr=self.server_lr, momentum=self.momentum,
+                        names={"lr": "server_lr", "momentum": "server momentum"})
+        check_unit_interval(self.beta1, "beta1")
+        check_unit_interval(self.beta2, "beta2")
+        check_positive(self.tau, "tau")
 
 
 def _prepare(params: np.ndarray, delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -149,10 +145,14 @@ def fedavg_step(params: np.ndarray, delta: np.ndarray, state: Mapping[str, np.nd
 
 def fedavgm_step(params: np.ndarray, delta: np.ndarray, state: Mapping[str, np.ndarray],
                  hyper: ServerHyper) -> tuple[np.ndarray, ServerState]:
-    """FedAvgM (Hsu et al. 2019): v ← β·v + Δ̄; w ← w + η·v (server momentum on the mean delta)."""
+    """FedAvgM (Hsu et al. 2019): v ← β·v + Δ̄; w ← w + η·v (server momentum on the mean delta).
+
+    This is the SGD kernel's momentum step on the pseudo-gradient −Δ̄ with lr η, its buffer being −v
+    (negation is exact in floating point, so the two forms agree bit for bit)."""
     params, delta = _prepare(params, delta)
-    velocity = np.float32(hyper.momentum) * _state_array(state, "velocity", params.size, "fedavgm") + delta
-    return params + np.float32(hyper.server_lr) * velocity, {"velocity": velocity}
+    velocity = _state_array(state, "velocity", params.size, "fedavgm")
+    new, buffer = sgd(params, -delta, -velocity, lr=hyper.server_lr, momentum=hyper.momentum)
+    return new, {"velocity": delta if buffer is None else -buffer}  # β = 0: plain FedAvg, no buffer kept
 
 
 def _adaptive_step(params: np.ndarray, delta: np.ndarray, state: Mapping[str, np.ndarray], hyper: ServerHyper,

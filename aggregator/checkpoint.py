@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from edgetrain.sdk.atomic_write import atomic_write_bytes, fsync_directory
 from edgetrain.sdk.errors import BundleError, ConfigError
 
 FORMAT_VERSION = 1
@@ -85,22 +86,6 @@ def list_checkpoints(run_dir: Path | str) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    # The rename itself is only durable once the directory entry is on disk.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _arrays_bytes(arrays: Mapping[str, np.ndarray], what: str) -> bytes:
     from safetensors.numpy import save  # small, pickle-free
 
@@ -155,15 +140,14 @@ def save_checkpoint(run_dir: Path | str, ckpt: Checkpoint, keep_last: int = 3) -
         raise ConfigError(f"{final}: round {ckpt.round_completed} already has a checkpoint")
     temp = Path(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{name}-", dir=root))
     try:
-        _write_synced(temp / PARAMS_FILE, params_bytes)
-        _write_synced(temp / STATE_FILE, state_bytes)
-        _write_synced(temp / META_FILE, meta_bytes)  # last: a directory with meta.json is complete
-        _fsync_dir(temp)
+        atomic_write_bytes(temp / PARAMS_FILE, params_bytes)
+        atomic_write_bytes(temp / STATE_FILE, state_bytes)
+        atomic_write_bytes(temp / META_FILE, meta_bytes)  # last: a directory with meta.json is complete
         os.rename(temp, final)  # atomic on POSIX: the round directory appears complete or not at all
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise
-    _fsync_dir(root)
+    fsync_directory(root)  # the directory's rename is durable once its entry is on disk
     for _, old in list_checkpoints(run_dir)[:-keep_last]:
         # Hide it first, so a kill during the (non-atomic) delete leaves only a temp directory.
         doomed = root / f"{_TEMP_PREFIX}prune-{old.name}"

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from edgetrain.sdk.atomic_write import atomic_write_text
 from edgetrain.sdk.errors import ConfigError, DataError
 
 METRICS_FILE = "metrics.jsonl"
@@ -82,19 +82,6 @@ class RoundRecord:
             raise DataError(f"round record is missing a field ({exc})") from exc
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 class MetricsLog:
     """``<run_dir>/metrics.jsonl``: one ``RoundRecord`` per line, round ids strictly increasing.
 
@@ -127,7 +114,7 @@ class MetricsLog:
         return entries, torn
 
     def _rewrite(self, lines: list[str]) -> None:
-        _atomic_write_text(self.path, "".join(line + "\n" for line in lines))
+        atomic_write_text(self.path, "".join(line + "\n" for line in lines))
 
     def read(self) -> list[RoundRecord]:
         """Every complete record; a torn final line is ignored, a corrupt earlier one is an error."""
@@ -186,7 +173,7 @@ def write_summary(run_dir: Path | str, records: Iterable[RoundRecord], extra: Ma
         raise ConfigError(f"summary extra is not plain JSON ({exc})") from exc
     path = Path(run_dir) / SUMMARY_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(path, text + "\n")
+    atomic_write_text(path, text + "\n")
     return path
 
 

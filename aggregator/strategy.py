@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import numpy as np
 
 from edgetrain.sdk.errors import ConfigError
+from edgetrain.sdk.optim import check_nonnegative, check_sgd_hyper
 
 from .aggregation import SERVER_STEPS, ServerHyper, ServerState, WeightedMean, init_server_state
 
@@ -111,10 +112,7 @@ class ClientConfig:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"lr must be finite and > 0, got {self.lr}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        check_sgd_hyper(lr=self.lr, momentum=self.momentum)
 
 
 def _flat_float32(params: np.ndarray, what: str) -> np.ndarray:
@@ -288,8 +286,7 @@ class FedProx(FedAvg):
     name: ClassVar[str] = "fedprox"
 
     def __init__(self, mu: float = 0.01, **client: Any) -> None:
-        if not (math.isfinite(mu) and mu >= 0):
-            raise ConfigError(f"FedProx mu must be finite and >= 0, got {mu}")
+        check_nonnegative(mu, "FedProx mu")
         super().__init__(**client)
         self.mu = float(mu)
 

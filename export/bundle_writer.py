@@ -6,13 +6,13 @@ flat float32 vector every other part of edgetrain speaks (see ``sdk.bundle``).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
+from edgetrain.sdk.atomic_write import atomic_path
 from edgetrain.sdk.bundle import MANIFEST_NAME, WEIGHTS_NAME, Manifest, ParamSpec, sha256_file, write_manifest
 from edgetrain.sdk.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from edgetrain.sdk.errors import ConfigError
@@ -107,9 +107,8 @@ def _prepare_out_dir(out_dir: Path) -> None:
 def _save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(dict(tensors), str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(dict(tensors), str(tmp), metadata={"format": "pt"})
 
 
 def export_bundle(

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from edgetrain.sdk.atomic_write import atomic_write_bytes
 from edgetrain.sdk.errors import ConfigError
 
 from edgetrain.sdk.models import INPUT_SHAPE, NUM_CLASSES
@@ -152,9 +153,7 @@ def write_executorch_program(model: nn.Module, out_dir: Path, batch_size: int) -
     import executorch
 
     program, order = build_training_program(model, batch_size)
-    tmp = out_dir / f".{PROGRAM_NAME}.tmp"
-    tmp.write_bytes(program)
-    tmp.replace(out_dir / PROGRAM_NAME)
+    atomic_write_bytes(out_dir / PROGRAM_NAME, program)
     info = {
         "program": PROGRAM_NAME,
         "method": METHOD_NAME,

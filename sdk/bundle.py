@@ -11,14 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
+from .atomic_write import atomic_write_text
 from .errors import BundleError
 
 FORMAT_VERSION = 1
@@ -158,15 +157,10 @@ def sha256_file(path: Path) -> str:
 
 
 def write_manifest(bundle_dir: Path | str, manifest: Manifest) -> Path:
-    """Write ``manifest.json`` atomically (temp file + rename)."""
+    """Write ``manifest.json`` atomically (``atomic_write``)."""
     bundle_dir = Path(bundle_dir)
     manifest.check_layout(str(bundle_dir / MANIFEST_NAME))
-    fd, tmp = tempfile.mkstemp(dir=bundle_dir, prefix=".manifest-", suffix=".json")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(manifest.to_json())
-    target = bundle_dir / MANIFEST_NAME
-    os.replace(tmp, target)
-    return target
+    return atomic_write_text(bundle_dir / MANIFEST_NAME, manifest.to_json())
 
 
 def load_manifest(bundle_dir: Path | str, verify: bool = True) -> Manifest:

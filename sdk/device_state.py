@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
+
+from .atomic_write import atomic_path, atomic_write_json
 
 _log = logging.getLogger(__name__)
 
@@ -36,9 +37,7 @@ class DeviceState:
             return -1, -1
 
     def mark_done(self, round_id: int, model_version: int) -> None:
-        tmp = self._progress.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"round_id": round_id, "model_version": model_version}))
-        os.replace(tmp, self._progress)
+        atomic_write_json(self._progress, {"round_id": round_id, "model_version": model_version})
 
     def codec_state(self, spec: str) -> dict[str, np.ndarray] | None:
         """The saved state of codec ``spec``; None when there is none, or it belongs to another spec."""
@@ -67,9 +66,8 @@ class DeviceState:
             return
         from safetensors.numpy import save_file
 
-        tmp = self._codec.with_suffix(".tmp")
-        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp), metadata={"codec": spec})
-        os.replace(tmp, self._codec)
+        with atomic_path(self._codec) as tmp:
+            save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp), metadata={"codec": spec})
         self._codec_cache = (spec, state)
 
     def reset_codec_state(self) -> None:

@@ -16,6 +16,8 @@ from hashlib import sha256
 from pathlib import Path
 from typing import NamedTuple
 
+from .atomic_write import atomic_write_bytes, fsync_directory
+
 _log = logging.getLogger(__name__)
 
 
@@ -53,13 +55,7 @@ class Outbox:
         with self._lock:
             name = f"{self._next_seq:012d}-{self._digest(key)}{self._SUFFIX}"
             self._next_seq += 1
-            tmp = self.directory / f".{name}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(record)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.directory / name)
-            self._fsync_directory()
+            atomic_write_bytes(self.directory / name, record)
             for old in self._files_for(key):  # the replaced entry goes only once the new one is safe
                 if old.name != name:
                     old.unlink(missing_ok=True)
@@ -121,10 +117,6 @@ class Outbox:
         return sha256(key.encode("utf-8")).hexdigest()[:32]
 
     def _fsync_directory(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_directory(self.directory)
 
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import gzip as gzip_module
 import math
-import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic_write import atomic_write_bytes
 from ..errors import DataError
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -128,19 +127,11 @@ def encode_idx(array: np.ndarray) -> bytes:
 def write_idx(path: Path | str, array: np.ndarray, gzip: bool) -> Path:
     """Write ``array`` as an IDX file, gzip-compressed when ``gzip``; returns the path.
 
-    Written to a temporary file then renamed, so a reader never sees half a file.
+    Written atomically (``atomic_write``), so a reader never sees half a file.
     """
     path = Path(path)
     payload = encode_idx(array)
     if gzip:
         # mtime=0: the same array always gives the same bytes (fixtures hash stably).
         payload = gzip_module.compress(payload, mtime=0)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(path, payload)

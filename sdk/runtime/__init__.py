@@ -8,9 +8,9 @@ from pathlib import Path
 
 from ..bundle import MANIFEST_NAME, RUNTIMES, Manifest, load_manifest
 from ..errors import BundleError, RuntimeBackendError
-from .base import EvalResult, GradientResult, Runtime, TrainConfig, TrainResult
+from .base import EvalResult, GradientResult, Runtime, TrainConfig, TrainResult, TrainStep
 
-__all__ = ["EvalResult", "GradientResult", "Runtime", "TrainConfig", "TrainResult", "load_runtime",
+__all__ = ["EvalResult", "GradientResult", "Runtime", "TrainConfig", "TrainResult", "TrainStep", "load_runtime",
            "runtime_available", "select_bundle", "AUTO_ORDER"]
 
 _log = logging.getLogger(__name__)

@@ -6,14 +6,16 @@ one flat float32 vector in manifest order, so aggregation, codecs and the wire n
 """
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, ContextManager, Iterable
 
 import numpy as np
 
 from ..bundle import Manifest
 from ..errors import ConfigError
+from ..optim import SGDHyper, check_sgd_hyper
 
 
 def check_batch(x: np.ndarray, y: np.ndarray, manifest: Manifest,
@@ -58,16 +60,18 @@ class TrainConfig:
     prox_mu: float = 0.0
 
     def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise ConfigError(f"learning rate must be > 0, got {self.lr}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.prox_mu < 0:
-            raise ConfigError(f"prox_mu must be >= 0, got {self.prox_mu}")
-        if self.nesterov and self.momentum == 0:
-            raise ConfigError("nesterov needs momentum > 0")
+        check_sgd_hyper(lr=self.lr, momentum=self.momentum, nesterov=self.nesterov,
+                        weight_decay=self.weight_decay, prox_mu=self.prox_mu)
+
+    def sgd_hyper(self) -> SGDHyper:
+        """These settings for the numpy SGD kernel (``edgetrain.sdk.optim``)."""
+        return SGDHyper(lr=self.lr, momentum=self.momentum, nesterov=self.nesterov,
+                        weight_decay=self.weight_decay, prox_mu=self.prox_mu)
+
+
+# One optimiser step on a checked, non-empty batch; returns the batch's mean cross-entropy (without
+# any proximal term, so losses stay comparable across prox_mu settings).
+TrainStep = Callable[[np.ndarray, np.ndarray], float]
 
 
 @dataclass(frozen=True)
@@ -112,9 +116,32 @@ class Runtime(ABC):
     def set_parameters(self, flat: np.ndarray) -> None:
         """Overwrite every parameter from the flat float32 vector (checked against the manifest)."""
 
-    @abstractmethod
     def train(self, batches: Iterable[tuple[np.ndarray, np.ndarray]], config: TrainConfig) -> TrainResult:
-        """One optimiser step per batch, in order."""
+        """One optimiser step per batch, in order: the one training loop every backend shares.
+
+        Each batch is checked against the manifest; empty batches are skipped (no step). ``mean_loss``
+        is the example-weighted mean cross-entropy (NaN when no batch came); ``compute_s`` times the
+        steps, not the optimiser's set-up.
+        """
+        steps = examples = 0
+        loss_sum = 0.0
+        with self._training(config) as step:
+            started = time.perf_counter()
+            for x, y in batches:
+                x, y = check_batch(x, y, self.manifest)
+                if len(y) == 0:
+                    continue
+                loss_sum += step(x, y) * len(y)
+                steps += 1
+                examples += len(y)
+            compute_s = time.perf_counter() - started
+        mean_loss = loss_sum / examples if examples else float("nan")
+        return TrainResult(steps=steps, examples=examples, mean_loss=mean_loss, compute_s=compute_s)
+
+    @abstractmethod
+    def _training(self, config: TrainConfig) -> ContextManager[TrainStep]:
+        """The backend's primitive under ``train``: set up a fresh optimiser for one call (no state may
+        leak across rounds once parameters are replaced), yield its ``TrainStep``, clean up on exit."""
 
     @abstractmethod
     def gradient(self, x: np.ndarray, y: np.ndarray) -> GradientResult:

@@ -14,17 +14,16 @@ is its C++ runtime (see docs/runtimes-on-boards.md).
 """
 from __future__ import annotations
 
-import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
 from ..bundle import Manifest, check_flat, read_initial_parameters
 from ..errors import BundleError, RuntimeBackendError
-from .base import (EvalResult, GradientResult, Runtime, TrainConfig, TrainResult, check_batch,
-                   check_evaluation)
+from .base import EvalResult, GradientResult, Runtime, TrainConfig, TrainStep, check_batch, check_evaluation
 
 
 class ExecutorchRuntime(Runtime):
@@ -119,34 +118,27 @@ class ExecutorchRuntime(Runtime):
                 chunk = np.ascontiguousarray(flat[spec.offset:spec.offset + spec.size]).reshape(spec.shape)
                 param.copy_(self._torch.from_numpy(chunk))
 
-    def train(self, batches: Iterable[tuple[np.ndarray, np.ndarray]], config: TrainConfig) -> TrainResult:
-        """One SGD step per batch; ``mean_loss`` is the cross-entropy alone (NaN when no batch came)."""
+    @contextmanager
+    def _training(self, config: TrainConfig) -> Iterator[TrainStep]:
+        """ExecuTorch's SGD, fresh per call, over the padded-chunk mean gradient; FedProx's
+        mu·(w − w_start) is added to the gradients it is handed."""
         t = self._torch
         names = [self._prefix + p.name for p in self.manifest.params]
-        # a fresh optimiser per call: momentum must not leak across rounds once parameters are replaced
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "This API is experimental"
             optimizer = self._get_sgd_optimizer(dict(zip(names, self._params)), config.lr, config.momentum, 0.0,
                                                 config.weight_decay, config.nesterov)
         w_start = [p.detach().clone() for p in self._params] if config.prox_mu > 0 else []
-        steps = examples = 0
-        loss_sum = 0.0
-        started = time.perf_counter()
-        for x, y in batches:
-            x, y = check_batch(x, y, self.manifest)
-            if len(y) == 0:
-                continue
+
+        def step(x: np.ndarray, y: np.ndarray) -> float:
             loss, grads = self._mean_gradient(x, y)
             if w_start:
                 with t.no_grad():
                     grads = [g + config.prox_mu * (p - p0) for g, p, p0 in zip(grads, self._params, w_start)]
             optimizer.step(dict(zip(names, grads)))
-            steps += 1
-            examples += len(y)
-            loss_sum += loss * len(y)
-        compute_s = time.perf_counter() - started
-        return TrainResult(steps=steps, examples=examples, mean_loss=loss_sum / examples if examples else float("nan"),
-                           compute_s=compute_s)
+            return loss
+
+        yield step
 
     def gradient(self, x: np.ndarray, y: np.ndarray) -> GradientResult:
         x, y = check_batch(x, y, self.manifest, nonempty_for="gradient")

@@ -8,8 +8,8 @@ one vector) is mapped to it here, per tensor.
 Optimiser: the bundle's ORT optimizer model does the step when it can — plain SGD (lr set with
 ``set_learning_rate``) or AdamW with betas/eps/weight decay baked at export. ORT's SGD block has no
 momentum or weight decay, so for an SGD bundle a round asking for momentum, Nesterov, weight decay or
-FedProx's proximal term (Li et al., MLSys 2020) gets torch.optim.SGD's update rule in numpy over ORT's
-gradients instead (Sutskever et al., ICML 2013 for the momentum form).
+FedProx's proximal term (Li et al., MLSys 2020) steps with the SDK's numpy SGD kernel
+(``edgetrain.sdk.optim``, torch.optim.SGD's update rule) over ORT's gradients instead.
 """
 from __future__ import annotations
 
@@ -17,17 +17,17 @@ import importlib
 import importlib.util
 import os
 import sys
-import time
 import types
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterator
 
 import numpy as np
 
 from ..bundle import Manifest, check_flat, read_initial_parameters
 from ..errors import BundleError, ConfigError, RuntimeBackendError
-from .base import (EvalResult, GradientResult, Runtime, TrainConfig, TrainResult, check_batch,
-                   check_evaluation)
+from ..optim import SGD
+from .base import EvalResult, GradientResult, Runtime, TrainConfig, TrainStep, check_batch, check_evaluation
 
 
 def import_training_api() -> Any:
@@ -193,46 +193,52 @@ class OrtRuntime(Runtime):
             raise RuntimeBackendError(f"onnx bundle names an unknown ORT optimizer {self._optimizer_name!r}")
         return not (config.momentum or config.weight_decay or config.prox_mu)
 
-    def train(self, batches: Iterable[tuple[np.ndarray, np.ndarray]], config: TrainConfig) -> TrainResult:
-        """One optimiser step per batch; ``mean_loss`` is the cross-entropy alone (NaN when no batch came)."""
-        use_ort_optimizer = self._uses_ort_optimizer(config)
-        optimizer = None
-        sgd: NumpySGD | None = None
-        if use_ort_optimizer:
-            # a fresh optimiser per call: state must not leak across rounds once parameters are replaced
-            if self._optimizer_used and self._optimizer_name == "adamw":
-                self._reopen_keeping_parameters()
-            optimizer = self._api.Optimizer(str(self._optimizer_path), self._module)
-            self._optimizer_used = True
-            optimizer.set_learning_rate(config.lr)
+    @contextmanager
+    def _training(self, config: TrainConfig) -> Iterator[TrainStep]:
+        """The bundle's ORT optimizer when it does what ``config`` asks, else the numpy SGD kernel."""
+        if self._uses_ort_optimizer(config):
+            step = self._ort_optimizer_step(config)
         else:
-            # The weights stay in numpy between steps (only this loop changes them), so a step writes
-            # them to ORT once instead of also reading them back.
-            ort_weights = self._ort_parameters()
-            sgd = NumpySGD(config, ort_weights)
+            step = self._kernel_step(config)
         self._module.train()
-        steps = examples = 0
-        loss_sum = 0.0
-        started = time.perf_counter()
-        for x, y in batches:
-            x, y = check_batch(x, y, self.manifest)
-            if len(y) == 0:
-                continue
-            self._module.lazy_reset_grad()  # ORT accumulates gradients across calls until reset
-            loss = float(self._module(x, y)[0])
-            if optimizer is not None:
-                optimizer.step()
-            else:
-                assert sgd is not None
-                ort_weights = sgd.step(ort_weights, self._ort_gradient())
-                self._write_ort_parameters(ort_weights)
-            steps += 1
-            examples += len(y)
-            loss_sum += loss * len(y)
-        compute_s = time.perf_counter() - started
-        self._module.lazy_reset_grad()
-        return TrainResult(steps=steps, examples=examples, mean_loss=loss_sum / examples if examples else float("nan"),
-                           compute_s=compute_s)
+        try:
+            yield step
+        finally:
+            self._module.lazy_reset_grad()
+
+    def _forward_backward(self, x: np.ndarray, y: np.ndarray) -> float:
+        self._module.lazy_reset_grad()  # ORT accumulates gradients across calls until reset
+        return float(self._module(x, y)[0])
+
+    def _ort_optimizer_step(self, config: TrainConfig) -> TrainStep:
+        # a fresh optimiser per call: state must not leak across rounds once parameters are replaced
+        if self._optimizer_used and self._optimizer_name == "adamw":
+            self._reopen_keeping_parameters()
+        optimizer = self._api.Optimizer(str(self._optimizer_path), self._module)
+        self._optimizer_used = True
+        optimizer.set_learning_rate(config.lr)
+
+        def step(x: np.ndarray, y: np.ndarray) -> float:
+            loss = self._forward_backward(x, y)
+            optimizer.step()
+            return loss
+
+        return step
+
+    def _kernel_step(self, config: TrainConfig) -> TrainStep:
+        # The weights stay in numpy between steps (only this loop changes them), so a step writes
+        # them to ORT once instead of also reading them back.
+        weights = self._ort_parameters()
+        sgd = SGD(config.sgd_hyper(), weights)
+
+        def step(x: np.ndarray, y: np.ndarray) -> float:
+            nonlocal weights
+            loss = self._forward_backward(x, y)
+            weights = sgd.step(weights, self._ort_gradient())
+            self._write_ort_parameters(weights)
+            return loss
+
+        return step
 
     def gradient(self, x: np.ndarray, y: np.ndarray) -> GradientResult:
         x, y = check_batch(x, y, self.manifest, nonempty_for="gradient")
@@ -261,27 +267,6 @@ def _threads_from_environment() -> int | None:
     """OMP_NUM_THREADS, which ORT ignores but edgetrain's simulation sets per device process."""
     value = os.environ.get("OMP_NUM_THREADS", "")
     return int(value) if value.isdigit() and int(value) > 0 else None
-
-
-class NumpySGD:
-    """torch.optim.SGD's update (dampening 0) plus FedProx's mu·(w − w_start), on flat vectors."""
-
-    def __init__(self, config: TrainConfig, w_start: np.ndarray) -> None:
-        self.config = config
-        self.w_start = w_start.copy() if config.prox_mu else None
-        self.velocity: np.ndarray | None = None
-
-    def step(self, w: np.ndarray, g: np.ndarray) -> np.ndarray:
-        c = self.config
-        d = g.astype(np.float32, copy=True)
-        if self.w_start is not None:
-            d += np.float32(c.prox_mu) * (w - self.w_start)
-        if c.weight_decay:
-            d += np.float32(c.weight_decay) * w
-        if c.momentum:
-            self.velocity = d.copy() if self.velocity is None else np.float32(c.momentum) * self.velocity + d
-            d = d + np.float32(c.momentum) * self.velocity if c.nesterov else self.velocity
-        return (w - np.float32(c.lr) * d).astype(np.float32, copy=False)
 
 
 def load(bundle_dir: Path, manifest: Manifest, threads: int | None = None) -> OrtRuntime:

@@ -5,9 +5,9 @@ caller's business (``torch.set_num_threads``); nothing here changes it.
 """
 from __future__ import annotations
 
-import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from ..bundle import Manifest, check_flat, read_initial_parameters
 from ..errors import BundleError, ConfigError
-from .base import EvalResult, GradientResult, Runtime, TrainConfig, TrainResult, check_batch, check_evaluation
+from .base import EvalResult, GradientResult, Runtime, TrainConfig, TrainStep, check_batch, check_evaluation
 
 
 def _tensors(batch: tuple[np.ndarray, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,25 +50,17 @@ class TorchRuntime(Runtime):
                 chunk = flat[spec.offset : spec.offset + spec.size].reshape(spec.shape)
                 param.copy_(torch.from_numpy(np.ascontiguousarray(chunk)).reshape(spec.shape))
 
-    def train(self, batches: Iterable[tuple[np.ndarray, np.ndarray]], config: TrainConfig) -> TrainResult:
-        """One SGD step per batch; with ``prox_mu`` > 0 the loss gets FedProx's mu/2·||w − w_start||²
-        (Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020).
-
-        ``mean_loss`` is the cross-entropy alone (NaN when no batch came), so it stays comparable
-        across ``prox_mu`` settings.
-        """
+    @contextmanager
+    def _training(self, config: TrainConfig) -> Iterator[TrainStep]:
+        """torch.optim.SGD, fresh per call; with ``prox_mu`` > 0 the objective gets FedProx's
+        mu/2·||w − w_start||² (Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020)."""
         self.model.train()
-        # a fresh optimiser per call: momentum must not leak across rounds once parameters are replaced
         optimizer = torch.optim.SGD(self._params, lr=config.lr, momentum=config.momentum,
                                     nesterov=config.nesterov, weight_decay=config.weight_decay)
         w_start = [p.detach().clone() for p in self._params] if config.prox_mu > 0 else []
-        steps = examples = 0
-        loss_sum = 0.0
-        started = time.perf_counter()
-        for x, y in batches:
-            x_t, y_t = _tensors(check_batch(x, y, self.manifest))
-            if len(y_t) == 0:
-                continue
+
+        def step(x: np.ndarray, y: np.ndarray) -> float:
+            x_t, y_t = _tensors((x, y))
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(self.model(x_t), y_t)
             objective = loss
@@ -77,12 +69,9 @@ class TorchRuntime(Runtime):
                 objective = loss + 0.5 * config.prox_mu * proximal
             objective.backward()
             optimizer.step()
-            steps += 1
-            examples += len(y_t)
-            loss_sum += float(loss.detach()) * len(y_t)
-        compute_s = time.perf_counter() - started
-        mean_loss = loss_sum / examples if examples else float("nan")
-        return TrainResult(steps=steps, examples=examples, mean_loss=mean_loss, compute_s=compute_s)
+            return float(loss.detach())
+
+        yield step
 
     def gradient(self, x: np.ndarray, y: np.ndarray) -> GradientResult:
         """Mean-loss gradient in train mode (as a training step would see it), parameters untouched.
