@@ -13,3 +13,49 @@ def test_a_status_with_a_bad_example_count_is_ignored(claimed: object) -> None:
     collector.note_status("dev-1", {"partition_digest": "abc", "num_examples": claimed})  # reaches the twin check
     assert collector.shared_partitions() == {"abc": ["dev-0", "dev-1"]}
     assert collector.partition_size("dev-1") is None and collector.partition_size("dev-0") == 10
+
+
+# -- decoders allocate in proportion to what they verified (defect 6) -----------------------------
+import struct  # noqa: E402
+import tracemalloc  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from edgetrain.sdk.codecs import get_codec  # noqa: E402
+from edgetrain.sdk.codecs.bitio import _PARAMETER_BITS, RICE_BLOCK, pack_uint, packed_size  # noqa: E402
+from edgetrain.sdk.errors import WireError  # noqa: E402
+
+_SIZE = 200_000  # parameters of the model the payload claims to update
+_TAIL = 1 << 20  # a megabyte of one bits after a short position header
+
+
+def _crafted_positions(tag: int, count: int, parameter: int) -> bytes:
+    runs = -(-count // RICE_BLOCK)
+    return bytes([tag]) + struct.pack("<I", count) + pack_uint(np.full(runs, parameter), _PARAMETER_BITS)
+
+
+def _peak_bytes(decode: object) -> int:
+    tracemalloc.start()
+    try:
+        with pytest.raises(WireError):
+            decode()  # type: ignore[operator]
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("codec, tag", [("dgc", 0x44), ("stc", 0x54)])
+@pytest.mark.parametrize("count", [10, _SIZE])
+def test_position_decoder_peak_is_bounded_by_the_verified_count(codec: str, tag: int, count: int) -> None:
+    payload = _crafted_positions(tag, count, 0) + b"\xff" * _TAIL  # every gap 0, then far too many one bits
+    peak = _peak_bytes(lambda: get_codec(codec).decode(payload, _SIZE, {}))
+    # O(count) work arrays (a handful of int64 per position, the decoded float32 vector) and never O(tail).
+    assert peak <= 64 * count + 4 * _SIZE + 64 * 1024, f"{peak / len(payload):.1f}x the payload"
+
+
+def test_wide_rice_remainders_do_not_expand_64x() -> None:
+    count = _SIZE
+    rem_bytes = packed_size(count, 40)
+    payload = _crafted_positions(0x44, count, 40) + b"\x00" * rem_bytes + b"\xff" * (count // 8)
+    peak = _peak_bytes(lambda: get_codec("dgc").decode(payload, _SIZE, {}))  # the gaps point past the vector
+    assert peak <= 64 * count + 4 * _SIZE + 64 * 1024, f"{peak / len(payload):.1f}x the payload"
