@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import signal
 import threading
 import time
@@ -27,6 +26,7 @@ from edgetrain.sdk.transport import Transport
 from .config import AggregatorConfig
 from .device_metrics import DeviceMetricsCollector
 from .downlink import Downlink
+from .inbox import Inbox
 from .checkpoint import Checkpoint, load_latest, rng_from_state, rng_state, save_checkpoint
 from .publish_retry import OutagePublisher
 from .results import MetricsLog, RoundRecord, plot_run, write_summary
@@ -42,6 +42,7 @@ __all__ = ["Aggregator", "AggregatorConfig", "RunStopped"]
 
 # Test hook: the round number after whose acks (and before whose checkpoint) the process SIGKILLs itself,
 # so a test can reproduce "killed between ack and checkpoint" at exactly that point.
+REJECT_MISSING_CHUNK = "missing_chunk"  # a chunked update never completed (expired)
 REJECT_NOT_DURABLE = "not_durable"  # valid, but the journal write failed: not acked, so the device re-sends it
 CRASH_BEFORE_CHECKPOINT_ENV = "EDGETRAIN_TEST_CRASH_BEFORE_CHECKPOINT"
 
@@ -67,8 +68,12 @@ class Aggregator:
         self.live: set[str] = set()
         self.seen_update_ids: set[str] = set()
         self.metrics = MetricsLog(config.out_dir)
-        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
-        self._reassemblers: dict[str, wire.Reassembler] = {}
+        self._inbox = Inbox(config.inbox_max_messages, config.inbox_max_bytes)
+        # One reassembler keyed by sender: bounded per device and in total, expired on a timer in _pump.
+        self._reassembler = wire.Reassembler(config.chunk_timeout_s, config.max_pending_chunk_bytes,
+                                             config.max_pending_chunk_bytes_per_device)
+        self._next_expiry_mono = 0.0
+        self._silent: set[str] = set()  # missed a deadline while "live": not selected until heard from
         self._early: list[tuple[str, wire.Update, int]] = []  # updates for the round about to open
         self._stop = threading.Event()
         self.downlink = Downlink(config.resync_every, config.downlink_codec, runtime.manifest.shapes)
@@ -103,7 +108,7 @@ class Aggregator:
 
     # -- network → queue --------------------------------------------------------------------
     def _enqueue(self, topic: str, payload: bytes) -> None:  # network thread: only queue
-        self._inbox.put((topic, payload))
+        self._inbox.put(topic, payload)  # full: dropped and counted (never acked, so a device re-sends)
 
     def _discard_stale_session(self) -> None:
         """Drop what the broker kept for our client id from an earlier run (updates for its rounds).
@@ -134,11 +139,19 @@ class Aggregator:
             left = deadline_mono - time.monotonic()
             if left <= 0:
                 return
-            try:
-                topic, payload = self._inbox.get(timeout=min(left, 0.2))
-            except queue.Empty:
-                continue
-            self._handle(topic, payload, tally, ctx)
+            self._expire_chunks(tally)
+            item = self._inbox.get(min(left, 0.2))
+            if item is not None:
+                self._handle(*item, tally, ctx)
+
+    def _expire_chunks(self, tally: RoundTally | None) -> None:
+        """Drop chunked messages that stopped arriving (``Reassembler.expire``), at most once a second."""
+        now = time.monotonic()
+        if now < self._next_expiry_mono:
+            return
+        self._next_expiry_mono = now + 1.0
+        for error in self._reassembler.expire(now):
+            self._count_rejection(tally, REJECT_MISSING_CHUNK, str(error))
 
     def _sleep_unless_stopped(self, seconds: float) -> None:
         if self._stop.wait(seconds):  # a stop request also ends a wait for the broker
@@ -155,13 +168,15 @@ class Aggregator:
         if kind == "status":
             self._on_status(device, payload)
             return
+        if kind in ("update", "metrics"):
+            self._silent.discard(device)  # a device that missed a deadline is back
         if kind == "metrics":  # instrumentation: not counted in bytes_up, never fails the round
             self.device_metrics.receive(device, payload, self.next_round)
             return
         if tally is not None:
             tally.bytes_up += len(payload)
         try:
-            message = self._reassemblers.setdefault(device, wire.Reassembler()).feed(payload)
+            message = self._reassembler.feed(payload, source=device)
         except UnknownCodec as exc:  # a whole frame this server cannot decode: the reason validation uses
             self._count_rejection(tally, REJECT_UNKNOWN_CODEC, f"frame on {topic}: {exc}")
             return
@@ -200,6 +215,7 @@ class Aggregator:
         self.device_metrics.note_status(device, status.info)
         if status.online and (device not in self.live or status.info.get("needs_resync")):
             self.downlink.request_resync()  # a (re)joining or drifted device needs the whole model
+        self._silent.discard(device)
         (self.live.add if status.online else self.live.discard)(device)
 
     def _on_update(self, device: str, update: wire.Update, tally: RoundTally | None,
@@ -273,7 +289,8 @@ class Aggregator:
         if not self._settled:  # let devices that start together all say hello before the first selection
             self._pump(lambda: False, time.monotonic() + 0.2, None, None)
             self._settled = True
-        return sorted(self.live)
+        heard = self.live - self._silent  # ghosts (silent through a deadline) only when too few others
+        return sorted(heard) if len(heard) >= minimum else sorted(self.live)
 
     def _announce(self, round_id: int, selected: tuple[str, ...], hyper: dict) -> tuple[int, float]:
         """Publish the round (retained), waiting out a broker outage: (bytes down, monotonic deadline)."""
@@ -342,7 +359,7 @@ class Aggregator:
                 raise EdgetrainError(f"round {open_round.round_id}: {len(ctx.reported_devices)} of the {minimum} "
                                      f"updates needed after {open_round.attempts} attempt(s); giving up")
             # Retry: keep what arrived, add live devices that have not answered to the selection.
-            spare = sorted(self.live - ctx.reported_devices)
+            spare = self._choosable(self.live - ctx.reported_devices)
             open_round.selected = set(ctx.reported_devices) | set(spare[: max(len(open_round.selected), minimum)])
             ctx.selected = frozenset(open_round.selected)
             _log.warning("round %d: only %d update(s) by the deadline, %d needed; announcing again (attempt %d)",
@@ -370,14 +387,31 @@ class Aggregator:
             # Waiting on devices that went offline (last will) gains nothing once enough updates are in.
             # With too few, wait for the deadline: a broker restart fires every device's will, and the
             # devices come back with their updates.
-            return not (pending & self.live) and len(ctx.reported_devices) >= minimum
+            # Only with the inbox drained: an "offline" status (possibly forged, without an ACL) must not close
+            # the round ahead of an update that had already arrived.
+            return not (pending & self.live) and len(ctx.reported_devices) >= minimum and self._inbox.empty()
 
         self._pump(round_done, deadline_mono, tally, ctx)
+        if time.monotonic() >= deadline_mono:
+            self._drop_ghosts(ctx.pending_devices() & self.live, round_id)
         if len(self.live | ctx.reported_devices) < minimum:  # e.g. a broker restart fired every device's will
             _log.warning("round %d: %d device(s) live, %d needed; waiting up to %.0f s for them before choosing "
                          "again", round_id, len(self.live), minimum, self.config.join_timeout_s)
             self._pump(lambda: len(self.live | ctx.reported_devices) >= minimum,
                        time.monotonic() + self.config.join_timeout_s, tally, ctx)
+
+    def _drop_ghosts(self, silent: frozenset[str], round_id: int) -> None:
+        """Devices that let a whole deadline pass without answering are chosen last (a retained "online"
+        status of a device that died is a ghost) until they publish or send anything again. Not removed
+        from ``live``: after a broker restart every device is silent for a while and still comes back."""
+        if silent:
+            _log.warning("round %d: %s did not answer by the deadline; chosen last until heard from",
+                         round_id, ", ".join(sorted(silent)))
+            self._silent |= silent
+
+    def _choosable(self, devices: set[str]) -> list[str]:
+        """``devices`` sorted, those heard from since their last missed deadline first."""
+        return sorted(devices - self._silent) + sorted(devices & self._silent)
 
     def _evaluate(self, round_id: int) -> tuple[float | None, float | None]:
         """(accuracy, loss) on the test set every ``eval_every`` rounds and after the last; else Nones."""
@@ -399,6 +433,7 @@ class Aggregator:
             devices_timed_out=len(ctx.pending_devices()),
             extra={"attempts": open_round.attempts, "capped": tally.capped, "step_norm": info.step_norm,
                    "device_cpu_s": tally.device_cpu_s, "replayed": tally.replayed,
+                   **dict(zip(("inbox_dropped", "inbox_dropped_bytes"), self._inbox.take_dropped())),
                    # dense fp32 bytes over the bytes the accepted updates' payloads really took
                    "uplink_compression": (4 * self.params.size * len(ctx.reported_devices)
                                           / max(1, tally.accepted_payload_bytes)),

@@ -57,3 +57,20 @@ def test_an_update_with_nan_metrics_is_rejected_and_the_run_finishes(
     assert records[0].devices_rejected.get("bad_metrics") == 2
     assert records[0].devices_reported == 2 and records[0].total_examples == 80  # the honest updates
     assert math.isfinite(records[0].extra["device_cpu_s"])
+
+
+def test_a_retained_online_ghost_is_chosen_last_after_it_missed_a_deadline(
+        broker: MosquittoBroker, fleet_assets: FleetAssets, tmp_path: Path,
+        cleanup: list[Callable[[], None]]) -> None:
+    config = broker_config(broker.url)
+    forger = Sniffer(config, client_id="ghost-maker").connect()
+    cleanup.append(forger.close)
+    ghost = wire.encode(wire.Status(device_id="dev-9", online=True, info={"num_examples": 40}))
+    forger.transport.publish(topics.status_topic(FLEET, "dev-9"), ghost, retain=True)
+    cleanup.append(lambda: forger.transport.publish(topics.status_topic(FLEET, "dev-9"), b"", retain=True))
+    devices = start_device_threads(config, fleet_assets, FLEET, tmp_path / "devices", [40, 40])
+    cleanup.extend(d.stop for d in devices)
+    records = AggregatorThread(config, fleet_assets, FLEET, tmp_path / "run", "--rounds", "3", "--min-devices", "2",
+                               "--round-timeout", "8", "--eval-examples", "50").start().join()
+    assert [r.devices_chosen for r in records] == [3, 2, 2]  # the ghost cost one deadline, not every round
+    assert [r.devices_reported for r in records] == [2, 2, 2]
