@@ -32,6 +32,12 @@ class AggregatorConfig:
     downlink_codec: str = "dense"  # codec of the announced deltas
     broker_outage_s: float = 300.0  # how long an announcement waits out a broker outage before the run fails
     labels: Mapping[str, Any] = field(default_factory=dict)  # run settings for summary.json (report)
+    # Memory bounds under flooding (issue 12, defect 5): what overflows is dropped and counted.
+    inbox_max_messages: int = 10_000
+    inbox_max_bytes: int = 256 * 1024 * 1024
+    chunk_timeout_s: float = 60.0  # an incomplete chunked message with no new chunk for this long is dropped
+    max_pending_chunk_bytes: int = 256 * 1024 * 1024  # all incomplete chunked messages together
+    max_pending_chunk_bytes_per_device: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
         topics.validate_name(self.fleet, "fleet")
@@ -47,6 +53,13 @@ class AggregatorConfig:
                             ("resync_every", self.resync_every)):
             if every < 1:
                 raise ConfigError(f"{what} must be >= 1, got {every}")
+        for what, bound in (("inbox_max_messages", self.inbox_max_messages), ("inbox_max_bytes", self.inbox_max_bytes),
+                            ("max_pending_chunk_bytes", self.max_pending_chunk_bytes),
+                            ("max_pending_chunk_bytes_per_device", self.max_pending_chunk_bytes_per_device)):
+            if bound < 1:
+                raise ConfigError(f"{what} must be >= 1, got {bound}")
+        if not self.chunk_timeout_s > 0:
+            raise ConfigError(f"chunk_timeout_s must be > 0 s, got {self.chunk_timeout_s}")
         for what, spec in (("uplink", self.uplink_codec), ("downlink", self.downlink_codec)):
             try:  # unknown codec or a bad parameter: fail before any round, as bad configuration
                 check_codec_spec(spec)

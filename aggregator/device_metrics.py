@@ -26,6 +26,14 @@ BENCH_ROUND_ID = 0  # the same constant as sdk.device_metrics; rounds count from
 MAX_VALUES = 64  # a device's metrics are a few dozen figures; more is a bug or an attack
 MAX_KEY_CHARS = 64
 STATUS_KEYS = ("power_source", "energy_method", "energy_unavailable")  # strings devices say in their status
+MAX_PARTITION_EXAMPLES = 10**9  # a status claiming more examples than this is not believed
+
+
+def _example_count(value: Any) -> int | None:
+    """A status's ``num_examples`` if it is a plausible positive int (it arrives off the wire), else None."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_PARTITION_EXAMPLES:
+        return None
+    return value
 
 
 def _finite(values: Mapping[str, float]) -> dict[str, float | None]:
@@ -40,6 +48,7 @@ class DeviceMetricsCollector:
         self._values: dict[int, dict[str, dict[str, float | None]]] = {}
         self._status: dict[str, dict[str, str]] = {}
         self._partition: dict[str, str] = {}  # device -> the digest of the training examples it holds
+        self._partition_size: dict[str, int] = {}  # device -> the example count its status reported
         self.bench: dict[str, dict[str, float | None]] = {}
         self.rejected: Counter[str] = Counter()
         self.bytes_received = 0
@@ -49,15 +58,22 @@ class DeviceMetricsCollector:
         said = {k: str(info[k]) for k in STATUS_KEYS if isinstance(info.get(k), str)}
         if said:
             self._status[device] = said
+        size = _example_count(info.get("num_examples"))
+        if size is not None:
+            self._partition_size[device] = size
         digest = info.get("partition_digest")
         if isinstance(digest, str) and digest and self._partition.get(device) != digest:
             self._partition[device] = digest
             twins = sorted(d for d, other in self._partition.items() if other == digest and d != device)
-            if twins and int(info.get("num_examples", 1) or 0) > 0:
+            if twins and size is not None:
                 # Two devices on the same examples (a repeated --index, say) are not two devices' data:
                 # the run still works, but it is not the experiment the fleet was meant to be.
                 _log.warning("devices %s and %s train on the same examples (partition digest %s): check their "
                              "--index/--count/--seed", device, ", ".join(twins), digest)
+
+    def partition_size(self, device: str) -> int | None:
+        """The example count ``device`` last reported in its status (a plausible positive int), or None."""
+        return self._partition_size.get(device)
 
     def shared_partitions(self) -> dict[str, list[str]]:
         """Digest -> devices, for every partition that more than one device reports holding."""

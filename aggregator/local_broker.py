@@ -106,7 +106,9 @@ class LocalMosquitto:
         else:
             lines.append("persistence false")
         if passwords:
-            lines.append(f"password_file {self._write_passwords(passwords)}")
+            # Each connection's client id is its username: a client with its own credentials can no longer
+            # log in under another device's (or the aggregator's) client id and knock the real one off.
+            lines += [f"password_file {self._write_passwords(passwords)}", "use_username_as_clientid true"]
         if acl is not None:
             acl_path = self.workdir / "acl"
             acl_path.write_text(acl)

@@ -5,6 +5,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .results import RoundRecord
+from .validation import ValidationContext
 
 
 @dataclass(frozen=True)
@@ -29,3 +30,17 @@ class RoundTally:
     capped: int = 0
     accepted_payload_bytes: int = 0
     device_cpu_s: float = 0.0
+    replayed: int = 0  # accepted before a restart, read back from the update journal
+
+
+@dataclass
+class OpenRound:
+    """The round the service is collecting: its selection, validation context and tally."""
+
+    round_id: int
+    started_mono_s: float
+    hyperparams: dict
+    selected: set[str]
+    ctx: ValidationContext
+    tally: RoundTally = field(default_factory=RoundTally)
+    attempts: int = 0

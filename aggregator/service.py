@@ -10,7 +10,8 @@ that already answered skip it), at most ``max_attempts`` times. Network callback
 from __future__ import annotations
 
 import logging
-import queue
+import os
+import signal
 import threading
 import time
 from typing import Callable
@@ -25,17 +26,25 @@ from edgetrain.sdk.transport import MessageTransport, Transport
 from .config import AggregatorConfig
 from .device_metrics import DeviceMetricsCollector
 from .downlink import Downlink
+from .inbox import Inbox
 from .checkpoint import Checkpoint, load_latest, rng_from_state, rng_state, save_checkpoint
 from .publish_retry import OutagePublisher
 from .results import MetricsLog, RoundRecord, plot_run, write_summary
-from .round_state import Progress, RoundTally
-from .strategy import Strategy
+from .round_state import OpenRound, Progress, RoundTally
+from .strategy import AggregateInfo, Strategy
+from .update_journal import UpdateJournal
 from .validation import (REJECT_DUPLICATE, REJECT_LATE, REJECT_UNKNOWN_CODEC, REJECT_WRONG_ROUND, ValidationContext,
                          validate_update)
 
 _log = logging.getLogger(__name__)
 
 __all__ = ["Aggregator", "AggregatorConfig", "RunStopped"]
+
+# Test hook: the round number after whose acks (and before whose checkpoint) the process SIGKILLs itself,
+# so a test can reproduce "killed between ack and checkpoint" at exactly that point.
+REJECT_MISSING_CHUNK = "missing_chunk"  # a chunked update never completed (expired)
+REJECT_NOT_DURABLE = "not_durable"  # valid, but the journal write failed: not acked, so the device re-sends it
+CRASH_BEFORE_CHECKPOINT_ENV = "EDGETRAIN_TEST_CRASH_BEFORE_CHECKPOINT"
 
 
 class RunStopped(EdgetrainError):
@@ -59,16 +68,23 @@ class Aggregator:
         self.live: set[str] = set()
         self.seen_update_ids: set[str] = set()
         self.metrics = MetricsLog(config.out_dir)
-        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
-        self._reassemblers: dict[str, wire.Reassembler] = {}
+        self._inbox = Inbox(config.inbox_max_messages, config.inbox_max_bytes)
+        # One reassembler keyed by sender: bounded per device and in total, expired on a timer in _pump.
+        self._reassembler = wire.Reassembler(config.chunk_timeout_s, config.max_pending_chunk_bytes,
+                                             config.max_pending_chunk_bytes_per_device)
+        self._next_expiry_mono = 0.0
+        self._silent: set[str] = set()  # missed a deadline while "live": not selected until heard from
         self._early: list[tuple[str, wire.Update, int]] = []  # updates for the round about to open
         self._stop = threading.Event()
         self.downlink = Downlink(config.resync_every, config.downlink_codec, runtime.manifest.shapes)
         self._settled = False
         self.device_metrics = DeviceMetricsCollector()
         self.publisher = OutagePublisher(transport, config.broker_outage_s, self._sleep_unless_stopped, _log)
+        self.journal = UpdateJournal(config.out_dir)
         if config.resume:
             self._restore()
+        else:
+            self.journal.clear()  # a fresh run: an earlier run's accepted updates are not this run's
 
     # -- resume ----------------------------------------------------------------------------
     def _restore(self) -> None:
@@ -77,6 +93,7 @@ class Aggregator:
             _log.info("no checkpoint in %s; starting from round 1", self.config.out_dir)
             self.metrics.truncate_after(0)
             return
+        self.journal.forget_through(ckpt.round_completed)  # a kill between checkpoint and journal cleanup
         self.params = ckpt.params.copy()
         self.model_version = ckpt.model_version
         self.next_round = ckpt.round_completed + 1
@@ -91,7 +108,7 @@ class Aggregator:
 
     # -- network → queue --------------------------------------------------------------------
     def _enqueue(self, topic: str, payload: bytes) -> None:  # network thread: only queue
-        self._inbox.put((topic, payload))
+        self._inbox.put(topic, payload)  # full: dropped and counted (never acked, so a device re-sends)
 
     def _discard_stale_session(self) -> None:
         """Drop what the broker kept for our client id from an earlier run (updates for its rounds).
@@ -122,11 +139,19 @@ class Aggregator:
             left = deadline_mono - time.monotonic()
             if left <= 0:
                 return
-            try:
-                topic, payload = self._inbox.get(timeout=min(left, 0.2))
-            except queue.Empty:
-                continue
-            self._handle(topic, payload, tally, ctx)
+            self._expire_chunks(tally)
+            item = self._inbox.get(min(left, 0.2))
+            if item is not None:
+                self._handle(*item, tally, ctx)
+
+    def _expire_chunks(self, tally: RoundTally | None) -> None:
+        """Drop chunked messages that stopped arriving (``Reassembler.expire``), at most once a second."""
+        now = time.monotonic()
+        if now < self._next_expiry_mono:
+            return
+        self._next_expiry_mono = now + 1.0
+        for error in self._reassembler.expire(now):
+            self._count_rejection(tally, REJECT_MISSING_CHUNK, str(error))
 
     def _sleep_unless_stopped(self, seconds: float) -> None:
         if self._stop.wait(seconds):  # a stop request also ends a wait for the broker
@@ -143,13 +168,15 @@ class Aggregator:
         if kind == "status":
             self._on_status(device, payload)
             return
+        if kind in ("update", "metrics"):
+            self._silent.discard(device)  # a device that missed a deadline is back
         if kind == "metrics":  # instrumentation: not counted in bytes_up, never fails the round
             self.device_metrics.receive(device, payload, self.next_round)
             return
         if tally is not None:
             tally.bytes_up += len(payload)
         try:
-            message = self._reassemblers.setdefault(device, wire.Reassembler()).feed(payload)
+            message = self._reassembler.feed(payload, source=device)
         except UnknownCodec as exc:  # a whole frame this server cannot decode: the reason validation uses
             self._count_rejection(tally, REJECT_UNKNOWN_CODEC, f"frame on {topic}: {exc}")
             return
@@ -188,19 +215,27 @@ class Aggregator:
         self.device_metrics.note_status(device, status.info)
         if status.online and (device not in self.live or status.info.get("needs_resync")):
             self.downlink.request_resync()  # a (re)joining or drifted device needs the whole model
+        self._silent.discard(device)
         (self.live.add if status.online else self.live.discard)(device)
 
     def _on_update(self, device: str, update: wire.Update, tally: RoundTally | None,
-                   ctx: ValidationContext) -> None:
+                   ctx: ValidationContext, replayed: bool = False) -> bool:
+        """Validate, journal, fold in and ack one update (a ``replayed`` one is already journaled and acked)."""
         try:
             valid = validate_update(update, topic_device=device, ctx=ctx)
         except UpdateRejected as rejection:
-            self._reject(device, update, rejection, tally)
-            return
+            self._reject(device, update, rejection, tally, ack=not replayed)
+            return False
         if not self.strategy.accepts_more():  # a large-batch step already has its gradients
             self._reject(device, update, UpdateRejected(REJECT_LATE, f"{device}: step {update.round_id} is full"),
-                         tally)
-            return
+                         tally, ack=not replayed)
+            return False
+        if not replayed:
+            try:  # before the ack: an acked update must survive a SIGKILL before the round's checkpoint
+                self.journal.record(ctx.round_id, update)
+            except OSError as exc:  # not acked: the device keeps it in its outbox and sends it again
+                self._count_rejection(tally, REJECT_NOT_DURABLE, f"{device}'s {update.update_id}: journal ({exc})")
+                return False
         self.strategy.accumulate(valid.vector, valid.num_examples, valid.device_id)
         ctx.mark_accepted(update)
         if tally is not None:
@@ -209,14 +244,17 @@ class Aggregator:
         if tally is not None and valid.capped:
             tally.capped += 1
             tally.detail.append(f"{device}: example count {valid.claimed_examples} capped to {valid.num_examples}")
-        self._ack(device, update, True, "", tally)
+        if not replayed:
+            self._ack(device, update, True, "", tally)
+        return True
 
-    def _reject(self, device: str, update: wire.Update, rejection: UpdateRejected, tally: RoundTally | None) -> None:
+    def _reject(self, device: str, update: wire.Update, rejection: UpdateRejected, tally: RoundTally | None,
+                ack: bool = True) -> None:
         self._count_rejection(tally, rejection.reason, str(rejection))
         # An update we already hold (QoS 1 redelivery, outbox re-send) is acknowledged as accepted, so
         # the device stops re-sending it; it is still counted once only.
         already_held = rejection.reason == REJECT_DUPLICATE and update.update_id in self.seen_update_ids
-        if update.device_id == device:  # never ack on behalf of a spoofed sender
+        if ack and update.device_id == device:  # never ack on behalf of a spoofed sender
             self._ack(device, update, already_held, rejection.reason, tally)
 
     def _count_rejection(self, tally: RoundTally | None, reason: str, detail: str) -> None:
@@ -251,7 +289,8 @@ class Aggregator:
         if not self._settled:  # let devices that start together all say hello before the first selection
             self._pump(lambda: False, time.monotonic() + 0.2, None, None)
             self._settled = True
-        return sorted(self.live)
+        heard = self.live - self._silent  # ghosts (silent through a deadline) only when too few others
+        return sorted(heard) if len(heard) >= minimum else sorted(self.live)
 
     def _announce(self, round_id: int, selected: tuple[str, ...], hyper: dict) -> tuple[int, float]:
         """Publish the round (retained), waiting out a broker outage: (bytes down, monotonic deadline)."""
@@ -272,85 +311,147 @@ class Aggregator:
         return size * len(self.live | set(selected)), sent + self.config.round_timeout_s  # all live devices download it
 
     def run_round(self, round_id: int, on_progress: Callable[[Progress], None] | None = None) -> RoundRecord:
+        """Collect, aggregate, evaluate, record and checkpoint one round."""
         started = time.monotonic()
+        open_round = self._open_round(round_id, started)
+        self._collect(open_round, on_progress)
+        self.params, info = self.strategy.aggregate(self.params)
+        self.model_version += 1
+        record = self._round_record(open_round, info, *self._evaluate(round_id))
+        self._commit(round_id, record)
+        if on_progress:
+            on_progress(Progress(round_id, self.config.rounds, record.devices_reported, record.devices_chosen, record))
+        return record
+
+    def _open_round(self, round_id: int, started: float) -> OpenRound:
         plan = self.strategy.configure_round(round_id, self._wait_for_devices(), self.rng)
-        hyper = {**plan.hyperparams, "codec": self.config.uplink_codec}
-        selected = set(plan.selected)
         self.strategy.begin_round(self.params)
-        tally = RoundTally()
+        selected = set(plan.selected)
         ctx = ValidationContext(round_id=round_id, model_version=self.model_version, selected=frozenset(selected),
                                 num_params=self.params.size, max_norm=self.config.max_norm,
                                 max_examples=self.config.max_examples, seen_update_ids=self.seen_update_ids)
+        open_round = OpenRound(round_id, started, {**plan.hyperparams, "codec": self.config.uplink_codec},
+                               selected, ctx)
+        self._replay_journal(open_round)
+        return open_round
+
+    def _replay_journal(self, open_round: OpenRound) -> None:
+        """Fold in the updates this round accepted (and acked) before the aggregator was restarted."""
+        for update in self.journal.replay(open_round.round_id):
+            open_round.selected.add(update.device_id)  # it was selected when it was accepted
+            open_round.ctx.selected = frozenset(open_round.selected)
+            if self._on_update(update.device_id, update, open_round.tally, open_round.ctx, replayed=True):
+                open_round.tally.replayed += 1
+        if open_round.tally.replayed:
+            _log.info("round %d: %d update(s) accepted before the restart replayed from the journal",
+                      open_round.round_id, open_round.tally.replayed)
+
+    def _collect(self, open_round: OpenRound, on_progress: Callable[[Progress], None] | None) -> None:
+        """Announce and collect until enough updates arrived; re-announce at most ``max_attempts`` times."""
         minimum = self.strategy.min_devices
-        attempts = 0
+        ctx = open_round.ctx
         while True:
-            attempts += 1
-            bytes_down, deadline_mono = self._announce(round_id, tuple(sorted(selected)), hyper)
-            tally.bytes_down += bytes_down
-            early, self._early = self._early, []
-            for device, update, size in early:
-                tally.bytes_up += size
-                self._on_update(device, update, tally, ctx)
-
-            def round_done() -> bool:
-                if on_progress:
-                    on_progress(Progress(round_id, self.config.rounds, len(ctx.reported_devices), len(selected)))
-                pending = ctx.pending_devices()
-                if not pending or self.strategy.enough(len(ctx.reported_devices)):
-                    return True
-                # Waiting on devices that went offline (last will) gains nothing once enough updates are in.
-                # With too few, wait for the deadline: a broker restart fires every device's will, and the
-                # devices come back with their updates.
-                return not (pending & self.live) and len(ctx.reported_devices) >= minimum
-
-            self._pump(round_done, deadline_mono, tally, ctx)
-            if len(self.live | ctx.reported_devices) < minimum:  # e.g. a broker restart fired every device's will
-                _log.warning("round %d: %d device(s) live, %d needed; waiting up to %.0f s for them before choosing "
-                             "again", round_id, len(self.live), minimum, self.config.join_timeout_s)
-                self._pump(lambda: len(self.live | ctx.reported_devices) >= minimum,
-                           time.monotonic() + self.config.join_timeout_s, tally, ctx)
+            open_round.attempts += 1
+            self._collect_attempt(open_round, on_progress)
             if len(ctx.reported_devices) >= minimum:
-                break
-            if attempts >= self.config.max_attempts:
-                raise EdgetrainError(f"round {round_id}: {len(ctx.reported_devices)} of the {minimum} updates needed "
-                                     f"after {attempts} attempt(s); giving up")
+                return
+            if open_round.attempts >= self.config.max_attempts:
+                raise EdgetrainError(f"round {open_round.round_id}: {len(ctx.reported_devices)} of the {minimum} "
+                                     f"updates needed after {open_round.attempts} attempt(s); giving up")
             # Retry: keep what arrived, add live devices that have not answered to the selection.
-            spare = sorted(self.live - ctx.reported_devices)
-            selected = set(ctx.reported_devices) | set(spare[: max(len(selected), minimum)])
-            ctx.selected = frozenset(selected)
+            spare = self._choosable(self.live - ctx.reported_devices)
+            open_round.selected = set(ctx.reported_devices) | set(spare[: max(len(open_round.selected), minimum)])
+            ctx.selected = frozenset(open_round.selected)
             _log.warning("round %d: only %d update(s) by the deadline, %d needed; announcing again (attempt %d)",
-                         round_id, len(ctx.reported_devices), minimum, attempts + 1)
-        self.params, info = self.strategy.aggregate(self.params)
-        self.model_version += 1
-        accuracy = loss = None
-        last = round_id == self.config.rounds
-        if round_id % self.config.eval_every == 0 or last:
-            self.runtime.set_parameters(self.params)
-            result = self.runtime.evaluate(self.test_x, self.test_y)
-            accuracy, loss = result.accuracy, result.loss
-        record = RoundRecord(
-            round_id=round_id, model_version=self.model_version, accuracy=accuracy, loss=loss,
-            devices_chosen=len(selected), devices_reported=len(ctx.reported_devices),
+                         open_round.round_id, len(ctx.reported_devices), minimum, open_round.attempts + 1)
+
+    def _collect_attempt(self, open_round: OpenRound, on_progress: Callable[[Progress], None] | None) -> None:
+        """One announcement of the round and the wait for its updates."""
+        round_id, ctx, tally = open_round.round_id, open_round.ctx, open_round.tally
+        minimum = self.strategy.min_devices
+        bytes_down, deadline_mono = self._announce(round_id, tuple(sorted(open_round.selected)),
+                                                   open_round.hyperparams)
+        tally.bytes_down += bytes_down
+        early, self._early = self._early, []
+        for device, update, size in early:
+            tally.bytes_up += size
+            self._on_update(device, update, tally, ctx)
+
+        def round_done() -> bool:
+            if on_progress:
+                on_progress(Progress(round_id, self.config.rounds, len(ctx.reported_devices),
+                                     len(open_round.selected)))
+            pending = ctx.pending_devices()
+            if not pending or self.strategy.enough(len(ctx.reported_devices)):
+                return True
+            # Waiting on devices that went offline (last will) gains nothing once enough updates are in.
+            # With too few, wait for the deadline: a broker restart fires every device's will, and the
+            # devices come back with their updates.
+            # Only with the inbox drained: an "offline" status (possibly forged, without an ACL) must not close
+            # the round ahead of an update that had already arrived.
+            return not (pending & self.live) and len(ctx.reported_devices) >= minimum and self._inbox.empty()
+
+        self._pump(round_done, deadline_mono, tally, ctx)
+        if time.monotonic() >= deadline_mono:
+            self._drop_ghosts(ctx.pending_devices() & self.live, round_id)
+        if len(self.live | ctx.reported_devices) < minimum:  # e.g. a broker restart fired every device's will
+            _log.warning("round %d: %d device(s) live, %d needed; waiting up to %.0f s for them before choosing "
+                         "again", round_id, len(self.live), minimum, self.config.join_timeout_s)
+            self._pump(lambda: len(self.live | ctx.reported_devices) >= minimum,
+                       time.monotonic() + self.config.join_timeout_s, tally, ctx)
+
+    def _drop_ghosts(self, silent: frozenset[str], round_id: int) -> None:
+        """Devices that let a whole deadline pass without answering are chosen last (a retained "online"
+        status of a device that died is a ghost) until they publish or send anything again. Not removed
+        from ``live``: after a broker restart every device is silent for a while and still comes back."""
+        if silent:
+            _log.warning("round %d: %s did not answer by the deadline; chosen last until heard from",
+                         round_id, ", ".join(sorted(silent)))
+            self._silent |= silent
+
+    def _choosable(self, devices: set[str]) -> list[str]:
+        """``devices`` sorted, those heard from since their last missed deadline first."""
+        return sorted(devices - self._silent) + sorted(devices & self._silent)
+
+    def _evaluate(self, round_id: int) -> tuple[float | None, float | None]:
+        """(accuracy, loss) on the test set every ``eval_every`` rounds and after the last; else Nones."""
+        if round_id % self.config.eval_every != 0 and round_id != self.config.rounds:
+            return None, None
+        self.runtime.set_parameters(self.params)
+        result = self.runtime.evaluate(self.test_x, self.test_y)
+        return result.accuracy, result.loss
+
+    def _round_record(self, open_round: OpenRound, info: AggregateInfo, accuracy: float | None,
+                      loss: float | None) -> RoundRecord:
+        ctx, tally = open_round.ctx, open_round.tally
+        return RoundRecord(
+            round_id=open_round.round_id, model_version=self.model_version, accuracy=accuracy, loss=loss,
+            devices_chosen=len(open_round.selected), devices_reported=len(ctx.reported_devices),
             devices_rejected=dict(tally.rejected), rejected_detail=tuple(tally.detail), bytes_up=tally.bytes_up,
-            bytes_down=tally.bytes_down, round_wall_s=time.monotonic() - started, retried=attempts > 1,
-            total_examples=info.total_examples, devices_timed_out=len(ctx.pending_devices()),
-            extra={"attempts": attempts, "capped": tally.capped, "step_norm": info.step_norm,
-                   "device_cpu_s": tally.device_cpu_s,
+            bytes_down=tally.bytes_down, round_wall_s=time.monotonic() - open_round.started_mono_s,
+            retried=open_round.attempts > 1, total_examples=info.total_examples,
+            devices_timed_out=len(ctx.pending_devices()),
+            extra={"attempts": open_round.attempts, "capped": tally.capped, "step_norm": info.step_norm,
+                   "device_cpu_s": tally.device_cpu_s, "replayed": tally.replayed,
+                   **dict(zip(("inbox_dropped", "inbox_dropped_bytes"), self._inbox.take_dropped())),
                    # dense fp32 bytes over the bytes the accepted updates' payloads really took
                    "uplink_compression": (4 * self.params.size * len(ctx.reported_devices)
                                           / max(1, tally.accepted_payload_bytes)),
-                   **self.device_metrics.take(round_id, selected)})
-        if round_id % self.config.checkpoint_every == 0 or last:
+                   **self.device_metrics.take(open_round.round_id, open_round.selected)})
+
+    def _commit(self, round_id: int, record: RoundRecord) -> None:
+        """Checkpoint (every ``checkpoint_every`` rounds and after the last), then the metrics line."""
+        if os.environ.get(CRASH_BEFORE_CHECKPOINT_ENV) == str(round_id):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if round_id % self.config.checkpoint_every == 0 or round_id == self.config.rounds:
             save_checkpoint(self.config.out_dir, Checkpoint(
                 round_completed=round_id, model_version=self.model_version, params=self.params,
                 strategy_state=self.strategy.state_dict(), strategy_meta=self.strategy.state_meta(),
                 rng_state=rng_state(self.rng), extra={"record": record.to_json_dict()}))
+            self.journal.forget_through(round_id)  # the checkpoint holds these rounds' updates now
         # After the checkpoint: a resumed run truncates anything beyond it, and re-appends this line from
         # the checkpoint if a kill came between the two.
         self.metrics.append(record)
-        if on_progress:
-            on_progress(Progress(round_id, self.config.rounds, record.devices_reported, record.devices_chosen, record))
-        return record
 
     def run(self, stop: threading.Event | None = None,
             on_progress: Callable[[Progress], None] | None = None) -> list[RoundRecord]:

@@ -35,12 +35,21 @@ REJECT_UNDECODABLE = "undecodable"  # the codec refused the payload bytes
 REJECT_WRONG_SHAPE = "wrong_shape"  # decoded vector is not (num_params,)
 REJECT_NON_FINITE = "non_finite"  # NaN or Inf anywhere
 REJECT_NORM_TOO_LARGE = "norm_too_large"  # L2 norm above ctx.max_norm
+REJECT_BAD_METRICS = "bad_metrics"  # a metrics value NaN/Inf or out of range, or too many of them
 
 REJECT_REASONS: tuple[str, ...] = (
     REJECT_SPOOFED_SENDER, REJECT_UNKNOWN_DEVICE, REJECT_WRONG_ROUND, REJECT_LATE, REJECT_WRONG_MODEL_VERSION,
     REJECT_DUPLICATE, REJECT_BAD_EXAMPLE_COUNT, REJECT_UNKNOWN_CODEC, REJECT_UNDECODABLE,
     REJECT_WRONG_SHAPE, REJECT_NON_FINITE, REJECT_NORM_TOO_LARGE,
+    REJECT_BAD_METRICS,
 )
+
+# The figures an update carries (cpu_s, loss, latency_s…) are summed into the round's record and its
+# strict-JSON checkpoint: each must be finite and plausible, or the update is refused whole.
+MAX_METRICS = 64
+MAX_METRIC_KEY_CHARS = 64
+MAX_METRIC_ABS = 1e12
+MAX_DURATION_S = 7 * 24 * 3600.0  # a "*_s" figure: one round's seconds, never negative
 
 
 @dataclass
@@ -125,6 +134,20 @@ def _check_header(update: Update, topic_device: str, ctx: ValidationContext) -> 
     count = update.num_examples
     if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
         raise _reject(REJECT_BAD_EXAMPLE_COUNT, update, f"num_examples must be a positive int, got {count!r}")
+    _check_metrics(update)
+
+
+def _check_metrics(update: Update) -> None:
+    metrics = update.metrics
+    if len(metrics) > MAX_METRICS or any(len(key) > MAX_METRIC_KEY_CHARS for key in metrics):
+        raise _reject(REJECT_BAD_METRICS, update, f"{len(metrics)} metrics (at most {MAX_METRICS}, keys up to "
+                                                  f"{MAX_METRIC_KEY_CHARS} characters)")
+    for key, value in metrics.items():
+        if not (math.isfinite(value) and abs(value) <= MAX_METRIC_ABS):
+            raise _reject(REJECT_BAD_METRICS, update, f"metrics[{key!r}] = {value!r} is not a finite number "
+                                                      f"within +-{MAX_METRIC_ABS:g}")
+        if key.endswith("_s") and not 0.0 <= value <= MAX_DURATION_S:
+            raise _reject(REJECT_BAD_METRICS, update, f"metrics[{key!r}] = {value!r} s is outside 0..{MAX_DURATION_S:g}")
 
 
 def _decode(update: Update, ctx: ValidationContext) -> np.ndarray:

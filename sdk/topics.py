@@ -30,6 +30,11 @@ The Mosquitto ACL that enforces the table (``mosquitto_acl()`` returns it)::
     pattern write edgetrain/+/update/%u
     pattern readwrite edgetrain/+/status/%u
     pattern write edgetrain/+/metrics/%u
+
+With passwords, also set ``use_username_as_clientid true`` in mosquitto.conf (the generated local
+broker does): the client id becomes the username, so a client with its own credentials cannot log in
+under another device's (or the aggregator's) client id and knock the real one off (MQTT drops the
+older connection of a repeated client id). One connection per username follows from it.
 """
 from __future__ import annotations
 

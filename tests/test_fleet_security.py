@@ -4,6 +4,7 @@ is stopped at the broker or rejected by the aggregator, counted by reason in ``m
 and the run completes with exactly the honest devices' updates."""
 from __future__ import annotations
 
+import time
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -36,8 +37,8 @@ def _crafted(announcement: wire.Announcement, device_id: str, vector: np.ndarray
 def test_acl_stops_a_device_speaking_for_another(broker_factory: Callable[..., MosquittoBroker],
                                                  fleet_assets: FleetAssets, tmp_path: Path,
                                                  cleanup: list[Callable[[], None]]) -> None:
-    tls = make_tls_material(tmp_path / "tls", ("aggregator", "dev-a", "dev-b"))
-    passwords = {"aggregator": "agg-secret", "dev-a": "a-secret", "dev-b": "b-secret"}
+    tls = make_tls_material(tmp_path / "tls", ("aggregator", "dev-a", "dev-b", "dev-c"))
+    passwords = {"aggregator": "agg-secret", "dev-a": "a-secret", "dev-b": "b-secret", "dev-c": "c-secret"}
     broker = broker_factory(tls=True, tls_material=tls, passwords=passwords, acl=topics.mosquitto_acl())
 
     def config(user: str, password: str | None = None):
@@ -60,7 +61,7 @@ def test_acl_stops_a_device_speaking_for_another(broker_factory: Callable[..., M
     gate.wait_arrived(2)  # round 1 is open, neither honest update sent yet
 
     # Mosquitto grants the subscription to dev-a's updates but, by the ACL, never delivers one.
-    rogue = Sniffer(config("dev-b"), client_id="dev-b-rogue").subscribe(
+    rogue = Sniffer(config("dev-c"), client_id="dev-c").subscribe(
         topics.announce_topic(FLEET), topics.update_topic(FLEET, "dev-a")).connect()
     cleanup.append(rogue.close)
     _, announcement = rogue.wait_for_message(wire.Announcement)
@@ -69,7 +70,7 @@ def test_acl_stops_a_device_speaking_for_another(broker_factory: Callable[..., M
     with pytest.raises(TransportError, match="refused the publish"):
         publish_update(rogue.transport, FLEET, "dev-a", spoof)
     # On its own topic the broker lets it through; the aggregator then refuses the forged sender.
-    publish_update(rogue.transport, FLEET, "dev-b", spoof)
+    publish_update(rogue.transport, FLEET, "dev-c", spoof)
     gate.open()
     (record,) = run.join()
 
@@ -78,6 +79,7 @@ def test_acl_stops_a_device_speaking_for_another(broker_factory: Callable[..., M
     assert (record.devices_chosen, record.devices_reported) == (2, 2)
     assert record.total_examples == sum(limits.values())
     assert metrics(tmp_path / "run") == [record]
+
 
 
 def test_bad_updates_are_rejected_and_counted(broker: MosquittoBroker, fleet_assets: FleetAssets, tmp_path: Path,
@@ -149,3 +151,28 @@ def test_bad_updates_are_rejected_and_counted(broker: MosquittoBroker, fleet_ass
         assert all(not acks[u.update_id].accepted and acks[u.update_id].reason == reason for u in updates)
     assert all(m.accepted for m in replay_acks())
     assert metrics(tmp_path / "run") == [record]
+
+
+def test_own_credentials_cannot_take_over_another_client_id(broker_factory: Callable[..., MosquittoBroker],
+                                                            tmp_path: Path, cleanup: list[Callable[[], None]]) -> None:
+    """Issue 12, defect 7: dev-c logs in with its own credentials but dev-b's or the aggregator's client id.
+    The broker names every connection by its username, so neither real client is knocked off."""
+    tls = make_tls_material(tmp_path / "tls", ("aggregator", "dev-b", "dev-c"))
+    passwords = {"aggregator": "agg-secret", "dev-b": "b-secret", "dev-c": "c-secret"}
+    broker = broker_factory(tls=True, tls_material=tls, passwords=passwords, acl=topics.mosquitto_acl())
+
+    def config(user: str):
+        cert, key = tls.client_certs[user]
+        return broker_config(broker.url, username=user, password=passwords[user], ca_file=tls.ca_cert,
+                             cert_file=cert, key_file=key)
+
+    clients = [Transport(config(user), user) for user in ("aggregator", "dev-b")]
+    clients += [Transport(config("dev-c"), stolen_id) for stolen_id in ("dev-b", "aggregator")]
+    for client in clients:
+        client.connect(timeout_s=10)
+        cleanup.append(client.close)
+    time.sleep(1.0)
+    assert all(client.is_connected for client in clients[:2])
+    # The broker's own word (a dropped client reconnects at once, so is_connected alone could miss it).
+    log = broker.log_path.read_text()
+    assert "Client dev-b already connected" not in log and "Client aggregator already connected" not in log

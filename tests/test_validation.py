@@ -108,6 +108,12 @@ CASES: list[tuple[str, dict[str, Any], str, dict[str, Any], Callable[[Validation
     (v.REJECT_NON_FINITE, dict(payload=_nan_payload), "dev-1", {}, _same),
     (v.REJECT_NON_FINITE, dict(payload=_inf_payload), "dev-1", {}, _same),
     (v.REJECT_NORM_TOO_LARGE, {}, "dev-1", dict(max_norm=0.5), _same),
+    # metrics are wire numbers too: checked before they are summed into the round's record
+    (v.REJECT_BAD_METRICS, dict(metrics={"cpu_s": float("nan")}), "dev-1", {}, _same),
+    (v.REJECT_BAD_METRICS, dict(metrics={"loss": float("inf")}), "dev-1", {}, _same),
+    (v.REJECT_BAD_METRICS, dict(metrics={"cpu_s": -1.0}), "dev-1", {}, _same),
+    (v.REJECT_BAD_METRICS, dict(metrics={"cpu_s": 1e300}), "dev-1", {}, _same),
+    (v.REJECT_BAD_METRICS, dict(metrics={f"m{i}": 1.0 for i in range(v.MAX_METRICS + 1)}), "dev-1", {}, _same),
 ]
 
 

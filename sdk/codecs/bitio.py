@@ -141,22 +141,37 @@ def pack_varwidth(values: np.ndarray, widths: np.ndarray) -> bytes:
     return np.packbits(bits[shifts[None, :] < widths[:, None].astype(np.uint64)]).tobytes()
 
 
+_VARWIDTH_BLOCK = 8192  # values unpacked per step: the bit matrix stays ~2.6 MB at 40-bit widths
+
+
 def unpack_varwidth(data: bytes | memoryview, widths: np.ndarray) -> np.ndarray:
-    """Inverse of ``pack_varwidth``: exactly ``ceil(sum(widths) / 8)`` bytes, padding bits zero."""
+    """Inverse of ``pack_varwidth``: exactly ``ceil(sum(widths) / 8)`` bytes, padding bits zero.
+
+    Unpacked in blocks of values, so the temporary bit matrix (8 bytes per bit) never scales with
+    the payload: the result (8 bytes per value) is the only allocation proportional to it.
+    """
     widths = np.asarray(widths, dtype=np.int64)
     total = int(widths.sum())
     if len(data) != (total + 7) // 8:
         raise WireError(f"packed field: {len(data)} bytes for {total} bits")
-    widest = int(widths.max()) if widths.size else 0
-    if widest == 0:
-        return np.zeros(widths.size, dtype=np.uint64)
-    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8))
-    if bits[total:].any():
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if total % 8 and int(raw[-1]) & ((1 << (8 - total % 8)) - 1):
         raise WireError("packed field: non-zero padding bits")
-    shifts = np.arange(widest - 1, -1, -1, dtype=np.uint64)
-    matrix = np.zeros((widths.size, widest), dtype=np.uint64)
-    matrix[shifts[None, :] < widths[:, None].astype(np.uint64)] = bits[:total]
-    return (matrix << shifts).sum(axis=1, dtype=np.uint64)
+    out = np.zeros(widths.size, dtype=np.uint64)
+    ends = np.cumsum(widths)
+    for first in range(0, widths.size, _VARWIDTH_BLOCK):
+        block = widths[first : first + _VARWIDTH_BLOCK]
+        widest = int(block.max()) if block.size else 0
+        if widest == 0:
+            continue
+        start_bit = int(ends[first] - widths[first])
+        end_bit = int(ends[first + block.size - 1])
+        bits = np.unpackbits(raw[start_bit // 8 : (end_bit + 7) // 8])[start_bit % 8 :][: end_bit - start_bit]
+        shifts = np.arange(widest - 1, -1, -1, dtype=np.uint64)
+        matrix = np.zeros((block.size, widest), dtype=np.uint64)
+        matrix[shifts[None, :] < block[:, None].astype(np.uint64)] = bits
+        out[first : first + block.size] = (matrix << shifts).sum(axis=1, dtype=np.uint64)
+    return out
 
 
 def _check_parameters(parameters: np.ndarray) -> None:
@@ -178,6 +193,35 @@ def rice_encode(values: np.ndarray, parameters: int | np.ndarray) -> bytes:
     return remainders + np.packbits(unary).tobytes()
 
 
+_SCAN_BYTES = 1 << 12  # unary bytes popcounted per step while looking for the last code (32 KiB of cumsum)
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def _unary_ones(data: bytes | memoryview, start: int, count: int) -> tuple[np.ndarray, int]:
+    """Bit offsets (from ``data[start]``) of the first ``count`` one bits, and the byte offset after them.
+
+    Work arrays are O(count), never O(len(data)): the byte holding the count-th one is found by
+    popcounting fixed-size blocks, and only the non-zero bytes before it (at most ``count``) are
+    expanded to bits. A crafted payload with a long tail of ones therefore costs no memory.
+    """
+    view = np.frombuffer(data, dtype=np.uint8)[start:]
+    seen = 0
+    for block_start in range(0, view.size, _SCAN_BYTES):
+        popcounts = _POPCOUNT[view[block_start : block_start + _SCAN_BYTES]]
+        if seen + int(popcounts.sum(dtype=np.int64)) >= count:
+            last = block_start + int(np.searchsorted(np.cumsum(popcounts, dtype=np.int64), count - seen))
+            break
+        seen += int(popcounts.sum(dtype=np.int64))
+    else:
+        raise WireError(f"Rice stream truncated: {seen} of {count} unary codes present")
+    nonzero = np.flatnonzero(view[: last + 1])  # each holds >= 1 one and all before ``last`` < count: <= count
+    rows, columns = np.nonzero(np.unpackbits(view[nonzero]).reshape(-1, 8))
+    ones = nonzero[rows] * 8 + columns
+    if ones.size > count:
+        raise WireError("Rice stream: non-zero padding bits")
+    return ones, start + last + 1
+
+
 def rice_decode(data: bytes | memoryview, offset: int, parameters: int | np.ndarray,
                 count: int) -> tuple[np.ndarray, int]:
     """``count`` Rice-coded values starting at ``data[offset]``; returns them and the offset after."""
@@ -188,16 +232,10 @@ def rice_decode(data: bytes | memoryview, offset: int, parameters: int | np.ndar
     rem_end = offset + (int(parameters.sum()) + 7) // 8
     if rem_end > len(data):
         raise WireError(f"Rice stream truncated: remainders need {rem_end - offset} bytes, {len(data) - offset} left")
-    remainders = unpack_varwidth(data[offset:rem_end], parameters)
-    unary = np.unpackbits(np.frombuffer(data[rem_end:], dtype=np.uint8))
-    ones = np.flatnonzero(unary)
-    if ones.size < count:
-        raise WireError(f"Rice stream truncated: {ones.size} of {count} unary codes present")
-    ones = ones[:count]
-    end_bit = int(ones[-1]) + 1
-    end = rem_end + (end_bit + 7) // 8
-    if unary[end_bit : (end - rem_end) * 8].any():
-        raise WireError("Rice stream: non-zero padding bits")
+    if 8 * (len(data) - rem_end) < count:  # every unary code is at least one bit: bound before allocating
+        raise WireError(f"Rice stream truncated: {len(data) - rem_end} bytes cannot hold {count} unary codes")
+    remainders = unpack_varwidth(memoryview(data)[offset:rem_end], parameters)
+    ones, end = _unary_ones(data, rem_end, count)
     quotients = np.diff(ones, prepend=-1).astype(np.uint64) - np.uint64(1)
     if (quotients >> (np.uint64(63) - parameters)).any():
         raise WireError("Rice stream: a value does not fit in 63 bits")  # the shift below would overflow
@@ -228,6 +266,8 @@ def decode_positions(data: bytes | memoryview, offset: int, size: int) -> tuple[
     (count,) = _COUNT.unpack_from(data, offset)
     if count > size:
         raise WireError(f"positions: {count} entries claimed for a vector of {size}")
+    if count > 8 * (len(data) - end):  # each gap takes at least one bit: bound the count before allocating
+        raise WireError(f"positions: {count} entries claimed in {len(data) - end} bytes")
     runs = -(-count // RICE_BLOCK)
     params_end = end + packed_size(runs, _PARAMETER_BITS)
     if params_end > len(data):

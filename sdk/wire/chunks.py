@@ -76,6 +76,9 @@ class _ChunkHeader:
         chunk = cls(message_id, *numbers)
         if chunk.count < 1 or chunk.total_crc32 > 0xFFFFFFFF:
             raise WireError(f"bad header: chunk {message_id!r} has count {chunk.count}, crc {chunk.total_crc32}")
+        if chunk.count > max(1, chunk.total_bytes):  # every slice carries at least one byte
+            raise WireError(f"bad header: chunk {message_id!r} claims count {chunk.count} for "
+                            f"{chunk.total_bytes} bytes")
         if chunk.index >= chunk.count:
             raise WireError(f"inconsistent chunk: {message_id!r} index {chunk.index} out of range "
                             f"for count {chunk.count}")
@@ -88,6 +91,7 @@ class _Pending:
     total_bytes: int
     total_crc32: int
     last_chunk_s: float
+    source: str = ""
     slices: dict[int, bytes] = field(default_factory=dict)
     held_bytes: int = 0
 
@@ -106,21 +110,41 @@ def _ranges(indices: list[int]) -> str:
     return ", ".join(parts)
 
 
+def _missing(pending: _Pending, shown: int = 64) -> str:
+    """The first ``shown`` missing indices as ranges: O(held slices), never O(claimed count)."""
+    missing: list[int] = []
+    for i in range(pending.count):  # count <= total_bytes <= max_pending_bytes; stop early anyway
+        if i not in pending.slices:
+            missing.append(i)
+            if len(missing) >= shown:
+                break
+    more = pending.count - len(pending.slices) - len(missing)
+    return _ranges(missing) + (f" and {more} more" if more > 0 else "")
+
+
 class Reassembler:
     """Collects chunk frames into messages; whole frames pass straight through.
 
     ``timeout_s`` counts from a message's latest new chunk (a slow but moving upload is not dropped);
     ``expire`` removes messages idle longer than that. ``max_pending_bytes`` caps the memory held by
-    incomplete messages. Thread-safe: the transport's network thread may feed while another expires.
+    incomplete messages, ``max_pending_bytes_per_source`` those of one ``source`` (the device whose topic
+    the chunks came on), so one flooding sender cannot use up what others need. Message ids are per
+    source. Thread-safe: the transport's network thread may feed while another expires.
     """
 
-    def __init__(self, timeout_s: float = 60.0, max_pending_bytes: int = 512 * 1024 * 1024) -> None:
+    def __init__(self, timeout_s: float = 60.0, max_pending_bytes: int = 512 * 1024 * 1024,
+                 max_pending_bytes_per_source: int | None = None) -> None:
         if not timeout_s > 0:
             raise ConfigError(f"timeout_s must be > 0, got {timeout_s!r}")
         if isinstance(max_pending_bytes, bool) or not isinstance(max_pending_bytes, int) or max_pending_bytes <= 0:
             raise ConfigError(f"max_pending_bytes must be a positive int, got {max_pending_bytes!r}")
+        per_source = max_pending_bytes if max_pending_bytes_per_source is None else max_pending_bytes_per_source
+        if isinstance(per_source, bool) or not isinstance(per_source, int) or per_source <= 0:
+            raise ConfigError(f"max_pending_bytes_per_source must be a positive int, got {per_source!r}")
         self.timeout_s = float(timeout_s)
         self.max_pending_bytes = max_pending_bytes
+        self.max_pending_bytes_per_source = per_source
+        self._source_bytes: dict[str, int] = {}
         self._pending: dict[str, _Pending] = {}
         self._pending_bytes = 0
         self._completed: OrderedDict[str, None] = OrderedDict()
@@ -139,9 +163,14 @@ class Reassembler:
     def _drop(self, message_id: str) -> _Pending:
         pending = self._pending.pop(message_id)
         self._pending_bytes -= pending.held_bytes
+        left = self._source_bytes.get(pending.source, 0) - pending.held_bytes
+        if left > 0:
+            self._source_bytes[pending.source] = left
+        else:
+            self._source_bytes.pop(pending.source, None)
         return pending
 
-    def feed(self, data: bytes, now_s: float | None = None) -> Message | None:
+    def feed(self, data: bytes, now_s: float | None = None, source: str = "") -> Message | None:
         """The decoded message once ``data`` completes one (a whole frame completes itself), else None.
 
         Inconsistent chunks raise WireError and drop what was collected for that message id.
@@ -152,13 +181,13 @@ class Reassembler:
         chunk = _ChunkHeader.parse(raw.header)
         now_s = time.monotonic() if now_s is None else now_s
         with self._lock:
-            frame = self._store(chunk, raw.payload, now_s)
+            frame = self._store(chunk, raw.payload, now_s, source)
         # Joining checked the totals; decoding (inner crc, header, codec) runs outside the lock.
         return None if frame is None else decode(frame)
 
-    def _store(self, chunk: _ChunkHeader, data: bytes, now_s: float) -> bytes | None:
+    def _store(self, chunk: _ChunkHeader, data: bytes, now_s: float, source: str) -> bytes | None:
         """Keep one slice; return the whole frame when this slice completes it."""
-        mid = chunk.message_id
+        mid = f"{source}/{chunk.message_id}" if source else chunk.message_id
         if mid in self._completed:
             return None  # redelivery of a message already handed out
         if not data:
@@ -168,7 +197,7 @@ class Reassembler:
             if chunk.total_bytes > self.max_pending_bytes:
                 raise WireError(f"message {mid!r} of {chunk.total_bytes} bytes exceeds max_pending_bytes "
                                 f"{self.max_pending_bytes}")
-            pending = self._pending[mid] = _Pending(chunk.count, chunk.total_bytes, chunk.total_crc32, now_s)
+            pending = self._pending[mid] = _Pending(chunk.count, chunk.total_bytes, chunk.total_crc32, now_s, source)
         elif (pending.count, pending.total_bytes, pending.total_crc32) != (chunk.count, chunk.total_bytes,
                                                                             chunk.total_crc32):
             self._drop(mid)
@@ -192,9 +221,14 @@ class Reassembler:
             self._drop(mid)  # it cannot complete without this slice; free what it holds
             raise WireError(f"pending chunks would exceed max_pending_bytes {self.max_pending_bytes}; "
                             f"message {mid!r} dropped")
+        if self._source_bytes.get(source, 0) + len(data) > self.max_pending_bytes_per_source:
+            self._drop(mid)
+            raise WireError(f"pending chunks from {source!r} would exceed max_pending_bytes_per_source "
+                            f"{self.max_pending_bytes_per_source}; message {mid!r} dropped")
         pending.slices[chunk.index] = data
         pending.held_bytes += len(data)
         self._pending_bytes += len(data)
+        self._source_bytes[source] = self._source_bytes.get(source, 0) + len(data)
         pending.last_chunk_s = now_s
         if len(pending.slices) < pending.count:
             return None
@@ -217,8 +251,7 @@ class Reassembler:
                 idle_s = now_s - pending.last_chunk_s
                 if idle_s > self.timeout_s:
                     self._drop(mid)
-                    missing = [i for i in range(pending.count) if i not in pending.slices]
                     errors.append(WireError(
                         f"missing chunk: message {mid!r} dropped after {idle_s:.1f} s without a new chunk; "
-                        f"missing chunk index(es) {_ranges(missing)} of {pending.count}"))
+                        f"missing chunk index(es) {_missing(pending)} of {pending.count}"))
         return errors

@@ -1,0 +1,76 @@
+"""Hostile messages against a running fleet over a real Mosquitto (issue 12): none of them ends the run
+or costs an honest update; each is rejected and counted under a reason."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edgetrain.sdk import topics, wire
+from edgetrain.sdk.codecs import get_codec
+from tests.fleet import (AggregatorThread, FleetAssets, Gate, Sniffer, broker_config, cleanup,  # noqa: F401
+                         fleet_assets, publish_update, start_device_threads)
+from tests.mosquitto import MosquittoBroker
+
+FLEET = "hostile"
+_FLAGS = ("--min-devices", "2", "--round-timeout", "20", "--eval-examples", "50")
+
+
+def _announcement(sniffer: Sniffer, round_id: int) -> wire.Announcement:
+    _, message = sniffer.wait_for_message(wire.Announcement, lambda t, m: m.round_id == round_id,
+                                          f"round {round_id} announced")
+    assert isinstance(message, wire.Announcement)
+    return message
+
+
+def _forged_update(announcement: wire.Announcement, device: str, num_params: int, **overrides: object) -> wire.Update:
+    payload, _ = get_codec("dense").encode(np.zeros(num_params, dtype=np.float32), None, {})
+    fields: dict = dict(device_id=device, round_id=announcement.round_id, model_version=announcement.model_version,
+                        update_id=f"forged-{device}", num_examples=10, codec="dense", payload=payload, metrics={})
+    fields.update(overrides)
+    return wire.Update(**fields)
+
+
+def test_an_update_with_nan_metrics_is_rejected_and_the_run_finishes(
+        broker: MosquittoBroker, fleet_assets: FleetAssets, tmp_path: Path,
+        cleanup: list[Callable[[], None]]) -> None:
+    config = broker_config(broker.url)
+    sniffer = Sniffer(config, client_id="forger").subscribe(topics.announce_topic(FLEET)).connect()
+    cleanup.append(sniffer.close)
+    gate = Gate(rounds=frozenset({1}))
+    devices = start_device_threads(config, fleet_assets, FLEET, tmp_path / "devices", [40, 40], gate=gate)
+    cleanup.extend([*(d.stop for d in devices), gate.open])
+    run = AggregatorThread(config, fleet_assets, FLEET, tmp_path / "run", "--rounds", "2", *_FLAGS).start()
+    cleanup.append(run.stop)
+    announcement = _announcement(sniffer, 1)
+    gate.wait_arrived(2)  # round 1 open, nobody has answered yet
+    num_params = run.aggregator.params.size
+    publish_update(sniffer.transport, FLEET, "dev-0",
+                   _forged_update(announcement, "dev-0", num_params, metrics={"cpu_s": math.nan}))
+    publish_update(sniffer.transport, FLEET, "dev-1",
+                   _forged_update(announcement, "dev-1", num_params, update_id="forged-2", metrics={"cpu_s": -1e300}))
+    gate.open()
+    records = run.join()
+    assert [r.round_id for r in records] == [1, 2]
+    assert records[0].devices_rejected.get("bad_metrics") == 2
+    assert records[0].devices_reported == 2 and records[0].total_examples == 80  # the honest updates
+    assert math.isfinite(records[0].extra["device_cpu_s"])
+
+
+def test_a_retained_online_ghost_is_chosen_last_after_it_missed_a_deadline(
+        broker: MosquittoBroker, fleet_assets: FleetAssets, tmp_path: Path,
+        cleanup: list[Callable[[], None]]) -> None:
+    config = broker_config(broker.url)
+    forger = Sniffer(config, client_id="ghost-maker").connect()
+    cleanup.append(forger.close)
+    ghost = wire.encode(wire.Status(device_id="dev-9", online=True, info={"num_examples": 40}))
+    forger.transport.publish(topics.status_topic(FLEET, "dev-9"), ghost, retain=True)
+    cleanup.append(lambda: forger.transport.publish(topics.status_topic(FLEET, "dev-9"), b"", retain=True))
+    devices = start_device_threads(config, fleet_assets, FLEET, tmp_path / "devices", [40, 40])
+    cleanup.extend(d.stop for d in devices)
+    records = AggregatorThread(config, fleet_assets, FLEET, tmp_path / "run", "--rounds", "3", "--min-devices", "2",
+                               "--round-timeout", "8", "--eval-examples", "50").start().join()
+    assert [r.devices_chosen for r in records] == [3, 2, 2]  # the ghost cost one deadline, not every round
+    assert [r.devices_reported for r in records] == [2, 2, 2]
