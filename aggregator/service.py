@@ -21,7 +21,7 @@ import numpy as np
 from edgetrain.sdk import topics, wire
 from edgetrain.sdk.errors import EdgetrainError, UnknownCodec, UpdateRejected, WireError
 from edgetrain.sdk.runtime import Runtime
-from edgetrain.sdk.transport import MessageTransport, Transport
+from edgetrain.sdk.transport import MessageTransport
 
 from .config import AggregatorConfig
 from .device_metrics import DeviceMetricsCollector
@@ -110,21 +110,11 @@ class Aggregator:
     def _enqueue(self, topic: str, payload: bytes) -> None:  # network thread: only queue
         self._inbox.put(topic, payload)  # full: dropped and counted (never acked, so a device re-sends)
 
-    def _discard_stale_session(self) -> None:
-        """Drop what the broker kept for our client id from an earlier run (updates for its rounds).
-
-        A throw-away clean-start connection with no session expiry, so that the real one can connect
-        without clean start: Mosquitto (2.0, persist__client_save) persists only sessions whose current
-        connection did not ask for a clean start, and ours must survive a broker restart.
-        """
-        wipe = Transport(self.transport.config, self.transport.client_id, clean_start=True, session_expiry_s=0)
-        wipe.connect()
-        wipe.close()
-
     def start(self) -> None:
         fleet = self.config.fleet
         if not self.config.resume:
-            self._discard_stale_session()
+            # Drop what the broker kept for our client id from an earlier run (updates for its rounds).
+            self.transport.discard_session()
         for topic_filter in (topics.update_filter(fleet), topics.status_filter(fleet), topics.metrics_filter(fleet)):
             self.transport.subscribe(topic_filter, self._enqueue)
         self.transport.connect()

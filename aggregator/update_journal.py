@@ -18,26 +18,18 @@ each file whole or absent (the ack is sent only after ``record`` returns).
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 from pathlib import Path
 
 from edgetrain.sdk import wire
+from edgetrain.sdk.atomic_write import atomic_write_bytes, fsync_directory
 from edgetrain.sdk.errors import WireError
 
 _log = logging.getLogger(__name__)
 JOURNAL_DIR = "journal"
 _ROUND_DIR_RE = re.compile(r"^round-(\d{8,})$")
 _SUFFIX = ".update"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class UpdateJournal:
@@ -55,15 +47,9 @@ class UpdateJournal:
         directory.mkdir(parents=True, exist_ok=True)
         index = sum(1 for entry in directory.iterdir() if entry.name.endswith(_SUFFIX))
         final = directory / f"{index:06d}{_SUFFIX}"
-        temp = directory / f".tmp-{final.name}"
-        with open(temp, "wb") as fh:
-            fh.write(wire.encode(update))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.rename(temp, final)
-        _fsync_dir(directory)
+        atomic_write_bytes(final, wire.encode(update))
         if index == 0:
-            _fsync_dir(directory.parent)  # the round directory's own entry
+            fsync_directory(directory.parent)  # the round directory's own entry
 
     def replay(self, round_id: int) -> list[wire.Update]:
         """The updates journaled for ``round_id``, oldest first; an unreadable file is logged and skipped."""
