@@ -10,32 +10,55 @@ that already answered skip it), at most ``max_attempts`` times. Network callback
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
+import uuid
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgetrain.sdk import topics, wire
+from edgetrain.sdk.codecs import CodecSpec
 from edgetrain.sdk.errors import EdgetrainError, UnknownCodec, UpdateRejected, WireError
 from edgetrain.sdk.runtime import Runtime
 from edgetrain.sdk.transport import Transport
 
 from .config import AggregatorConfig
 from .device_metrics import DeviceMetricsCollector
-from .downlink import Downlink
+from .downlink import Downlink, DownlinkPayload
 from .checkpoint import Checkpoint, load_latest, rng_from_state, rng_state, save_checkpoint
 from .publish_retry import OutagePublisher
 from .results import MetricsLog, RoundRecord, plot_run, write_summary
 from .round_state import Progress, RoundTally
-from .strategy import Strategy
-from .validation import (REJECT_DUPLICATE, REJECT_LATE, REJECT_UNKNOWN_CODEC, REJECT_WRONG_ROUND, ValidationContext,
-                         validate_update)
+from .strategy import RoundPlan, Strategy
+from .validation import (REJECT_DUPLICATE, REJECT_LATE, REJECT_UNKNOWN_CODEC, REJECT_WRONG_ROUND, REJECT_WRONG_RUN,
+                         ValidationContext, validate_update)
 
 _log = logging.getLogger(__name__)
 
 __all__ = ["Aggregator", "AggregatorConfig", "RunStopped"]
+
+RUN_ID_FILE = "run_id"  # in the run directory: a resumed run keeps its id, so devices keep their progress
+
+
+def load_or_create_run_id(out_dir: Path, resume: bool) -> str:
+    """The run's id: the one in ``out_dir`` when resuming (if any), else a new random one, written there."""
+    path = out_dir / RUN_ID_FILE
+    if resume and path.is_file():
+        run_id = path.read_text(encoding="ascii", errors="replace").strip()
+        if run_id and len(run_id) <= wire.messages.MAX_RUN_ID_CHARS and run_id.isalnum():
+            return run_id
+        _log.warning("%s holds no usable run id; this run gets a new one", path)
+    run_id = uuid.uuid4().hex
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(run_id + "\n", encoding="ascii")
+    os.replace(tmp, path)
+    return run_id
 
 
 class RunStopped(EdgetrainError):
@@ -46,8 +69,13 @@ class Aggregator:
     """Runs ``config.rounds`` rounds of ``strategy`` over ``transport``; evaluates with ``runtime``."""
 
     def __init__(self, config: AggregatorConfig, strategy: Strategy, transport: Transport, runtime: Runtime,
-                 initial_params: np.ndarray, test_data: tuple[np.ndarray, np.ndarray]) -> None:
+                 initial_params: np.ndarray, test_data: tuple[np.ndarray, np.ndarray],
+                 signing_key: Ed25519PrivateKey | None = None) -> None:
+        """``signing_key``: signs every announcement (``sdk.wire.signing``); devices configured with its
+        public half obey nothing else."""
         self.config = config
+        self.signing_key = signing_key
+        self.run_id = ""  # set by start(): new, or the run directory's when resuming
         self.strategy = strategy
         self.transport = transport
         self.runtime = runtime
@@ -64,6 +92,7 @@ class Aggregator:
         self._early: list[tuple[str, wire.Update, int]] = []  # updates for the round about to open
         self._stop = threading.Event()
         self.downlink = Downlink(config.resync_every, config.downlink_codec, runtime.manifest.shapes)
+        self.uplink_codec = CodecSpec.parse(config.uplink_codec)  # checked by the config: known, valid
         self._settled = False
         self.device_metrics = DeviceMetricsCollector()
         self.publisher = OutagePublisher(transport, config.broker_outage_s, self._sleep_unless_stopped, _log)
@@ -106,6 +135,8 @@ class Aggregator:
 
     def start(self) -> None:
         fleet = self.config.fleet
+        self.run_id = load_or_create_run_id(self.config.out_dir, self.config.resume)
+        _log.info("run %s", self.run_id)
         if not self.config.resume:
             self._discard_stale_session()
         for topic_filter in (topics.update_filter(fleet), topics.status_filter(fleet), topics.metrics_filter(fleet)):
@@ -165,6 +196,9 @@ class Aggregator:
             if message.update_id in self.seen_update_ids:  # accepted before; its ack was lost: say "held"
                 self._reject(device, message, UpdateRejected(REJECT_DUPLICATE, f"update {message.update_id!r} "
                                                              "already accepted"), None)
+            elif message.run_id != self.run_id:  # validate_update's check, for the between-rounds path
+                self._reject(device, message, UpdateRejected(REJECT_WRONG_RUN, f"update for run {message.run_id!r}, "
+                                                             f"this is run {self.run_id!r}"), None)
             elif message.round_id == self.next_round and message.model_version == self.model_version:
                 self._early.append((device, message, len(payload)))  # e.g. queued while we restarted
             else:  # the same reason codes as validate_update: a past round is late, a future one wrong
@@ -253,20 +287,25 @@ class Aggregator:
             self._settled = True
         return sorted(self.live)
 
-    def _announce(self, round_id: int, selected: tuple[str, ...], hyper: dict) -> tuple[int, float]:
+    def _announcement(self, plan: RoundPlan, selected: tuple[str, ...], down: DownlinkPayload) -> wire.Announcement:
+        """The round's announcement, signed when this aggregator has a key. The deadline runs from now."""
+        announcement = wire.Announcement(
+            run_id=self.run_id, round_id=plan.round_id, model_version=self.model_version, strategy=self.strategy.name,
+            task=plan.task, selected=selected, deadline_unix_s=time.time() + self.config.round_timeout_s,
+            settings=plan.settings, uplink_codec=self.uplink_codec, payload_kind=down.payload_kind,
+            downlink_codec=down.codec, base_version=down.base_version, payload=down.payload)
+        return announcement if self.signing_key is None else wire.signing.sign(announcement, self.signing_key)
+
+    def _announce(self, plan: RoundPlan, selected: tuple[str, ...]) -> tuple[int, float]:
         """Publish the round (retained), waiting out a broker outage: (bytes down, monotonic deadline)."""
+        round_id = plan.round_id
         # The whole model or the delta from what the devices hold (sdk.model_sync); with a lossless codec
         # the server continues from exactly the parameters the devices reconstruct.
         down, self.params = self.downlink.announce(self.params, self.model_version)
-        if down.base_version is not None:
-            hyper = {**hyper, "base_version": down.base_version}
 
         def frame() -> bytes:  # per attempt: the deadline runs from the one that got through, not from before an
             # outage. An earlier copy the outage cut off may reach the broker too: harmless, the same round, retained.
-            return wire.encode(wire.Announcement(
-                round_id=round_id, model_version=self.model_version, strategy=self.strategy.name, selected=selected,
-                deadline_unix_s=time.time() + self.config.round_timeout_s, hyperparams=hyper,
-                payload_kind=down.payload_kind, codec=down.codec, payload=down.payload))
+            return wire.encode(self._announcement(plan, selected, down))
         topic = topics.announce_topic(self.config.fleet)
         size, sent = self.publisher.announce(topic, frame, f"round {round_id} announcement")
         return size * len(self.live | set(selected)), sent + self.config.round_timeout_s  # all live devices download it
@@ -274,18 +313,17 @@ class Aggregator:
     def run_round(self, round_id: int, on_progress: Callable[[Progress], None] | None = None) -> RoundRecord:
         started = time.monotonic()
         plan = self.strategy.configure_round(round_id, self._wait_for_devices(), self.rng)
-        hyper = {**plan.hyperparams, "codec": self.config.uplink_codec}
         selected = set(plan.selected)
         self.strategy.begin_round(self.params)
         tally = RoundTally()
         ctx = ValidationContext(round_id=round_id, model_version=self.model_version, selected=frozenset(selected),
-                                num_params=self.params.size, max_norm=self.config.max_norm,
+                                num_params=self.params.size, run_id=self.run_id, max_norm=self.config.max_norm,
                                 max_examples=self.config.max_examples, seen_update_ids=self.seen_update_ids)
         minimum = self.strategy.min_devices
         attempts = 0
         while True:
             attempts += 1
-            bytes_down, deadline_mono = self._announce(round_id, tuple(sorted(selected)), hyper)
+            bytes_down, deadline_mono = self._announce(plan, tuple(sorted(selected)))
             tally.bytes_down += bytes_down
             early, self._early = self._early, []
             for device, update, size in early:

@@ -114,9 +114,9 @@ def test_mixed_fedavg_rounds_accept_all_and_ort_deltas_match_torch(
     # Round 1, replayed in-process: each device's delta equals local SGD with momentum (the default 0.9)
     # by *torch* on that device's batches — for the ORT device that is ORT's gradients + numpy momentum.
     announcement = next(m for _, m in sniffer.decoded(wire.Announcement) if m.round_id == 1)
-    hyper = dict(announcement.hyperparams)
-    assert float(hyper["momentum"]) > 0 and int(hyper["batch_size"]) == 8
-    config = TrainConfig(lr=float(hyper["lr"]), momentum=float(hyper["momentum"]))
+    settings = announcement.settings
+    assert settings.momentum > 0 and settings.batch_size == 8
+    config = TrainConfig(lr=settings.lr, momentum=settings.momentum)
     torch_runtime = load_runtime(mixed_assets.bundle, prefer="torch")
     updates = _sniffed(sniffer, 1, mixed_assets.num_params)
     for kind in ("torch", "onnx"):
