@@ -165,9 +165,8 @@ class Aggregator:
 
     def _handle(self, topic: str, payload: bytes, tally: RoundTally | None, ctx: ValidationContext | None) -> None:
         fleet = self.config.fleet
-        kind = topic.split("/")[2] if topic.count("/") >= 3 else ""
         try:
-            device = topics.device_from_topic(topic, fleet, kind)
+            kind, device = topics.parse_device_topic(topic, fleet)
         except EdgetrainError:
             _log.warning("message on unexpected topic %r ignored", topic)
             return
