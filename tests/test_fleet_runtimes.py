@@ -122,7 +122,7 @@ def test_mixed_fedavg_rounds_accept_all_and_ort_deltas_match_torch(
     for kind in ("torch", "onnx"):
         torch_runtime.set_parameters(mixed_assets.initial_params)
         rng = np.random.default_rng([0, INDEX[kind], 1])  # the device's seed, index and round
-        torch_runtime.train(round_batches(_local_data(mixed_assets, torch_runtime, kind, tmp_path), hyper, rng), config)
+        torch_runtime.train(round_batches(_local_data(mixed_assets, torch_runtime, kind, tmp_path), settings, rng), config)
         expected = torch_runtime.get_parameters().astype(np.float64) - mixed_assets.initial_params
         examples, delta = updates[DEVICE_ID[kind]]
         assert examples == LIMITS[kind]
