@@ -309,6 +309,46 @@ class Aggregator:
         size, sent = self.publisher.announce(topic, frame, f"round {round_id} announcement")
         return size * len(self.live | set(selected)), sent + self.config.round_timeout_s  # all live devices download it
 
+    def _replay_early(self, tally: RoundTally, ctx: ValidationContext) -> None:
+        """Handle updates for this round that arrived before it opened (e.g. queued while we restarted)."""
+        early, self._early = self._early, []
+        for device, update, size in early:
+            tally.bytes_up += size
+            self._on_update(device, update, tally, ctx)
+
+    def _close_round(self, round_id: int, selected: set[str], ctx: ValidationContext, tally: RoundTally,
+                     attempts: int, started: float) -> RoundRecord:
+        """Aggregate, evaluate, checkpoint and log the round whose updates are in."""
+        self.params, info = self.strategy.aggregate(self.params)
+        self.model_version += 1
+        accuracy = loss = None
+        last = round_id == self.config.rounds
+        if round_id % self.config.eval_every == 0 or last:
+            self.runtime.set_parameters(self.params)
+            result = self.runtime.evaluate(self.test_x, self.test_y)
+            accuracy, loss = result.accuracy, result.loss
+        record = RoundRecord(
+            round_id=round_id, model_version=self.model_version, accuracy=accuracy, loss=loss,
+            devices_chosen=len(selected), devices_reported=len(ctx.reported_devices),
+            devices_rejected=dict(tally.rejected), rejected_detail=tuple(tally.detail), bytes_up=tally.bytes_up,
+            bytes_down=tally.bytes_down, round_wall_s=time.monotonic() - started, retried=attempts > 1,
+            total_examples=info.total_examples, devices_timed_out=len(ctx.pending_devices()),
+            extra={"attempts": attempts, "capped": tally.capped, "step_norm": info.step_norm,
+                   "device_cpu_s": tally.device_cpu_s,
+                   # dense fp32 bytes over the bytes the accepted updates' payloads really took
+                   "uplink_compression": (4 * self.params.size * len(ctx.reported_devices)
+                                          / max(1, tally.accepted_payload_bytes)),
+                   **self.device_metrics.take(round_id, selected)})
+        if round_id % self.config.checkpoint_every == 0 or last:
+            save_checkpoint(self.config.out_dir, Checkpoint(
+                round_completed=round_id, model_version=self.model_version, params=self.params,
+                strategy_state=self.strategy.state_dict(), strategy_meta=self.strategy.state_meta(),
+                rng_state=rng_state(self.rng), extra={"record": record.to_json_dict()}))
+        # After the checkpoint: a resumed run truncates anything beyond it, and re-appends this line from
+        # the checkpoint if a kill came between the two.
+        self.metrics.append(record)
+        return record
+
     def run_round(self, round_id: int, on_progress: Callable[[Progress], None] | None = None) -> RoundRecord:
         started = time.monotonic()
         plan = self.strategy.configure_round(round_id, self._wait_for_devices(), self.rng)
@@ -324,10 +364,7 @@ class Aggregator:
             attempts += 1
             bytes_down, deadline_mono = self._announce(plan, tuple(sorted(selected)))
             tally.bytes_down += bytes_down
-            early, self._early = self._early, []
-            for device, update, size in early:
-                tally.bytes_up += size
-                self._on_update(device, update, tally, ctx)
+            self._replay_early(tally, ctx)
 
             def round_done() -> bool:
                 if on_progress:
@@ -357,34 +394,7 @@ class Aggregator:
             ctx.selected = frozenset(selected)
             _log.warning("round %d: only %d update(s) by the deadline, %d needed; announcing again (attempt %d)",
                          round_id, len(ctx.reported_devices), minimum, attempts + 1)
-        self.params, info = self.strategy.aggregate(self.params)
-        self.model_version += 1
-        accuracy = loss = None
-        last = round_id == self.config.rounds
-        if round_id % self.config.eval_every == 0 or last:
-            self.runtime.set_parameters(self.params)
-            result = self.runtime.evaluate(self.test_x, self.test_y)
-            accuracy, loss = result.accuracy, result.loss
-        record = RoundRecord(
-            round_id=round_id, model_version=self.model_version, accuracy=accuracy, loss=loss,
-            devices_chosen=len(selected), devices_reported=len(ctx.reported_devices),
-            devices_rejected=dict(tally.rejected), rejected_detail=tuple(tally.detail), bytes_up=tally.bytes_up,
-            bytes_down=tally.bytes_down, round_wall_s=time.monotonic() - started, retried=attempts > 1,
-            total_examples=info.total_examples, devices_timed_out=len(ctx.pending_devices()),
-            extra={"attempts": attempts, "capped": tally.capped, "step_norm": info.step_norm,
-                   "device_cpu_s": tally.device_cpu_s,
-                   # dense fp32 bytes over the bytes the accepted updates' payloads really took
-                   "uplink_compression": (4 * self.params.size * len(ctx.reported_devices)
-                                          / max(1, tally.accepted_payload_bytes)),
-                   **self.device_metrics.take(round_id, selected)})
-        if round_id % self.config.checkpoint_every == 0 or last:
-            save_checkpoint(self.config.out_dir, Checkpoint(
-                round_completed=round_id, model_version=self.model_version, params=self.params,
-                strategy_state=self.strategy.state_dict(), strategy_meta=self.strategy.state_meta(),
-                rng_state=rng_state(self.rng), extra={"record": record.to_json_dict()}))
-        # After the checkpoint: a resumed run truncates anything beyond it, and re-appends this line from
-        # the checkpoint if a kill came between the two.
-        self.metrics.append(record)
+        record = self._close_round(round_id, selected, ctx, tally, attempts, started)
         if on_progress:
             on_progress(Progress(round_id, self.config.rounds, record.devices_reported, record.devices_chosen, record))
         return record
