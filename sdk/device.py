@@ -254,12 +254,12 @@ class Device:
         if not ack.accepted:
             _log.warning("round %d: update %s rejected: %s", ack.round_id, ack.update_id, ack.reason)
 
-    def _skip(self, a: wire.Announcement | None, reason: str) -> None:
+    def _skip(self, a: wire.Announcement | None, reason: str, level: int = logging.WARNING) -> None:
         """Log why this device does not answer (``a``, or a frame that is no announcement), and say it
         in the status so an operator sees it without the device's log."""
         where = "" if a is None else f"run {a.run_id} round {a.round_id}: "
         self.skip_reason = f"{where}{reason}"
-        _log.warning("%s", self.skip_reason)
+        _log.log(level, "%s", self.skip_reason)
         self._publish_status()
 
     # -- one announcement ---------------------------------------------------------------------
@@ -275,8 +275,8 @@ class Device:
             return
         if not synced or self.config.device_id not in a.selected:
             return
-        if self._already_answered(a):
-            _log.info("run %s round %d: already answered; skipped", a.run_id, a.round_id)
+        if self._already_answered(a):  # normal after a reconnect or a retry: said at info level
+            self._skip(a, f"already answered (model version {a.model_version}); skipped", logging.INFO)
             return
         if time.time() > a.deadline_unix_s:
             self._skip(a, "announcement arrived after its deadline; skipped")

@@ -129,6 +129,7 @@ def test_a_new_run_resets_progress_so_its_round_1_is_answered(harness: Harness, 
     harness.deliver(wire.encode(_announcement(fleet_assets, run_id="run-a")))
     harness.wait_updates(1)
     harness.deliver(wire.encode(_announcement(fleet_assets, run_id="run-a")))  # retained, seen again: skipped
+    assert harness.wait_skip("already answered").skip_reason.startswith("run run-a round 1:")
     harness.deliver(wire.encode(_announcement(fleet_assets, run_id="run-b")))  # same round 1, version 0
     updates = harness.wait_updates(2)
     assert [(u.run_id, u.round_id) for u in updates] == [("run-a", 1), ("run-b", 1)]
