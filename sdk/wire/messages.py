@@ -18,7 +18,7 @@ from ..round_settings import TASKS, RoundSettings
 PAYLOAD_KINDS = ("params", "delta", "none")
 SIGNATURE_HEX_CHARS = 128  # an Ed25519 signature is 64 bytes
 MAX_RUN_ID_CHARS = 64
-_MAX_JSON_DEPTH = 32  # hyperparams / info are small config trees; deeper is a bug or an attack
+_MAX_JSON_DEPTH = 32  # status info is a small config tree; deeper is a bug or an attack
 
 
 def _fail(owner: object, name: str, problem: str) -> WireError:
