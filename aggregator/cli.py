@@ -54,6 +54,9 @@ def add_round_args(p: argparse.ArgumentParser) -> None:
                     help="ask K extra devices and step with the first gradients (Chen et al. 2016)")
     g.add_argument("--max-norm", type=positive_float, help="reject updates whose L2 norm exceeds this")
     g.add_argument("--max-examples", type=positive_int, help="cap the example count a device may claim")
+    g.add_argument("--signing-key", type=Path, metavar="FILE.pem",
+                   help="sign every announcement with this Ed25519 key (created, with FILE.pem.pub for the devices' "
+                        "--aggregator-key, when missing; simulate: one per run directory by default)")
     g.add_argument("--seed", type=int, default=0, help="selection seed (default 0)")
     g.add_argument("--eval-examples", type=positive_int, help="evaluate on the first N test examples only")
     g.add_argument("--data-dir", type=Path, help="Fashion-MNIST IDX directory")
@@ -136,6 +139,21 @@ def check_round_args(args: argparse.Namespace, fleet: str) -> None:
     aggregator_config(args, Path("."), fleet, resume=False)
 
 
+def signing_key_from_args(args: argparse.Namespace):
+    """The announcement signing key of ``--signing-key`` (created with its public half when missing), or None."""
+    from edgetrain.sdk.wire import signing
+
+    path = getattr(args, "signing_key", None)
+    if path is None:
+        return None
+    if path.exists():
+        return signing.load_private_key(path)
+    key = signing.generate_key_pair(path)
+    logging.getLogger(__name__).info("new announcement signing key %s; devices verify with --aggregator-key %s",
+                                     path, signing.public_key_path(path))
+    return key
+
+
 def build_aggregator(args: argparse.Namespace, broker, out_dir: Path, bundle: Path, fleet: str, resume: bool):
     """The service with its strategy, evaluation runtime and test data, from parsed flags."""
     from edgetrain.sdk.bundle import load_manifest, read_initial_parameters
@@ -161,7 +179,8 @@ def build_aggregator(args: argparse.Namespace, broker, out_dir: Path, bundle: Pa
     # One aggregator per fleet: it can retry the broker every 10 s at most (devices, many, back off to 60 s),
     # so a round resumes within seconds of the broker's return.
     transport = Transport(broker, client_id=f"edgetrain-aggregator-{fleet}", clean_start=False, reconnect_max_s=10.0)
-    return Aggregator(config, strategy, transport, runtime, read_initial_parameters(bundle, manifest), test_data)
+    return Aggregator(config, strategy, transport, runtime, read_initial_parameters(bundle, manifest), test_data,
+                      signing_key=signing_key_from_args(args))
 
 
 def round_printer(unit: str = "round"):

@@ -14,14 +14,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgetrain.sdk.codecs import check_codec_spec, format_codec_spec, get_codec, with_layout
-from edgetrain.sdk.errors import ConfigError
+from edgetrain.sdk.codecs import CodecSpec
+from edgetrain.sdk.errors import ConfigError, UnknownCodec
+
+_DENSE = CodecSpec("dense")
 
 
 @dataclass(frozen=True)
 class DownlinkPayload:
+    """What one announcement carries: its ``payload_kind``, ``base_version`` and ``downlink_codec``."""
+
     payload_kind: str  # "params" | "delta"
-    codec: str
+    codec: CodecSpec
     payload: bytes
     base_version: int | None
 
@@ -33,12 +37,14 @@ class Downlink:
         if resync_every < 1:
             raise ConfigError(f"resync_every must be >= 1, got {resync_every}")
         self.resync_every = resync_every
-        name, params = check_codec_spec(codec)
-        if shapes is not None:
-            params = with_layout(name, params, shapes)
-        self._name, self._params = name, params
-        self.codec = format_codec_spec(name, params)  # what the announcements say, shapes included
-        self._codec = get_codec(self._name)
+        try:
+            spec = CodecSpec.parse(codec)
+        except UnknownCodec as exc:  # configuration, not a frame: refuse it as such
+            raise ConfigError(str(exc)) from None
+        self.spec = spec.with_layout(shapes) if shapes is not None else spec  # what announcements say
+        self.codec = str(self.spec)
+        self._params = self.spec.params
+        self._codec = self.spec.codec
         self.shadow: np.ndarray | None = None  # the model the devices hold
         self.shadow_version: int | None = None
         self.resync_requested = True
@@ -58,15 +64,14 @@ class Downlink:
             # a lossy delta makes it differ from ``params``; the next delta carries the difference.
             same_version = self.shadow is not None and self.shadow_version == version
             model = self.shadow if same_version else params.copy()
-            dense = get_codec("dense")
-            payload = DownlinkPayload("params", "dense", dense.encode(model, None, {})[0], None)
+            payload = DownlinkPayload("params", _DENSE, _DENSE.codec.encode(model, None, {})[0], None)
             self.shadow, self.shadow_version = model, version
             self.resync_requested = False
         else:
             assert self.shadow is not None
             data, _ = self._codec.encode((params - self.shadow).astype(np.float32), None, self._params)
             sent = self._codec.decode(data, params.size, self._params)
-            payload = DownlinkPayload("delta", self.codec, data, self.shadow_version)
+            payload = DownlinkPayload("delta", self.spec, data, self.shadow_version)
             self.shadow = (self.shadow + sent).astype(np.float32)
             self.shadow_version = version
             if self._codec.lossless:

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import numpy as np
 
 from edgetrain.sdk.errors import ConfigError
+from edgetrain.sdk.round_settings import RoundSettings
 
 from .aggregation import WeightedMean
 from .server_optim import LargeBatchHyper, OptimState, lars_step, learning_rate, sgd_step
@@ -30,8 +31,9 @@ class LargeBatch(Strategy):
                  batch_size: int = 32, backup_devices: int = 0, hyper: LargeBatchHyper | None = None) -> None:
         if not 0.0 < fraction <= 1.0:
             raise ConfigError(f"fraction must be in (0, 1], got {fraction}")
-        if min_devices < 1 or batch_size < 1 or backup_devices < 0:
-            raise ConfigError("need min_devices >= 1, batch_size >= 1 and backup_devices >= 0")
+        if min_devices < 1 or backup_devices < 0:
+            raise ConfigError("need min_devices >= 1 and backup_devices >= 0")
+        RoundSettings(batch_size=batch_size)  # the devices' check of the batch size, before any round
         self.shapes = [tuple(int(d) for d in s) for s in shapes]
         self.fraction, self.min_devices = fraction, min_devices
         self.batch_size, self.backup_devices = batch_size, backup_devices
@@ -55,8 +57,8 @@ class LargeBatch(Strategy):
         self._wanted = workers
         picked = rng.choice(len(live), size=asked, replace=False)
         selected = tuple(sorted(live[int(i)] for i in picked))
-        return RoundPlan(round_id=round_id, selected=selected,
-                         hyperparams={"task": "gradient", "batch_size": self.batch_size})
+        return RoundPlan(round_id=round_id, selected=selected, task="gradient",
+                         settings=RoundSettings(batch_size=self.batch_size))
 
     def enough(self, reported: int) -> bool:
         """The step may close once this many gradients arrived (backup workers are not waited for)."""

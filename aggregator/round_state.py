@@ -5,6 +5,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .results import RoundRecord
+from .strategy import RoundPlan
 from .validation import ValidationContext
 
 
@@ -39,7 +40,7 @@ class OpenRound:
 
     round_id: int
     started_mono_s: float
-    hyperparams: dict
+    plan: RoundPlan  # what the strategy chose; announced with the (possibly widened) selection
     selected: set[str]
     ctx: ValidationContext
     tally: RoundTally = field(default_factory=RoundTally)

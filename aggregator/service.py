@@ -14,27 +14,32 @@ import os
 import signal
 import threading
 import time
+import uuid
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgetrain.sdk import topics, wire
+from edgetrain.sdk.codecs import CodecSpec
 from edgetrain.sdk.errors import EdgetrainError, UnknownCodec, UpdateRejected, WireError
+from edgetrain.sdk.atomic_write import atomic_write_text
 from edgetrain.sdk.runtime import Runtime
 from edgetrain.sdk.transport import MessageTransport
 
 from .config import AggregatorConfig
 from .device_metrics import DeviceMetricsCollector
-from .downlink import Downlink
+from .downlink import Downlink, DownlinkPayload
 from .inbox import Inbox
 from .checkpoint import Checkpoint, load_latest, rng_from_state, rng_state, save_checkpoint
 from .publish_retry import OutagePublisher
 from .results import MetricsLog, RoundRecord, plot_run, write_summary
 from .round_state import OpenRound, Progress, RoundTally
-from .strategy import AggregateInfo, Strategy
+from .strategy import AggregateInfo, RoundPlan, Strategy
 from .update_journal import UpdateJournal
-from .validation import (REJECT_DUPLICATE, REJECT_LATE, REJECT_UNKNOWN_CODEC, REJECT_WRONG_ROUND, ValidationContext,
-                         validate_update)
+from .validation import (REJECT_DUPLICATE, REJECT_LATE, REJECT_UNKNOWN_CODEC, REJECT_WRONG_ROUND, REJECT_WRONG_RUN,
+                         ValidationContext, validate_update)
 
 _log = logging.getLogger(__name__)
 
@@ -46,6 +51,22 @@ REJECT_MISSING_CHUNK = "missing_chunk"  # a chunked update never completed (expi
 REJECT_NOT_DURABLE = "not_durable"  # valid, but the journal write failed: not acked, so the device re-sends it
 CRASH_BEFORE_CHECKPOINT_ENV = "EDGETRAIN_TEST_CRASH_BEFORE_CHECKPOINT"
 
+RUN_ID_FILE = "run_id"  # in the run directory: a resumed run keeps its id, so devices keep their progress
+
+
+def load_or_create_run_id(out_dir: Path, resume: bool) -> str:
+    """The run's id: the one in ``out_dir`` when resuming (if any), else a new random one, written there."""
+    path = out_dir / RUN_ID_FILE
+    if resume and path.is_file():
+        run_id = path.read_text(encoding="ascii", errors="replace").strip()
+        if run_id and len(run_id) <= wire.messages.MAX_RUN_ID_CHARS and run_id.isalnum():
+            return run_id
+        _log.warning("%s holds no usable run id; this run gets a new one", path)
+    run_id = uuid.uuid4().hex
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, run_id + "\n")
+    return run_id
+
 
 class RunStopped(EdgetrainError):
     """The run was asked to stop (signal, or the simulation lost its devices) before it finished."""
@@ -55,8 +76,13 @@ class Aggregator:
     """Runs ``config.rounds`` rounds of ``strategy`` over ``transport``; evaluates with ``runtime``."""
 
     def __init__(self, config: AggregatorConfig, strategy: Strategy, transport: MessageTransport, runtime: Runtime,
-                 initial_params: np.ndarray, test_data: tuple[np.ndarray, np.ndarray]) -> None:
+                 initial_params: np.ndarray, test_data: tuple[np.ndarray, np.ndarray],
+                 signing_key: Ed25519PrivateKey | None = None) -> None:
+        """``signing_key``: signs every announcement (``sdk.wire.signing``); devices configured with its
+        public half obey nothing else."""
         self.config = config
+        self.signing_key = signing_key
+        self.run_id = ""  # set by start(): new, or the run directory's when resuming
         self.strategy = strategy
         self.transport = transport
         self.runtime = runtime
@@ -77,6 +103,7 @@ class Aggregator:
         self._early: list[tuple[str, wire.Update, int]] = []  # updates for the round about to open
         self._stop = threading.Event()
         self.downlink = Downlink(config.resync_every, config.downlink_codec, runtime.manifest.shapes)
+        self.uplink_codec = CodecSpec.parse(config.uplink_codec)  # checked by the config: known, valid
         self._settled = False
         self.device_metrics = DeviceMetricsCollector()
         self.publisher = OutagePublisher(transport, config.broker_outage_s, self._sleep_unless_stopped, _log)
@@ -112,6 +139,8 @@ class Aggregator:
 
     def start(self) -> None:
         fleet = self.config.fleet
+        self.run_id = load_or_create_run_id(self.config.out_dir, self.config.resume)
+        _log.info("run %s", self.run_id)
         if not self.config.resume:
             # Drop what the broker kept for our client id from an earlier run (updates for its rounds).
             self.transport.discard_session()
@@ -149,9 +178,8 @@ class Aggregator:
 
     def _handle(self, topic: str, payload: bytes, tally: RoundTally | None, ctx: ValidationContext | None) -> None:
         fleet = self.config.fleet
-        kind = topic.split("/")[2] if topic.count("/") >= 3 else ""
         try:
-            device = topics.device_from_topic(topic, fleet, kind)
+            kind, device = topics.parse_device_topic(topic, fleet)
         except EdgetrainError:
             _log.warning("message on unexpected topic %r ignored", topic)
             return
@@ -182,6 +210,9 @@ class Aggregator:
             if message.update_id in self.seen_update_ids:  # accepted before; its ack was lost: say "held"
                 self._reject(device, message, UpdateRejected(REJECT_DUPLICATE, f"update {message.update_id!r} "
                                                              "already accepted"), None)
+            elif message.run_id != self.run_id:  # validate_update's check, for the between-rounds path
+                self._reject(device, message, UpdateRejected(REJECT_WRONG_RUN, f"update for run {message.run_id!r}, "
+                                                             f"this is run {self.run_id!r}"), None)
             elif message.round_id == self.next_round and message.model_version == self.model_version:
                 self._early.append((device, message, len(payload)))  # e.g. queued while we restarted
             else:  # the same reason codes as validate_update: a past round is late, a future one wrong
@@ -282,20 +313,25 @@ class Aggregator:
         heard = self.live - self._silent  # ghosts (silent through a deadline) only when too few others
         return sorted(heard) if len(heard) >= minimum else sorted(self.live)
 
-    def _announce(self, round_id: int, selected: tuple[str, ...], hyper: dict) -> tuple[int, float]:
+    def _announcement(self, plan: RoundPlan, selected: tuple[str, ...], down: DownlinkPayload) -> wire.Announcement:
+        """The round's announcement, signed when this aggregator has a key. The deadline runs from now."""
+        announcement = wire.Announcement(
+            run_id=self.run_id, round_id=plan.round_id, model_version=self.model_version, strategy=self.strategy.name,
+            task=plan.task, selected=selected, deadline_unix_s=time.time() + self.config.round_timeout_s,
+            settings=plan.settings, uplink_codec=self.uplink_codec, payload_kind=down.payload_kind,
+            downlink_codec=down.codec, base_version=down.base_version, payload=down.payload)
+        return announcement if self.signing_key is None else wire.signing.sign(announcement, self.signing_key)
+
+    def _announce(self, plan: RoundPlan, selected: tuple[str, ...]) -> tuple[int, float]:
         """Publish the round (retained), waiting out a broker outage: (bytes down, monotonic deadline)."""
+        round_id = plan.round_id
         # The whole model or the delta from what the devices hold (sdk.model_sync); with a lossless codec
         # the server continues from exactly the parameters the devices reconstruct.
         down, self.params = self.downlink.announce(self.params, self.model_version)
-        if down.base_version is not None:
-            hyper = {**hyper, "base_version": down.base_version}
 
         def frame() -> bytes:  # per attempt: the deadline runs from the one that got through, not from before an
             # outage. An earlier copy the outage cut off may reach the broker too: harmless, the same round, retained.
-            return wire.encode(wire.Announcement(
-                round_id=round_id, model_version=self.model_version, strategy=self.strategy.name, selected=selected,
-                deadline_unix_s=time.time() + self.config.round_timeout_s, hyperparams=hyper,
-                payload_kind=down.payload_kind, codec=down.codec, payload=down.payload))
+            return wire.encode(self._announcement(plan, selected, down))
         topic = topics.announce_topic(self.config.fleet)
         size, sent = self.publisher.announce(topic, frame, f"round {round_id} announcement")
         return size * len(self.live | set(selected)), sent + self.config.round_timeout_s  # all live devices download it
@@ -318,10 +354,9 @@ class Aggregator:
         self.strategy.begin_round(self.params)
         selected = set(plan.selected)
         ctx = ValidationContext(round_id=round_id, model_version=self.model_version, selected=frozenset(selected),
-                                num_params=self.params.size, max_norm=self.config.max_norm,
+                                num_params=self.params.size, run_id=self.run_id, max_norm=self.config.max_norm,
                                 max_examples=self.config.max_examples, seen_update_ids=self.seen_update_ids)
-        open_round = OpenRound(round_id, started, {**plan.hyperparams, "codec": self.config.uplink_codec},
-                               selected, ctx)
+        open_round = OpenRound(round_id, started, plan, selected, ctx)
         self._replay_journal(open_round)
         return open_round
 
@@ -359,8 +394,7 @@ class Aggregator:
         """One announcement of the round and the wait for its updates."""
         round_id, ctx, tally = open_round.round_id, open_round.ctx, open_round.tally
         minimum = self.strategy.min_devices
-        bytes_down, deadline_mono = self._announce(round_id, tuple(sorted(open_round.selected)),
-                                                   open_round.hyperparams)
+        bytes_down, deadline_mono = self._announce(open_round.plan, tuple(sorted(open_round.selected)))
         tally.bytes_down += bytes_down
         early, self._early = self._early, []
         for device, update, size in early:

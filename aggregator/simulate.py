@@ -21,8 +21,9 @@ from typing import Any
 
 from edgetrain.sdk.cli_args import add_broker_args, broker_config, positive_int
 from edgetrain.sdk.errors import ConfigError
+from edgetrain.sdk.wire.signing import public_key_path
 
-from .cli import LARGE_BATCH, add_round_args, build_aggregator, check_round_args, round_printer
+from .cli import LARGE_BATCH, add_round_args, build_aggregator, check_round_args, round_printer, signing_key_from_args
 
 _log = logging.getLogger(__name__)
 _REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -122,6 +123,8 @@ def _spawn_devices(args: argparse.Namespace, broker_url: str, bundle: Path, out:
                             ("--cert-file", args.cert_file), ("--key-file", args.key_file)):
             if value is not None:
                 cmd += [flag, str(value)]
+        if args.signing_key is not None:  # devices obey only this run's aggregator
+            cmd += ["--aggregator-key", str(public_key_path(args.signing_key))]
         log = open(out / "devices" / f"{device_id}.log", "ab")
         procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
         log.close()
@@ -192,6 +195,9 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     bundle = args.bundle or _export_bundles(args, out)
+    if args.signing_key is None:  # by default every simulated run signs its announcements
+        args.signing_key = out / "signing_key.pem"
+    signing_key_from_args(args)  # created now, if missing: the devices start with its public half
     local = None
     if args.broker is None:
         local, description = start_local_broker(out / "broker")

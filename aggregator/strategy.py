@@ -16,18 +16,19 @@ from typing import Any, ClassVar, Mapping, Sequence
 import numpy as np
 
 from edgetrain.sdk.errors import ConfigError
-from edgetrain.sdk.optim import check_nonnegative, check_sgd_hyper
+from edgetrain.sdk.round_settings import RoundSettings
 
 from .aggregation import SERVER_STEPS, ServerHyper, ServerState, WeightedMean, init_server_state
 
 
 @dataclass(frozen=True)
 class RoundPlan:
-    """Which devices train in a round and the settings they receive."""
+    """Which devices work in a round, on what (``task``: "train" or "gradient"), with which settings."""
 
     round_id: int
     selected: tuple[str, ...]
-    hyperparams: Mapping[str, Any]
+    task: str
+    settings: RoundSettings
 
 
 @dataclass(frozen=True)
@@ -106,13 +107,14 @@ class ClientConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.fraction <= 1.0:
             raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
-        for name in ("min_devices", "local_epochs", "batch_size", "local_steps"):
-            value = getattr(self, name)
-            if name == "local_steps" and value is None:  # None: E epochs instead
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-        check_sgd_hyper(lr=self.lr, momentum=self.momentum)
+        if isinstance(self.min_devices, bool) or not isinstance(self.min_devices, int) or self.min_devices < 1:
+            raise ConfigError(f"min_devices must be an integer >= 1, got {self.min_devices!r}")
+        self.settings()  # the device-side settings are checked where the device checks them
+
+    def settings(self, prox_mu: float = 0.0) -> RoundSettings:
+        """What the devices are told (``sdk.round_settings``: the defaults and checks both ends share)."""
+        return RoundSettings(lr=self.lr, momentum=self.momentum, batch_size=self.batch_size,
+                             local_epochs=self.local_epochs, local_steps=self.local_steps, prox_mu=prox_mu)
 
 
 def _flat_float32(params: np.ndarray, what: str) -> np.ndarray:
@@ -126,7 +128,7 @@ class FedAvg(Strategy):
     """Federated Averaging (McMahan et al., AISTATS 2017): example-weighted mean of the deltas.
 
     Subclasses change only the server optimiser applied to the mean delta (``server_optimizer``)
-    or what the devices are told (``_device_hyperparams``).
+    or what the devices are told (``_device_settings``).
     """
 
     name: ClassVar[str] = "fedavg"
@@ -167,14 +169,10 @@ class FedAvg(Strategy):
                               f"{self.client.min_devices}; wait for more devices before configuring the round")
         picked = rng.choice(len(live), size=self.num_to_select(len(live)), replace=False)
         selected = tuple(sorted(live[int(i)] for i in picked))
-        return RoundPlan(round_id=round_id, selected=selected, hyperparams=self._device_hyperparams())
+        return RoundPlan(round_id=round_id, selected=selected, task="train", settings=self._device_settings())
 
-    def _device_hyperparams(self) -> dict[str, Any]:
-        hyper = {"local_epochs": self.client.local_epochs, "batch_size": self.client.batch_size,
-                 "lr": self.client.lr, "momentum": self.client.momentum}
-        if self.client.local_steps is not None:
-            hyper["local_steps"] = self.client.local_steps
-        return hyper
+    def _device_settings(self) -> RoundSettings:
+        return self.client.settings()
 
     # -- accumulation ------------------------------------------------------------------------
     def begin_round(self, params: np.ndarray) -> None:
@@ -286,12 +284,11 @@ class FedProx(FedAvg):
     name: ClassVar[str] = "fedprox"
 
     def __init__(self, mu: float = 0.01, **client: Any) -> None:
-        check_nonnegative(mu, "FedProx mu")
         super().__init__(**client)
-        self.mu = float(mu)
+        self.mu = self.client.settings(prox_mu=mu).prox_mu  # checked as the devices check it
 
-    def _device_hyperparams(self) -> dict[str, Any]:
-        return {**super()._device_hyperparams(), "prox_mu": self.mu}
+    def _device_settings(self) -> RoundSettings:
+        return self.client.settings(prox_mu=self.mu)
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "mu": self.mu}

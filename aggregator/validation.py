@@ -36,11 +36,12 @@ REJECT_WRONG_SHAPE = "wrong_shape"  # decoded vector is not (num_params,)
 REJECT_NON_FINITE = "non_finite"  # NaN or Inf anywhere
 REJECT_NORM_TOO_LARGE = "norm_too_large"  # L2 norm above ctx.max_norm
 REJECT_BAD_METRICS = "bad_metrics"  # a metrics value NaN/Inf or out of range, or too many of them
+REJECT_WRONG_RUN = "wrong_run"  # answers a round of another run (its run id is not this run's)
 
 REJECT_REASONS: tuple[str, ...] = (
     REJECT_SPOOFED_SENDER, REJECT_UNKNOWN_DEVICE, REJECT_WRONG_ROUND, REJECT_LATE, REJECT_WRONG_MODEL_VERSION,
     REJECT_DUPLICATE, REJECT_BAD_EXAMPLE_COUNT, REJECT_UNKNOWN_CODEC, REJECT_UNDECODABLE,
-    REJECT_WRONG_SHAPE, REJECT_NON_FINITE, REJECT_NORM_TOO_LARGE,
+    REJECT_WRONG_SHAPE, REJECT_NON_FINITE, REJECT_NORM_TOO_LARGE, REJECT_WRONG_RUN,
     REJECT_BAD_METRICS,
 )
 
@@ -65,6 +66,7 @@ class ValidationContext:
     model_version: int
     selected: frozenset[str]
     num_params: int
+    run_id: str = ""  # the run; an update for another run is refused (wire v2 updates carry their run)
     max_norm: float | None = None
     max_examples: int | None = None
     allowed_codecs: frozenset[str] | None = None
@@ -116,6 +118,8 @@ def _reject(reason: str, update: Update, detail: str) -> UpdateRejected:
 def _check_header(update: Update, topic_device: str, ctx: ValidationContext) -> None:
     if update.device_id != topic_device:
         raise _reject(REJECT_SPOOFED_SENDER, update, f"arrived on the topic of device {topic_device!r}")
+    if update.run_id != ctx.run_id:  # e.g. re-sent from a device's outbox after the run it answered
+        raise _reject(REJECT_WRONG_RUN, update, f"answers run {update.run_id!r}, this is run {ctx.run_id!r}")
     # Before the round checks: an update accepted in an earlier round and re-sent because its ack was
     # lost is one we hold (the device is acked "accepted"), not a late one.
     if update.update_id in ctx.seen_update_ids:

@@ -185,7 +185,7 @@ def measure_codec(spec: str, update: np.ndarray, repeats: int, meter: EnergyMete
         decode_s.append(time.perf_counter() - started)
     frame = wire.encode(wire.Update(device_id="bench", round_id=0, model_version=0, update_id="bench-0",
                                     num_examples=0, codec=format_codec_spec(name, params), payload=payload,
-                                    metrics={}))
+                                    metrics={}, run_id="bench"))
     stats = CodecStats(format_codec_spec(name, params), LatencyStats.of(encode_s), LatencyStats.of(decode_s),
                        len(payload), len(frame), 4 * update.size, 4 * update.size / max(len(payload), 1))
     return stats, frame

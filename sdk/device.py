@@ -10,7 +10,14 @@ so a restarted device does not train the same round twice.
 Every device keeps a replica of the global model from every announcement, selected or not
 (``sdk.model_sync``), so announcements can carry deltas. A round asks either for local training
 (Federated Learning: the update is the delta w_local − w_round) or for one mini-batch gradient
-(Large Batch Training: ``hyperparams["task"] == "gradient"``, on the device's next batch).
+(Large Batch Training: ``task == "gradient"``, on the device's next batch), with the announcement's
+typed ``RoundSettings``.
+
+Progress, codec state and outbox belong to one run (the announcement's ``run_id``); a new run starts
+them afresh. With the aggregator's public key configured, the device obeys only announcements that
+verify (``sdk.wire.signing``). No message ends the device: a malformed, forged or unusable
+announcement is logged, its reason published in the device's status (``skip_reason``), and the
+device waits for the next one.
 """
 from __future__ import annotations
 
@@ -26,14 +33,16 @@ from typing import Iterator, Mapping
 import numpy as np
 
 from . import topics, wire
-from .codecs import format_codec_spec, get_codec, parse_codec_spec, with_layout
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from .data import PartitionSpec, batch_indices, device_indices, load_split, partition_digest, to_model_input
-from .errors import ConfigError, TransportError, WireError
+from .errors import ConfigError, EdgetrainError, TransportError, WireError
 from .device_metrics import (BENCH_ROUND_ID, EnergyProbe, GradientGroup, StepTimer, energy_values, memory_values,
                              step_stats_ms)
 from .device_state import DeviceState
 from .model_sync import ModelReplica
 from .outbox import Outbox
+from .round_settings import RoundSettings
 from .runtime import Runtime, TrainConfig
 from .transport import MessageTransport
 
@@ -84,23 +93,11 @@ class RoundInterrupted(Exception):
     """Training stopped between two steps because the device is shutting down (never leaves ``Device``)."""
 
 
-def _positive_int(hyper: dict, key: str, default: int | None) -> int | None:
-    """A round setting that must be an integer >= 1; ConfigError names it (the device skips the round)."""
-    value = hyper.get(key, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"round setting {key} must be an integer >= 1, got {value!r}")
-    return value
-
-
-def round_batches(data: LocalData, hyper: dict, rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """E local epochs of shuffled mini-batches, or exactly ``local_steps`` batches when given."""
-    batch_size = _positive_int(hyper, "batch_size", 32)
-    steps = _positive_int(hyper, "local_steps", None)
-    epochs = _positive_int(hyper, "local_epochs", 1)
-    # Checked here, not in the generator below, so a bad setting fails when the round starts.
-    return _round_batches(data, batch_size, steps, epochs, rng)
+def round_batches(data: LocalData, settings: RoundSettings,
+                  rng: np.random.Generator) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """E local epochs of shuffled mini-batches, or exactly ``local_steps`` batches when given
+    (``RoundSettings`` checked the numbers when the announcement was decoded)."""
+    return _round_batches(data, settings.batch_size, settings.local_steps, settings.local_epochs, rng)
 
 
 def _round_batches(data: LocalData, batch_size: int, steps: int | None, epochs: int,
@@ -134,11 +131,13 @@ class Device:
 
     ``energy`` (device_bench's ``RoundEnergy``, or None with ``energy_unavailable`` saying why) measures
     each round's joules; ``bench`` (``sdk.device_metrics.bench_values``) is published once, retained.
+    ``aggregator_key``: the aggregator's Ed25519 public key; when given, only announcements it signed
+    are obeyed.
     """
 
     def __init__(self, config: DeviceConfig, transport: MessageTransport, runtime: Runtime, data: LocalData,
                  energy: EnergyProbe | None = None, energy_unavailable: str = "",
-                 bench: Mapping[str, float] | None = None) -> None:
+                 bench: Mapping[str, float] | None = None, aggregator_key: Ed25519PublicKey | None = None) -> None:
         self.config = config
         self.transport = transport
         self.runtime = runtime
@@ -147,6 +146,9 @@ class Device:
         self.outbox = Outbox(config.state_dir / "outbox")
         self.state = DeviceState(config.state_dir)
         self.replica = ModelReplica(runtime.manifest.num_params)
+        self.aggregator_key = aggregator_key
+        self.run_id = self.state.run_id()  # the run this device serves; "" before its first
+        self.skip_reason = ""  # why the last round was skipped or announcement refused (in status)
         self._awaiting_resync = False
         self._reset_codec_on_resync = False
         self._pending_codec_state: tuple[str, dict | None] = ("dense", None)
@@ -171,7 +173,15 @@ class Device:
             info.update(self.energy.describe())
         else:
             info["energy_unavailable"] = self.energy_unavailable or "no power source given"
-        return wire.encode(wire.Status(device_id=self.config.device_id, online=online, info=info))
+        return wire.encode(wire.Status(device_id=self.config.device_id, online=online, info=info,
+                                       run_id=self.run_id, skip_reason=self.skip_reason))
+
+    def _publish_status(self, needs_resync: bool = False) -> None:
+        try:
+            self.transport.publish(topics.status_topic(self.config.fleet, self.config.device_id),
+                                   self._status(True, needs_resync), retain=True)
+        except TransportError as exc:  # the next status (reconnect, next skip) says it again
+            _log.warning("could not publish status: %s", exc)
 
     def run(self, stop: threading.Event) -> None:
         self._stop = stop  # also checked between training steps: a long round must not delay a shutdown
@@ -197,7 +207,7 @@ class Device:
                     topic, payload = self._inbox.get(timeout=0.2)
                 except queue.Empty:
                     continue
-                self._handle(topic, payload)
+                self._handle_safely(topic, payload)
         finally:
             try:
                 self.transport.publish(topics.status_topic(fleet, me), self._status(False), retain=True, timeout_s=2)
@@ -206,6 +216,16 @@ class Device:
             self.transport.close()
             if self.energy is not None:
                 self.energy.close()
+
+    def _handle_safely(self, topic: str, payload: bytes) -> None:
+        """``_handle``, but no message ends the device: whatever one raises is logged, published in the
+        status, and the device waits for the next message. Broad on purpose: a message comes from the
+        network, and a defect it uncovers must cost that message, not the fleet."""
+        try:
+            self._handle(topic, payload)
+        except Exception as exc:  # noqa: BLE001 (see the docstring)
+            _log.exception("message on %s could not be handled", topic)
+            self._skip(None, f"message on {topic} could not be handled: {type(exc).__name__}: {exc}")
 
     def _handle(self, topic: str, payload: bytes) -> None:
         if not payload:  # a cleared retained announcement: the run is over
@@ -217,18 +237,73 @@ class Device:
         try:
             message = self._reassembler.feed(payload)
         except WireError as exc:
-            _log.warning("dropped a malformed frame on %s: %s", topic, exc)
+            if topic == topics.announce_topic(self.config.fleet):
+                self._skip(None, f"malformed announcement refused: {exc}")
+            else:
+                _log.warning("dropped a malformed frame on %s: %s", topic, exc)
             return
         if isinstance(message, wire.Announcement):
             self._on_announcement(message)
         elif isinstance(message, wire.Ack) and message.device_id == self.config.device_id:
-            for entry in self.outbox.pending():
-                if entry.key.split("#")[0] == message.update_id:
-                    self.outbox.remove(entry.key)
-            if not message.accepted:
-                _log.warning("round %d: update %s rejected: %s", message.round_id, message.update_id, message.reason)
+            self._on_ack(message)
 
+    def _on_ack(self, ack: wire.Ack) -> None:
+        for entry in self.outbox.pending():
+            if entry.key.split("#")[0] == ack.update_id:
+                self.outbox.remove(entry.key)
+        if not ack.accepted:
+            _log.warning("round %d: update %s rejected: %s", ack.round_id, ack.update_id, ack.reason)
+
+    def _skip(self, a: wire.Announcement | None, reason: str, level: int = logging.WARNING) -> None:
+        """Log why this device does not answer (``a``, or a frame that is no announcement), and say it
+        in the status so an operator sees it without the device's log."""
+        where = "" if a is None else f"run {a.run_id} round {a.round_id}: "
+        self.skip_reason = f"{where}{reason}"
+        _log.log(level, "%s", self.skip_reason)
+        self._publish_status()
+
+    # -- one announcement ---------------------------------------------------------------------
     def _on_announcement(self, a: wire.Announcement) -> None:
+        """Verify, adopt its run, sync the model, then answer if selected and not answered yet."""
+        try:
+            if self.aggregator_key is not None:
+                wire.signing.verify(a, self.aggregator_key)
+            self._enter_run(a.run_id)
+            synced = self._sync_model(a)
+        except WireError as exc:  # forged, unsigned, or a payload that is no usable model: state unchanged
+            self._skip(a, f"announcement refused: {exc}")
+            return
+        if not synced or self.config.device_id not in a.selected:
+            return
+        if self._already_answered(a):  # normal after a reconnect or a retry: said at info level
+            self._skip(a, f"already answered (model version {a.model_version}); skipped", logging.INFO)
+            return
+        if time.time() > a.deadline_unix_s:
+            self._skip(a, "announcement arrived after its deadline; skipped")
+            return
+        self._answer(a)
+
+    def _enter_run(self, run_id: str) -> None:
+        """Adopt ``run_id``; a new run starts progress, codec state, outbox and model afresh (its round
+        numbers and model versions start again, so nothing from the last run applies)."""
+        if run_id == self.run_id:
+            return
+        _log.info("new run %s (was %s): per-run state reset", run_id, self.run_id or "none")
+        self.state.begin_run(run_id)
+        for entry in self.outbox.pending():  # updates for the old run's rounds: nobody will aggregate them
+            self.outbox.remove(entry.key)
+        self.replica.reset()
+        self.run_id = run_id
+        self._awaiting_resync = self._reset_codec_on_resync = False
+        self._gradient_stream = None
+        self._answered_deadline = float("-inf")
+        if self._group.steps:  # the old run's partial group of steps: nobody will record it
+            self._group.flush()
+            if self.energy is not None:
+                self.energy.end()
+
+    def _sync_model(self, a: wire.Announcement) -> bool:
+        """Bring the replica to ``a``'s model; False while a resync is needed (asked for once)."""
         if not self.replica.apply(a):
             if not self._awaiting_resync:  # ask once; the aggregator's next announcement is a full model
                 _log.info("model version %s cannot take the delta to %d; asking for a resync",
@@ -236,44 +311,50 @@ class Device:
                 self._awaiting_resync = True
                 # A restarted device (no model yet) keeps its residuals; a drifted one starts them afresh.
                 self._reset_codec_on_resync = self.replica.version is not None
-                self.transport.publish(topics.status_topic(self.config.fleet, self.config.device_id),
-                                       self._status(True, needs_resync=True), retain=True)
-            return
+                self._publish_status(needs_resync=True)
+            return False
         if self._awaiting_resync:
             if self._reset_codec_on_resync:  # residuals belonged to a model this device no longer holds
                 self.state.reset_codec_state()
             self._awaiting_resync = False
-        if self.config.device_id not in a.selected:
-            return
-        if (a.round_id, a.model_version) <= self.state.last_done():
-            # Already answered. A round announced again with a new deadline means the aggregator still
-            # lacks updates: re-send what it has not acknowledged (lost in a broker crash, say).
-            if (a.round_id, a.model_version) == self.state.last_done() and a.deadline_unix_s > self._answered_deadline:
-                self._answered_deadline = a.deadline_unix_s
-                self._resend_pending(a.round_id)
-            return  # else a retained announcement seen again after a reconnect or a restart
-        if time.time() > a.deadline_unix_s:
-            _log.info("round %d: announcement arrived after its deadline; skipped", a.round_id)
-            return
-        gradient = a.hyperparams.get("task") == "gradient"
+        return True
+
+    def _already_answered(self, a: wire.Announcement) -> bool:
+        """Whether this run's progress already holds ``a``'s round. A round announced again with a new
+        deadline means the aggregator still lacks updates: re-send what it has not acknowledged."""
+        done = self.state.last_done()
+        if (a.round_id, a.model_version) > done:
+            return False
+        if (a.round_id, a.model_version) == done and a.deadline_unix_s > self._answered_deadline:
+            self._answered_deadline = a.deadline_unix_s
+            self._resend_pending(a.round_id)
+        return True  # else a retained announcement seen again after a reconnect or a restart
+
+    def _answer(self, a: wire.Announcement) -> None:
+        """Train (or take one gradient), then send the update; a failure skips the round, saying why."""
+        gradient = a.task == "gradient"
         if self.energy is not None and not (gradient and self._group.steps):  # a group's window is open
             self.energy.begin()
         try:
             update = self.compute_gradient(a) if gradient else self.train_round(a)
-        except (RoundInterrupted, ConfigError, WireError) as exc:
+        except (RoundInterrupted, EdgetrainError, ValueError, ArithmeticError) as exc:
             # Nothing sent, the round not marked done (a restarted device trains it again while it is open),
-            # the codec state untouched. ConfigError/WireError: e.g. a codec parameter this codec refuses.
+            # the codec state untouched. E.g. a codec parameter this codec refuses, or a diverged update.
+            if self.energy is not None and not gradient:
+                self.energy.end()  # close the round's window; it measured no update
             if isinstance(exc, RoundInterrupted):
                 _log.info("round %d: stopped mid-training; not answered", a.round_id)
             else:
-                _log.error("round %d: cannot produce an update: %s", a.round_id, exc)
-            if self.energy is not None and not gradient:
-                self.energy.end()  # close the round's window; it measured no update
+                self._skip(a, f"cannot produce an update: {exc}")
             return
+        self._send_update(a, update, gradient)
+
+    def _send_update(self, a: wire.Announcement, update: wire.Update, gradient: bool) -> None:
+        """Durable first (outbox, codec state, progress), then on the wire."""
         frame = wire.encode(update)
         parts = wire.split(frame, self.config.max_chunk_bytes, update.update_id) if self.config.max_chunk_bytes else [frame]
         update_topic = topics.update_topic(self.config.fleet, self.config.device_id)
-        for i, part in enumerate(parts):  # durable first, then on the wire
+        for i, part in enumerate(parts):
             self.outbox.put(f"{update.update_id}#{i}", update_topic, part)
         # The codec's new state only once the update it goes with is durable, and before the round counts
         # as done: a crash in between re-trains the round from the old state, losing no residual.
@@ -282,7 +363,7 @@ class Device:
         self._answered_deadline = a.deadline_unix_s
         self.rounds_trained += 1
         self._publish_metrics(a.round_id, gradient, len(frame))
-        for i, part in enumerate(parts):
+        for part in parts:
             try:
                 self.transport.publish(update_topic, part)
             except TransportError as exc:  # stays in the outbox; re-sent after the reconnect
@@ -320,38 +401,36 @@ class Device:
                 _log.warning("round %d: re-send failed, kept in outbox: %s", round_id, exc)
                 return
 
-    def _encode(self, vector: np.ndarray, hyper: dict) -> tuple[str, bytes]:
-        """Compress with the round's codec, carrying its state (residuals…) across rounds on disk."""
-        name, params = parse_codec_spec(str(hyper.get("codec", "dense")))
-        params = with_layout(name, params, self.runtime.manifest.shapes)
-        spec = format_codec_spec(name, params)
-        payload, state = get_codec(name).encode(vector, self.state.codec_state(spec), params)
-        self._pending_codec_state = (spec, state)  # saved once the update is in the outbox
-        return spec, payload
+    def _encode(self, vector: np.ndarray, a: wire.Announcement) -> tuple[str, bytes]:
+        """Compress with the round's uplink codec, carrying its state (residuals…) across rounds on disk."""
+        spec = a.uplink_codec.with_layout(self.runtime.manifest.shapes)
+        text = str(spec)
+        payload, state = spec.codec.encode(vector, self.state.codec_state(text), spec.params)
+        self._pending_codec_state = (text, state)  # saved once the update is in the outbox
+        return text, payload
 
     def _update(self, a: wire.Announcement, vector: np.ndarray, num_examples: int, metrics: dict,
                 measured: dict[str, float]) -> wire.Update:
         """The update frame's message; ``measured`` (plus the encode time) becomes the round's metrics."""
         started = time.perf_counter()
-        spec, payload = self._encode(vector, dict(a.hyperparams))
+        spec, payload = self._encode(vector, a)
         self._measured = {**measured, "encode_ms": (time.perf_counter() - started) * 1e3}
         return wire.Update(device_id=self.config.device_id, round_id=a.round_id, model_version=a.model_version,
                            update_id=uuid.uuid4().hex, num_examples=num_examples, codec=spec, payload=payload,
-                           metrics=metrics)
+                           metrics=metrics, run_id=a.run_id)
 
     def train_round(self, a: wire.Announcement) -> wire.Update:
         """Local training from the announced model; the update is the delta w_local − w_round."""
         assert self.replica.params is not None  # apply() succeeded
         start = self.replica.params
         self.runtime.set_parameters(start)
-        hyper = dict(a.hyperparams)
-        config = TrainConfig(lr=float(hyper.get("lr", 0.05)), momentum=float(hyper.get("momentum", 0.0)),
-                             weight_decay=float(hyper.get("weight_decay", 0.0)),
-                             prox_mu=float(hyper.get("prox_mu", 0.0)))
+        settings = a.settings
+        config = TrainConfig(lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay,
+                             nesterov=settings.nesterov, prox_mu=settings.prox_mu)
         # Distinct, reproducible shuffles per (seed, device, round).
         rng = np.random.default_rng([self.config.seed, self.config.partition_index, a.round_id])
         cpu = time.process_time()
-        timer = StepTimer(self._until_stopped(round_batches(self.data, hyper, rng)))
+        timer = StepTimer(self._until_stopped(round_batches(self.data, settings, rng)))
         result = self.runtime.train(timer, config)
         timer.finish()
         cpu_s = time.process_time() - cpu
@@ -372,7 +451,7 @@ class Device:
     def compute_gradient(self, a: wire.Announcement) -> wire.Update:
         """One mini-batch gradient at the announced model (a large-batch worker never trains ahead)."""
         assert self.replica.params is not None
-        batch_size = int(a.hyperparams.get("batch_size", 32))
+        batch_size = a.settings.batch_size
         if self._gradient_stream is None or self._gradient_stream[0] != batch_size:
             seed = (self.config.seed, self.config.partition_index)
             self._gradient_stream = (batch_size, gradient_batches(self.data, batch_size, seed))

@@ -33,6 +33,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--state-dir", type=Path, help="outbox and progress (default ~/.local/state/edgetrain/FLEET/ID)")
     p.add_argument("--threads", type=positive_int, help="intra-op threads for the runtime")
     p.add_argument("--max-chunk-bytes", type=positive_int, help="split update frames larger than this")
+    p.add_argument("--aggregator-key", type=Path, metavar="FILE.pub",
+                   help="the aggregator's Ed25519 public key (PEM): obey only announcements it signed")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     m = p.add_argument_group("metrics", "per-round step time, CPU, memory, bytes and energy on "
                                         "edgetrain/<fleet>/metrics/<device>")
@@ -94,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
                           partition_count=args.count, seed=args.seed, max_chunk_bytes=args.max_chunk_bytes,
                           gradient_metrics_every=args.metrics_every_steps)
     bench = read_bench_result(args.bench_result) if args.bench_result else None
+    aggregator_key = wire.signing.load_public_key(args.aggregator_key) if args.aggregator_key else None
     energy, energy_unavailable = open_energy(args)  # before the slow loads: a named sensor that fails, fails now
     broker = broker_config(args)
     bundle = select_bundle(args.bundle, args.runtime)  # a directory from 'export --runtime all' holds several
@@ -112,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     # Another process with this device id took our session (ClientIdInUse): stop, then say so and exit 1.
     transport.on_failure.append(lambda failure: stop.set())
     device = Device(config, transport, runtime, data, energy=energy, energy_unavailable=energy_unavailable,
-                    bench=bench)
+                    bench=bench, aggregator_key=aggregator_key)
     device.run(stop)
     if transport.failure is not None:
         raise transport.failure

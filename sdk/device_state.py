@@ -1,8 +1,10 @@
-"""What a device keeps on disk besides its outbox: the last round it answered and its codec state.
+"""What a device keeps on disk besides its outbox, per run: the last round it answered and its codec state.
 
 Both survive a restart, so a restarted device neither trains a round twice nor loses the residuals
-of an error-feedback codec (DGC, STC). Codec state is a safetensors file (no pickle) tagged with the
-codec spec it belongs to; a different spec, or a resync of the model, starts it afresh.
+of an error-feedback codec (DGC, STC). Both belong to one run (``run_id`` from the announcements): a
+new run starts them afresh, since its round numbers and model versions start again from the
+beginning. Codec state is a safetensors file (no pickle) tagged with the codec spec it belongs to; a
+different spec, or a resync of the model, starts it afresh.
 """
 from __future__ import annotations
 
@@ -25,19 +27,41 @@ class DeviceState:
         self._codec = self.dir / "codec_state.safetensors"
         self._codec_cache: tuple[str, dict[str, np.ndarray]] | None = None
 
-    def last_done(self) -> tuple[int, int]:
-        """(round id, model version) of the last announcement this device answered; (-1, -1) if none."""
+    def _read_progress(self) -> tuple[str, int, int]:
         try:
             raw = json.loads(self._progress.read_text())
-            return int(raw["round_id"]), int(raw["model_version"])
+            run_id, round_id, version = raw.get("run_id", ""), int(raw["round_id"]), int(raw["model_version"])
+            if not isinstance(run_id, str):
+                raise TypeError(f"run_id is a {type(run_id).__name__}")
+            return run_id, round_id, version
         except FileNotFoundError:
-            return -1, -1
-        except (ValueError, KeyError, TypeError) as exc:
+            return "", -1, -1
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             _log.warning("%s unreadable (%s); starting fresh", self._progress, exc)
-            return -1, -1
+            return "", -1, -1
+
+    def _write_progress(self, run_id: str, round_id: int, model_version: int) -> None:
+        atomic_write_json(self._progress, {"run_id": run_id, "round_id": round_id, "model_version": model_version})
+
+    def run_id(self) -> str:
+        """The run this device's progress belongs to ("" before its first run)."""
+        return self._read_progress()[0]
+
+    def begin_run(self, run_id: str) -> bool:
+        """Make ``run_id`` the current run; True (and progress and codec state reset) when it is new."""
+        if run_id == self.run_id():
+            return False
+        self.reset_codec_state()
+        self._write_progress(run_id, -1, -1)
+        return True
+
+    def last_done(self) -> tuple[int, int]:
+        """(round id, model version) of the last announcement this device answered in the current run;
+        (-1, -1) if none."""
+        return self._read_progress()[1:]
 
     def mark_done(self, round_id: int, model_version: int) -> None:
-        atomic_write_json(self._progress, {"round_id": round_id, "model_version": model_version})
+        self._write_progress(self.run_id(), round_id, model_version)
 
     def codec_state(self, spec: str) -> dict[str, np.ndarray] | None:
         """The saved state of codec ``spec``; None when there is none, or it belongs to another spec."""

@@ -36,6 +36,10 @@ class UnknownCodec(WireError):
     """A codec spec names no registered codec, or cannot be parsed: the bytes cannot be decoded here."""
 
 
+class BadSignature(WireError):
+    """An announcement is unsigned, or its signature does not verify with the aggregator's public key."""
+
+
 class TransportError(EdgetrainError):
     """Talking to the broker failed."""
 

@@ -147,6 +147,17 @@ def device_from_topic(topic: str, fleet: str, kind: str) -> str:
         raise WireError(f"topic {topic!r}: {exc}") from None
 
 
+def parse_device_topic(topic: str, fleet: str) -> tuple[str, str]:
+    """``(kind, device)`` of a per-device topic ``edgetrain/<fleet>/<kind>/<device>``; WireError (the
+    topic came off the wire) when it is not one of ``fleet``'s per-device topics."""
+    prefix = f"{_fleet_prefix(fleet)}/"
+    kind = topic[len(prefix):].partition("/")[0] if isinstance(topic, str) and topic.startswith(prefix) else ""
+    if kind not in DEVICE_KINDS:
+        raise WireError(f"topic {topic!r} is not a per-device topic of fleet {fleet!r} "
+                        f"(expected {prefix}<{'|'.join(DEVICE_KINDS)}>/<device>)")
+    return kind, device_from_topic(topic, fleet, kind)
+
+
 def mosquitto_acl(aggregator_user: str = "aggregator") -> str:
     """The Mosquitto ACL file text from this module's docstring, for an aggregator username.
 

@@ -186,8 +186,9 @@ class Gate:
 
 def make_device(broker: BrokerConfig, assets: FleetAssets, fleet: str, device_id: str, state_dir: Path, *,
                 index: int, count: int, limit: int | None = None,
-                gate: Gate | None = None):  # -> sdk.device.Device
-    """A ``Device`` with a real Transport and torch runtime; ``gate`` (if given) holds training."""
+                gate: Gate | None = None, aggregator_key: object = None):  # -> sdk.device.Device
+    """A ``Device`` with a real Transport and torch runtime; ``gate`` (if given) holds training;
+    ``aggregator_key`` (an Ed25519 public key) makes it obey only announcements signed by its pair."""
     from edgetrain.sdk.data import PartitionSpec
     from edgetrain.sdk.device import Device, DeviceConfig, LocalData
     from edgetrain.sdk.runtime import load_runtime
@@ -206,7 +207,7 @@ def make_device(broker: BrokerConfig, assets: FleetAssets, fleet: str, device_id
                 gate(device_id, a)
             return super().train_round(a)
 
-    return _Gated(config, transport, runtime, data)
+    return _Gated(config, transport, runtime, data, aggregator_key=aggregator_key)
 
 
 class DeviceThread:
@@ -238,10 +239,11 @@ class DeviceThread:
 
 def start_device_threads(broker: BrokerConfig, assets: FleetAssets, fleet: str, root: Path,
                          limits: Sequence[int | None], gate: Gate | None = None,
-                         prefix: str = "dev") -> list[DeviceThread]:
+                         prefix: str = "dev", aggregator_key: object = None) -> list[DeviceThread]:
     """One device thread per entry of ``limits`` (its example cap), named ``<prefix>-<i>``."""
     return [DeviceThread(make_device(broker, assets, fleet, f"{prefix}-{i}", root / f"{prefix}-{i}", index=i,
-                                     count=len(limits), limit=limit, gate=gate)).start()
+                                     count=len(limits), limit=limit, gate=gate,
+                                     aggregator_key=aggregator_key)).start()
             for i, limit in enumerate(limits)]
 
 

@@ -183,3 +183,19 @@ def test_with_layout_gives_low_rank_the_model_shapes_and_leaves_others_alone() -
     vector = np.random.default_rng(0).normal(size=8 * 9 + 8 + 720 + 1).astype(np.float32)
     payload, _ = get_codec("low_rank").encode(vector, None, filled)
     assert get_codec("low_rank").decode(payload, vector.size, filled).shape == vector.shape
+
+
+def test_codec_spec_is_parsed_once_into_a_checked_canonical_value() -> None:
+    from edgetrain.sdk.codecs import CodecSpec
+    from edgetrain.sdk.errors import UnknownCodec
+
+    spec = CodecSpec.parse("dgc: sparsity=0.99 , momentum=0")
+    assert (spec.name, spec.params) == ("dgc", {"sparsity": 0.99, "momentum": 0})
+    assert str(spec) == "dgc:momentum=0,sparsity=0.99" and CodecSpec.parse(str(spec)) == spec
+    assert CodecSpec.parse(spec) is spec
+    with pytest.raises(ConfigError, match="unknown parameter.*x"):
+        CodecSpec.parse("dense:x=1")
+    with pytest.raises(ConfigError, match="bits=9"):
+        CodecSpec.parse("sketch:bits=9")
+    with pytest.raises(UnknownCodec, match="unknown codec 'zstd'"):
+        CodecSpec.parse("zstd")

@@ -22,6 +22,7 @@ from edgetrain.sdk.codecs import format_codec_spec, get_codec, parse_codec_spec
 from edgetrain.sdk.data import PartitionSpec
 from edgetrain.sdk.device import Device, DeviceConfig, LocalData, gradient_batches
 from edgetrain.sdk.device_state import DeviceState
+from edgetrain.sdk.round_settings import RoundSettings
 from edgetrain.sdk.runtime import load_runtime
 from edgetrain.sdk.transport import MemoryBroker, MemoryTransport
 from tests.fleet import DeviceThread, FleetAssets, fleet_assets, wait_for  # noqa: F401
@@ -115,14 +116,12 @@ class DeviceHarness:
                  deliver: bool = True) -> np.ndarray:
         """Announce ``params`` as ``version`` (a gradient task) and wait for the device's answer."""
         down, params = downlink.announce(params, version)
-        hyper = {"task": "gradient", "batch_size": BATCH, "codec": spec}
-        if down.base_version is not None:
-            hyper["base_version"] = down.base_version
         if not deliver:  # the device never hears of this version (a lost message)
             return params
         announcement = wire.Announcement(
-            round_id=version + 1, model_version=version, strategy="large-batch", selected=(DEVICE,),
-            deadline_unix_s=4e9, hyperparams=hyper, payload_kind=down.payload_kind, codec=down.codec,
+            run_id="run-1", round_id=version + 1, model_version=version, strategy="large-batch", task="gradient",
+            selected=(DEVICE,), deadline_unix_s=4e9, settings=RoundSettings(batch_size=BATCH), uplink_codec=spec,
+            payload_kind=down.payload_kind, downlink_codec=down.codec, base_version=down.base_version,
             payload=down.payload)
         answered = len(self.updates())
         # The device's loop is idle between announcements, so its replica can be read here.

@@ -27,6 +27,8 @@ from tests.fleet import (  # noqa: F401
     start_device_threads,
 )
 from tests.mosquitto import MosquittoBroker
+from edgetrain.sdk.codecs import CodecSpec
+from edgetrain.sdk.round_settings import RoundSettings
 
 pytestmark = pytest.mark.broker
 
@@ -97,7 +99,7 @@ def _check_run(run: DownlinkRun, spec: str, announced: str | None = None) -> Non
     """``announced``: the codec spec the deltas carry, when the aggregator completes ``spec`` (low_rank's shapes)."""
     assert [r.round_id for r in run.records] == list(range(1, STEPS + 1))
     assert all(r.devices_reported == len(LIMITS) and not r.devices_rejected for r in run.records), [(r.devices_reported, r.devices_rejected, r.rejected_detail, r.round_wall_s) for r in run.records]
-    kinds = {a.model_version: (a.payload_kind, a.codec) for a in run.announcements()}
+    kinds = {a.model_version: (a.payload_kind, str(a.downlink_codec)) for a in run.announcements()}
     # Whole models (dense) at versions 0, 5, 10; deltas in the downlink codec in between.
     assert {v for v, (kind, _) in kinds.items() if kind == "params"} == set(range(0, STEPS, RESYNC_EVERY))
     assert {codec for kind, codec in kinds.values() if kind == "delta"} == {announced or spec}
@@ -146,10 +148,10 @@ def test_lossy_downlink_replicas_equal_the_shadow_and_training_works(
 
 
 def _announcement(version: int, payload) -> wire.Announcement:
-    hyper = {} if payload.base_version is None else {"base_version": payload.base_version}
-    return wire.Announcement(round_id=version + 1, model_version=version, strategy="large-batch", selected=("d",),
-                             deadline_unix_s=4e9, hyperparams=hyper, payload_kind=payload.payload_kind,
-                             codec=payload.codec, payload=payload.payload)
+    return wire.Announcement(run_id="r", round_id=version + 1, model_version=version, strategy="large-batch",
+                        task="gradient", selected=("d",), deadline_unix_s=4e9, settings=RoundSettings(),
+                        uplink_codec=CodecSpec("dense"), payload_kind=payload.payload_kind,
+                        downlink_codec=payload.codec, base_version=payload.base_version, payload=payload.payload)
 
 
 @pytest.mark.parametrize("spec", ["q8", "dgc:sparsity=0.9"])
@@ -198,5 +200,5 @@ def test_low_rank_downlink_gets_the_model_shapes_and_replicas_follow_the_shadow(
     for version in (1, 2):
         params = params - np.float32(0.01) * rng.normal(size=size).astype(np.float32)
         payload, params = downlink.announce(params, version)
-        assert payload.payload_kind == "delta" and payload.codec == downlink.codec
+        assert payload.payload_kind == "delta" and str(payload.codec) == downlink.codec
         assert replica.apply(_announcement(version, payload)) and np.array_equal(replica.params, downlink.shadow)

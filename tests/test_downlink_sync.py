@@ -6,13 +6,15 @@ import numpy as np
 from edgetrain.aggregator.downlink import Downlink
 from edgetrain.sdk.model_sync import ModelReplica
 from edgetrain.sdk.wire import Announcement
+from edgetrain.sdk.codecs import CodecSpec
+from edgetrain.sdk.round_settings import RoundSettings
 
 
 def _announcement(version: int, payload) -> Announcement:
-    hyper = {} if payload.base_version is None else {"base_version": payload.base_version}
-    return Announcement(round_id=version + 1, model_version=version, strategy="large-batch", selected=("d",),
-                        deadline_unix_s=1e12, hyperparams=hyper, payload_kind=payload.payload_kind,
-                        codec=payload.codec, payload=payload.payload)
+    return Announcement(run_id="r", round_id=version + 1, model_version=version, strategy="large-batch",
+                        task="gradient", selected=("d",), deadline_unix_s=1e12, settings=RoundSettings(),
+                        uplink_codec=CodecSpec("dense"), payload_kind=payload.payload_kind,
+                        downlink_codec=payload.codec, base_version=payload.base_version, payload=payload.payload)
 
 
 def test_deltas_keep_replicas_bit_identical_and_resync_every_k() -> None:

@@ -130,7 +130,7 @@ def test_aggregator_rides_out_a_broker_outage_longer_than_its_publish_timeouts(
     # An update handled while the broker is down (as if it arrived just before): its ack cannot be
     # confirmed, which must not end the run.
     stray = wire.Update(device_id="dev-0", round_id=1, model_version=99, update_id="stray", num_examples=1,
-                        codec="dense", payload=b"", metrics={})
+                        codec="dense", payload=b"", metrics={}, run_id=aggregator.run_id)
     aggregator._enqueue(topics.update_topic(FLEET, "dev-0"), wire.encode(stray))
     wait_for(lambda: _records(caplog, "ack of dev-0's stray not acknowledged"), "the unconfirmed ack's warning")
     gate.open()  # the devices' updates go out while the broker is down: paho queues them, the outbox keeps them

@@ -114,15 +114,15 @@ def test_mixed_fedavg_rounds_accept_all_and_ort_deltas_match_torch(
     # Round 1, replayed in-process: each device's delta equals local SGD with momentum (the default 0.9)
     # by *torch* on that device's batches — for the ORT device that is ORT's gradients + numpy momentum.
     announcement = next(m for _, m in sniffer.decoded(wire.Announcement) if m.round_id == 1)
-    hyper = dict(announcement.hyperparams)
-    assert float(hyper["momentum"]) > 0 and int(hyper["batch_size"]) == 8
-    config = TrainConfig(lr=float(hyper["lr"]), momentum=float(hyper["momentum"]))
+    settings = announcement.settings
+    assert settings.momentum > 0 and settings.batch_size == 8
+    config = TrainConfig(lr=settings.lr, momentum=settings.momentum)
     torch_runtime = load_runtime(mixed_assets.bundle, prefer="torch")
     updates = _sniffed(sniffer, 1, mixed_assets.num_params)
     for kind in ("torch", "onnx"):
         torch_runtime.set_parameters(mixed_assets.initial_params)
         rng = np.random.default_rng([0, INDEX[kind], 1])  # the device's seed, index and round
-        torch_runtime.train(round_batches(_local_data(mixed_assets, torch_runtime, kind, tmp_path), hyper, rng), config)
+        torch_runtime.train(round_batches(_local_data(mixed_assets, torch_runtime, kind, tmp_path), settings, rng), config)
         expected = torch_runtime.get_parameters().astype(np.float64) - mixed_assets.initial_params
         examples, delta = updates[DEVICE_ID[kind]]
         assert examples == LIMITS[kind]

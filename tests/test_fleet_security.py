@@ -31,7 +31,8 @@ def _crafted(announcement: wire.Announcement, device_id: str, vector: np.ndarray
         payload = (np.full(size, 1e-3, np.float32) if vector is None else vector.astype(np.float32)).tobytes()
     return wire.Update(device_id=device_id, round_id=announcement.round_id + round_delta,
                        model_version=announcement.model_version + version_delta, update_id=uuid.uuid4().hex,
-                       num_examples=num_examples, codec=codec, payload=payload, metrics={})
+                       num_examples=num_examples, codec=codec, payload=payload, metrics={},
+                       run_id=announcement.run_id)
 
 
 def test_acl_stops_a_device_speaking_for_another(broker_factory: Callable[..., MosquittoBroker],

@@ -6,6 +6,7 @@ import pytest
 
 from edgetrain.sdk.device import LocalData, round_batches
 from edgetrain.sdk.errors import ConfigError
+from edgetrain.sdk.round_settings import RoundSettings
 
 
 def _data(n: int) -> LocalData:
@@ -14,7 +15,7 @@ def _data(n: int) -> LocalData:
 
 
 def test_epochs_visit_every_example_once_per_epoch() -> None:
-    batches = list(round_batches(_data(10), {"batch_size": 4, "local_epochs": 2}, np.random.default_rng(0)))
+    batches = list(round_batches(_data(10), RoundSettings(batch_size=4, local_epochs=2), np.random.default_rng(0)))
     seen = np.concatenate([y for _, y in batches])
     assert sorted(seen.tolist()) == sorted(list(range(10)) * 2)
 
@@ -22,7 +23,7 @@ def test_epochs_visit_every_example_once_per_epoch() -> None:
 @pytest.mark.parametrize("steps", [1, 2, 3, 7])
 def test_local_steps_gives_exactly_that_many_batches_across_epoch_boundaries(steps: int) -> None:
     # 10 examples in batches of 4 is 3 batches an epoch: 7 steps cross two epoch boundaries.
-    batches = list(round_batches(_data(10), {"batch_size": 4, "local_steps": steps, "local_epochs": 5},
+    batches = list(round_batches(_data(10), RoundSettings(batch_size=4, local_steps=steps, local_epochs=5),
                                  np.random.default_rng(1)))
     assert len(batches) == steps
     first_epoch = np.concatenate([y for _, y in batches[:3]])
@@ -34,5 +35,5 @@ def test_local_steps_gives_exactly_that_many_batches_across_epoch_boundaries(ste
                                  {"local_epochs": -1}, {"batch_size": 0}, {"batch_size": True}])
 def test_bad_round_settings_are_refused_before_any_training(bad: dict) -> None:
     key = next(iter(bad))
-    with pytest.raises(ConfigError, match=key):
-        round_batches(_data(10), bad, np.random.default_rng(0))
+    with pytest.raises(ConfigError, match=key):  # RoundSettings refuses them, at either end
+        RoundSettings(**bad)

@@ -69,7 +69,7 @@ def test_large_batch_strategy_averages_by_examples_and_waits_only_for_workers() 
     strategy = LargeBatch(shapes=[(2, 2)], min_devices=2, backup_devices=1,
                           hyper=LargeBatchHyper(base_lr=0.5, momentum=0.0))
     plan = strategy.configure_round(1, ["a", "b", "c", "d"], np.random.default_rng(0))
-    assert len(plan.selected) == 4 and plan.hyperparams["task"] == "gradient"  # C=1: all 4 work, no room for a backup
+    assert len(plan.selected) == 4 and plan.task == "gradient"  # C=1: all 4 work, no room for a backup
     strategy = LargeBatch(shapes=[(2, 2)], fraction=0.5, min_devices=2, backup_devices=1,
                           hyper=LargeBatchHyper(base_lr=0.5, momentum=0.0))
     plan = strategy.configure_round(1, ["a", "b", "c", "d"], np.random.default_rng(0))

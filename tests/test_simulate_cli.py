@@ -36,6 +36,7 @@ def test_simulate_ci_size_runs_end_to_end(fleet_assets: FleetAssets, tmp_path: P
     for name in (PLOT_ACCURACY_VS_ROUND, PLOT_ACCURACY_VS_UPLINK):
         assert (out / name).read_bytes().startswith(PNG_MAGIC)
     assert "final test accuracy" in done.log() and "Traceback" not in done.log()
+    assert (out / "signing_key.pem").is_file() and (out / "signing_key.pem.pub").is_file()  # signed by default
     for i in range(3):  # every device process was stopped with SIGTERM and left cleanly
         log = (out / "devices" / f"dev-{i:03d}.log").read_text()
         assert "stopped after training 2 round(s)" in log and "Traceback" not in log

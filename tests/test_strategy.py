@@ -19,6 +19,7 @@ from edgetrain.aggregator.strategy import (
     strategy_names,
 )
 from edgetrain.sdk.errors import ConfigError
+from edgetrain.sdk.round_settings import RoundSettings
 
 DEVICES = [f"dev-{i:02d}" for i in range(30)]
 
@@ -74,15 +75,23 @@ def test_configure_round_needs_min_devices_and_a_generator() -> None:
         strategy.configure_round(0, DEVICES, np.random.RandomState(0))  # type: ignore[arg-type]
 
 
-def test_hyperparams_carry_client_settings_and_prox_mu() -> None:
+def test_round_settings_carry_client_settings_and_prox_mu() -> None:
     plan = FedAvg(local_epochs=2, batch_size=16, lr=0.1, momentum=0.9).configure_round(
         0, DEVICES, np.random.default_rng(0))
-    assert plan.hyperparams == {"local_epochs": 2, "batch_size": 16, "lr": 0.1, "momentum": 0.9}
+    assert plan.task == "train"
+    assert plan.settings == RoundSettings(local_epochs=2, batch_size=16, lr=0.1, momentum=0.9)
     prox = FedProx(mu=0.05, lr=0.02).configure_round(0, DEVICES, np.random.default_rng(0))
-    assert prox.hyperparams["prox_mu"] == 0.05 and prox.hyperparams["lr"] == 0.02
-    assert "prox_mu" not in plan.hyperparams
+    assert prox.settings.prox_mu == 0.05 and prox.settings.lr == 0.02
+    assert plan.settings.prox_mu == 0.0
     short = FedAvg(local_steps=19).configure_round(0, DEVICES, np.random.default_rng(0))
-    assert short.hyperparams["local_steps"] == 19
+    assert short.settings.local_steps == 19
+
+
+@pytest.mark.parametrize("bad", [dict(lr=float("nan")), dict(momentum=1.0), dict(batch_size=0), dict(local_steps=0),
+                                 dict(local_epochs=True)])
+def test_a_setting_the_devices_would_refuse_is_refused_by_the_strategy(bad: dict) -> None:
+    with pytest.raises(ConfigError, match=next(iter(bad))):
+        FedAvg(**bad)
 
 
 def test_fedavg_is_example_weighted_mean_of_deltas() -> None:

@@ -88,3 +88,14 @@ def test_acl_gives_devices_their_own_topics_only() -> None:
                    for line in lines)
     assert "pattern read edgetrain/+/announce" in lines
     assert "ACL" in (topics.__doc__ or "") and "pattern write edgetrain/+/update/%u" in topics.__doc__
+
+
+def test_parse_device_topic_names_kind_and_device_and_refuses_the_rest() -> None:
+    from edgetrain.sdk.errors import WireError
+
+    assert topics.parse_device_topic(topics.update_topic("f", "pi-1"), "f") == ("update", "pi-1")
+    assert topics.parse_device_topic(topics.status_topic("f", "pi-2"), "f") == ("status", "pi-2")
+    for bad in (topics.announce_topic("f"), topics.update_topic("g", "pi-1"), "edgetrain/f/update",
+                "edgetrain/f/update/a/b", "edgetrain/f/bogus/pi-1", "edgetrain/f/update/"):
+        with pytest.raises(WireError):
+            topics.parse_device_topic(bad, "f")

@@ -51,14 +51,15 @@ def _vector() -> np.ndarray:
 
 def _update(**overrides: Any) -> Update:
     fields: dict[str, Any] = dict(device_id="dev-1", round_id=7, model_version=3, update_id="u-1",
-                                  num_examples=120, codec="dense", payload=_dense(_vector()), metrics={})
+                                  num_examples=120, codec="dense", payload=_dense(_vector()), metrics={},
+                                  run_id="run-1")
     fields.update(overrides)
     return Update(**fields)
 
 
 def _ctx(**overrides: Any) -> ValidationContext:
     fields: dict[str, Any] = dict(round_id=7, model_version=3, selected=frozenset({"dev-1", "dev-2"}),
-                                  num_params=NUM_PARAMS)
+                                  num_params=NUM_PARAMS, run_id="run-1")
     fields.update(overrides)
     return ValidationContext(**fields)
 
@@ -91,6 +92,7 @@ _inf_payload = _dense(np.where(np.arange(NUM_PARAMS) == 9, -np.inf, _vector()))
 # (reason, update overrides, topic device, context overrides, context mutation)
 CASES: list[tuple[str, dict[str, Any], str, dict[str, Any], Callable[[ValidationContext], ValidationContext]]] = [
     (v.REJECT_SPOOFED_SENDER, {}, "dev-2", {}, _same),
+    (v.REJECT_WRONG_RUN, dict(run_id="run-0"), "dev-1", {}, _same),  # same round and version, earlier run
     (v.REJECT_UNKNOWN_DEVICE, dict(device_id="dev-9"), "dev-9", {}, _same),
     (v.REJECT_LATE, dict(round_id=6), "dev-1", {}, _same),
     (v.REJECT_WRONG_ROUND, dict(round_id=8), "dev-1", {}, _same),

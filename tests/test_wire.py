@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgetrain.sdk.codecs import get_codec
+from edgetrain.sdk.codecs import CodecSpec, get_codec
+from edgetrain.sdk.round_settings import RoundSettings
 from edgetrain.sdk.errors import ConfigError, UnknownCodec, WireError
 from edgetrain.sdk.wire import (
     MAGIC,
@@ -50,20 +51,31 @@ def _vector_payload(size: int = 64) -> tuple[np.ndarray, bytes]:
 def _update(payload: bytes | None = None, device_id: str = "jetson-ü-東京-01") -> Update:
     return Update(device_id=device_id, round_id=3, model_version=7, update_id="u-3-1", num_examples=600,
                   codec="dense", payload=_vector_payload()[1] if payload is None else payload,
-                  metrics={"loss": 0.42, "train_s": 1.5, "examples": 600})
+                  metrics={"loss": 0.42, "train_s": 1.5, "examples": 600}, run_id="run-a")
+
+
+def _announcement(**changes: object) -> Announcement:
+    """A typed announcement; ``changes`` override fields (positionally-free, so tests name what they vary)."""
+    base: dict[str, object] = dict(
+        run_id="run-a", round_id=3, model_version=7, strategy="fedavg", task="train", selected=("pi-1", "jetson-ü"),
+        deadline_unix_s=1_700_000_000.25, settings=RoundSettings(lr=0.1, momentum=0.9, local_steps=5),
+        uplink_codec=CodecSpec.parse("dgc:sparsity=0.99"), payload_kind="params",
+        downlink_codec=CodecSpec("dense"), base_version=None, payload=_vector_payload(10)[1])
+    base.update(changes)
+    return Announcement(**base)  # type: ignore[arg-type]
 
 
 SAMPLE_MESSAGES = [
-    Announcement(round_id=3, model_version=7, strategy="fedavg", selected=("pi-1", "jetson-ü"),
-                 deadline_unix_s=1_700_000_000.25, hyperparams={"lr": 0.05, "epochs": 1, "opt": {"momentum": 0.9}},
-                 payload_kind="params", codec="dense", payload=_vector_payload(10)[1]),
-    Announcement(round_id=0, model_version=0, strategy="large_batch", selected=(), deadline_unix_s=0,
-                 hyperparams={}, payload_kind="none", codec="dense", payload=b""),
+    _announcement(),
+    _announcement(round_id=0, model_version=0, strategy="large-batch", task="gradient", selected=(), deadline_unix_s=0,
+                  settings=RoundSettings(batch_size=8), payload_kind="none", payload=b""),
+    _announcement(payload_kind="delta", base_version=6, downlink_codec=CodecSpec.parse("q8"), signature="ab" * 64),
     _update(),
     _update(payload=b"", device_id="デバイス"),
     Ack(device_id="pi-1", round_id=3, update_id="u-3-1", accepted=True),
     Ack(device_id="pi-1", round_id=3, update_id="u-3-1", accepted=False, reason="stale_round"),
     Status(device_id="pi-ñ", online=False, info={"runtime": "onnx", "ram_mb": 512, "tags": ["a", None]}),
+    Status(device_id="pi-1", online=True, info={}, run_id="run-a", skip_reason="round 3: already answered"),
     DeviceMetrics(device_id="pi-1", round_id=3, values={"latency_s": 0.25, "bytes_up": 4096, "joules": 1.5}),
 ]
 
@@ -87,7 +99,7 @@ def test_frame_layout_matches_the_documented_format() -> None:
     message = _update()
     frame = encode(message)
     magic, version, message_type, header_len, payload_len = struct.unpack_from("<2sBBIQ", frame)
-    assert (magic, version, message_type) == (b"ET", 1, MessageType.UPDATE)
+    assert (magic, version, message_type) == (b"ET", 2, MessageType.UPDATE)
     assert len(frame) == 16 + header_len + payload_len + 4
     header = json.loads(frame[16 : 16 + header_len].decode("utf-8"))
     assert set(header) == {f.name for f in fields(Update)} - {"payload"}
@@ -97,9 +109,12 @@ def test_frame_layout_matches_the_documented_format() -> None:
 
 
 def test_constructors_normalise_and_name_bad_fields() -> None:
-    ann = Announcement(1, 1, "fedavg", ["a", "b"], 5, {"t": (1, 2)}, "delta", "dense", bytearray(b"xy"))
+    ann = _announcement(selected=["a", "b"], deadline_unix_s=5, settings={"lr": 1, "batch_size": 4},
+                        uplink_codec="dgc:sparsity=0.99,momentum=0", payload_kind="delta", base_version=0,
+                        payload=bytearray(b"xy"))
     assert ann.selected == ("a", "b") and ann.deadline_unix_s == 5.0 and isinstance(ann.deadline_unix_s, float)
-    assert ann.hyperparams == {"t": [1, 2]} and ann.payload == b"xy"
+    assert ann.settings == RoundSettings(lr=1.0, batch_size=4) and isinstance(ann.settings.lr, float)
+    assert ann.uplink_codec == CodecSpec("dgc", {"sparsity": 0.99, "momentum": 0}) and ann.payload == b"xy"
     cases = [
         (lambda: _update_with(round_id=-1), "Update.round_id"),
         (lambda: _update_with(num_examples=True), "Update.num_examples"),
@@ -108,13 +123,46 @@ def test_constructors_normalise_and_name_bad_fields() -> None:
         (lambda: _update_with(payload="text"), "Update.payload"),
         (lambda: Ack("d", 1, "u", accepted=1), "Ack.accepted"),  # type: ignore[arg-type]
         (lambda: Status("d", True, info={"x": object()}), "Status.info"),
-        (lambda: Announcement(1, 1, "s", (), 1.0, {}, "weights", "dense", b""), "Announcement.payload_kind"),
-        (lambda: Announcement(1, 1, "s", (), 1.0, {}, "none", "dense", b"x"), "Announcement.payload"),
-        (lambda: Announcement(1, 1, "s", (), float("inf"), {}, "none", "dense", b""), "deadline_unix_s"),
+        (lambda: _announcement(payload_kind="weights"), "Announcement.payload_kind"),
+        (lambda: _announcement(payload_kind="none", payload=b"x"), "Announcement.payload"),
+        (lambda: _announcement(deadline_unix_s=float("inf")), "deadline_unix_s"),
+        (lambda: _announcement(task="dance"), "Announcement.task"),
+        (lambda: _announcement(run_id=""), "Announcement.run_id"),
+        (lambda: _announcement(run_id="x" * 65), "Announcement.run_id"),
+        (lambda: _announcement(payload_kind="delta", base_version=None), "Announcement.base_version"),
+        (lambda: _announcement(base_version=3), "Announcement.base_version"),
+        (lambda: _announcement(signature="zz"), "Announcement.signature"),
+        (lambda: _announcement(settings={"lr": "fast"}), "Announcement.settings.*lr"),
+        (lambda: _announcement(settings={"batch_size": float("inf")}), "Announcement.settings.*batch_size"),
+        (lambda: _announcement(settings={"learning_rate": 0.1}), "Announcement.settings.*learning_rate"),
+        (lambda: _announcement(uplink_codec="dense:x=1"), "Announcement.uplink_codec"),
+        (lambda: _announcement(uplink_codec="sketch:bits=9"), "Announcement.uplink_codec"),
+        (lambda: _announcement(downlink_codec="nope"), "Announcement.downlink_codec"),
     ]
     for build, field_name in cases:
         with pytest.raises(WireError, match=field_name):
             build()
+
+
+def test_a_version_1_peers_frame_is_refused_naming_both_versions() -> None:
+    # What a v1 aggregator sent: its announcement header kept codec/task/base_version in hyperparams.
+    v1_header = {"round_id": 1, "model_version": 0, "strategy": "fedavg", "selected": ["pi-1"],
+                 "deadline_unix_s": 4e9, "hyperparams": {"lr": 0.05, "codec": "dense"}, "payload_kind": "none",
+                 "codec": "dense"}
+    frame = _raw_frame(MessageType.ANNOUNCEMENT, json.dumps(v1_header).encode(), version=1)
+    with pytest.raises(WireError, match=r"wrong version.*wire version 1.*wire version 2"):
+        decode(frame)
+
+
+def test_a_version_1_peer_refuses_our_frames() -> None:
+    """The v1 decoder's rule is ``version != WIRE_VERSION -> WireError``; with its WIRE_VERSION (1) in
+    force, every frame we send (version byte 2) is refused, and nothing in it is read."""
+    frame = encode(_announcement())
+    assert frame[2] == WIRE_VERSION == 2
+    v1_view = bytearray(frame)
+    v1_view[2] = 1  # stand in for the peer: its WIRE_VERSION is 1, ours is 2, the frame says 2
+    with pytest.raises(WireError, match="wrong version"):
+        decode(bytes(v1_view))  # the v1 peer's check, mirrored: what it expects differs from what it reads
 
 
 def _update_with(**changes: object) -> Update:
@@ -141,7 +189,7 @@ def _malformed_frames() -> list[tuple[str, bytes, str]]:
         ("truncated prefix", good[:10], "truncated"),
         ("truncated tail", good[:-1], "truncated"),
         ("bad magic", b"XX" + good[2:], "wrong magic"),
-        ("wrong version", _raw_frame(MessageType.UPDATE, json.dumps(header).encode(), payload, version=2),
+        ("wrong version", _raw_frame(MessageType.UPDATE, json.dumps(header).encode(), payload, version=3),
          "wrong version"),
         ("unknown type", _raw_frame(99, json.dumps(header).encode(), payload), "unknown message type"),
         ("trailing bytes", good + b"\x00", "bad length"),
@@ -157,7 +205,7 @@ def _malformed_frames() -> list[tuple[str, bytes, str]]:
          "bad header.*x"),
         ("header repeated key", _raw_frame(MessageType.ACK, b'{"device_id":"a","device_id":"b","round_id":1,'
                                            b'"update_id":"u","accepted":true}'), "bad header"),
-        ("payload on Ack", _raw_frame(MessageType.ACK, _header_bytes(SAMPLE_MESSAGES[4]), b"x"), "bad length"),
+        ("payload on Ack", _raw_frame(MessageType.ACK, _header_bytes(next(m for m in SAMPLE_MESSAGES if isinstance(m, Ack))), b"x"), "bad length"),
         ("unknown codec", _raw_frame(MessageType.UPDATE, json.dumps({**header, "codec": "zstd9"}).encode(), payload),
          "unknown codec 'zstd9'.*dense"),
         ("bad codec spec", _raw_frame(MessageType.UPDATE, json.dumps({**header, "codec": "dense:k"}).encode(),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol, runtime_checkable
 
 import numpy as np
@@ -142,19 +143,56 @@ def format_codec_spec(name: str, params: Mapping[str, ParamValue] | None = None)
     return f"{name}:{','.join(items)}"
 
 
+@dataclass(frozen=True)
+class CodecSpec:
+    """A codec spec parsed once: a registered codec's name and its parameters, checked against the
+    codec's declared knobs (an unknown parameter such as ``dense:x=1`` is refused). ``str(spec)`` is
+    the canonical text (sorted parameters) that travels on the wire.
+
+    Whether a codec is known is decided here, by ``get_codec``: an unknown name raises UnknownCodec
+    (a WireError, since it usually arrives off the wire); bad parameters raise ConfigError.
+    """
+
+    name: str
+    params: Mapping[str, ParamValue] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.params, Mapping):
+            raise ConfigError(f"codec {self.name!r}: params must be a mapping, got {type(self.params).__name__}")
+        check = getattr(get_codec(self.name), "check_params", None)
+        if check is not None:
+            check(dict(self.params))
+        object.__setattr__(self, "params", dict(self.params))  # a private copy the caller cannot mutate
+        format_codec_spec(self.name, self.params)  # every value must be writable as spec text
+
+    @classmethod
+    def parse(cls, spec: "str | CodecSpec") -> "CodecSpec":
+        """``"name:k=v,…"`` parsed and checked (a CodecSpec is returned as it is)."""
+        if isinstance(spec, CodecSpec):
+            return spec
+        return cls(*parse_codec_spec(spec))
+
+    @property
+    def codec(self) -> Codec:
+        return get_codec(self.name)
+
+    def with_layout(self, shapes: Sequence[tuple[int, ...]]) -> "CodecSpec":
+        """This spec plus what its codec needs from the model's parameter shapes (see ``with_layout``)."""
+        return CodecSpec(self.name, with_layout(self.name, self.params, shapes))
+
+    def __str__(self) -> str:
+        return format_codec_spec(self.name, self.params)
+
+
 def check_codec_spec(spec: str) -> tuple[str, dict[str, ParamValue]]:
     """``spec`` parsed, its codec registered and its parameters valid for that codec, or ConfigError
     naming what is wrong, so an aggregator refuses a bad ``--codec`` before its first round rather
-    than having every device skip every round. Codecs without ``check_params`` accept any parameters."""
-    name, params = parse_codec_spec(spec)
+    than having every device skip every round (``CodecSpec`` does the checking)."""
     try:
-        codec = get_codec(name)
+        parsed = CodecSpec.parse(spec)
     except UnknownCodec as exc:
         raise ConfigError(str(exc)) from None
-    check = getattr(codec, "check_params", None)
-    if check is not None:
-        check(params)
-    return name, params
+    return parsed.name, dict(parsed.params)
 
 
 def with_layout(name: str, params: Mapping[str, ParamValue], shapes: Sequence[tuple[int, ...]]
@@ -173,6 +211,7 @@ for _codec in (Fp16Codec(), Q8Codec(), DgcCodec(), SketchCodec(), RandomMaskCode
 
 __all__ = [
     "Codec",
+    "CodecSpec",
     "CodecState",
     "DenseCodec",
     "DgcCodec",

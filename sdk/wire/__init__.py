@@ -8,7 +8,8 @@ Typical use::
 
 Every malformed input raises ``sdk.errors.WireError``; its message starts with the reason
 (truncated frame, wrong magic, wrong version, unknown message type, bad header, bad length,
-unknown codec, checksum mismatch, inconsistent chunk, missing chunk).
+unknown codec, checksum mismatch, inconsistent chunk, missing chunk); an announcement whose
+signature does not verify raises ``BadSignature`` (``sdk.wire.signing``).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from .frame import (
     read_frame,
 )
 from .messages import PAYLOAD_KINDS, Ack, Announcement, DeviceMetrics, Message, Status, Update
+from . import signing
 
 __all__ = [
     "FRAME_OVERHEAD_BYTES",
@@ -47,5 +49,6 @@ __all__ = [
     "decode",
     "encode",
     "read_frame",
+    "signing",
     "split",
 ]

@@ -23,7 +23,9 @@ from ..errors import ConfigError, UnknownCodec, WireError
 from .messages import Ack, Announcement, DeviceMetrics, Message, Status, Update, from_header, header_fields
 
 MAGIC = b"ET"
-WIRE_VERSION = 1
+# 2: typed round protocol (run id, task, RoundSettings, codec specs, base version, signature in the
+# announcement; run id in updates and status). A version-1 peer and this code refuse each other's frames.
+WIRE_VERSION = 2
 MAX_HEADER_BYTES = 1 << 20  # headers are small JSON; a bigger one is corruption or abuse
 
 _PREFIX = struct.Struct("<2sBBIQ")
@@ -103,7 +105,8 @@ def read_frame(frame: bytes | bytearray | memoryview) -> RawFrame:
     if magic != MAGIC:
         raise WireError(f"wrong magic {bytes(magic)!r} (expected {MAGIC!r}): not an edgetrain frame")
     if version != WIRE_VERSION:
-        raise WireError(f"wrong version {version}: this edgetrain speaks wire version {WIRE_VERSION}")
+        raise WireError(f"wrong version: the frame is wire version {version}, this edgetrain speaks wire version "
+                        f"{WIRE_VERSION}; upgrade the older of the two peers")
     if message_type not in _KNOWN_TYPES:
         raise WireError(f"unknown message type {message_type}")
     if header_len > MAX_HEADER_BYTES:
@@ -129,9 +132,11 @@ def read_frame(frame: bytes | bytearray | memoryview) -> RawFrame:
 
 
 def _check_codec(message: Message) -> None:
-    """The payload's codec must be one this side can decode (only the name has to be registered)."""
+    """An update's codec must be one this side can decode (only the name has to be registered; the
+    aggregator's validation checks the parameters). An announcement's specs are ``CodecSpec`` values,
+    checked when it was built."""
     spec = getattr(message, "codec", None)
-    if spec is None:
+    if not isinstance(spec, str):
         return
     try:
         name, _ = parse_codec_spec(spec)

@@ -11,10 +11,14 @@ import math
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, Mapping
 
-from ..errors import WireError
+from ..codecs import CodecSpec
+from ..errors import ConfigError, WireError
+from ..round_settings import TASKS, RoundSettings
 
 PAYLOAD_KINDS = ("params", "delta", "none")
-_MAX_JSON_DEPTH = 32  # hyperparams / info are small config trees; deeper is a bug or an attack
+SIGNATURE_HEX_CHARS = 128  # an Ed25519 signature is 64 bytes
+MAX_RUN_ID_CHARS = 64
+_MAX_JSON_DEPTH = 32  # status info is a small config tree; deeper is a bug or an attack
 
 
 def _fail(owner: object, name: str, problem: str) -> WireError:
@@ -103,26 +107,84 @@ def _check_json_map(owner: object, name: str) -> None:
     _set(owner, name, _json_value(owner, name, value))
 
 
+def _check_run_id(owner: object) -> None:
+    _check_str(owner, "run_id")
+    run_id = getattr(owner, "run_id")
+    if len(run_id) > MAX_RUN_ID_CHARS or not run_id.isascii() or not run_id.isprintable():
+        raise _fail(owner, "run_id", f"must be at most {MAX_RUN_ID_CHARS} printable ASCII characters")
+
+
+def _check_codec_spec(owner: object, name: str) -> None:
+    value = getattr(owner, name)
+    if isinstance(value, CodecSpec):
+        return
+    if not isinstance(value, str):
+        raise _fail(owner, name, f"expected a codec spec string, got {type(value).__name__}")
+    try:  # UnknownCodec is a WireError: re-raised naming the field, like a bad parameter
+        _set(owner, name, CodecSpec.parse(value))
+    except (ConfigError, WireError) as exc:
+        raise _fail(owner, name, f"unknown codec or bad codec spec {value[:80]!r} ({exc})") from None
+
+
+def _check_settings(owner: object) -> None:
+    value = getattr(owner, "settings")
+    if isinstance(value, RoundSettings):
+        return
+    try:
+        _set(owner, "settings", RoundSettings.from_mapping(value))
+    except ConfigError as exc:
+        raise _fail(owner, "settings", str(exc)) from None
+
+
+def _check_signature(owner: object) -> None:
+    value = getattr(owner, "signature")
+    _check_str(owner, "signature", allow_empty=True)
+    if value and (len(value) != SIGNATURE_HEX_CHARS or any(c not in "0123456789abcdef" for c in value)):
+        raise _fail(owner, "signature", f"expected {SIGNATURE_HEX_CHARS} lowercase hex digits or nothing")
+
+
 @dataclass(frozen=True)
 class Announcement:
-    """Aggregator -> devices: round ``round_id`` starts from ``model_version``; ``selected`` devices
-    train and answer before ``deadline_unix_s``. The payload is the model (``params``), a change to
-    apply (``delta``), or nothing (``none``), encoded with ``codec`` (a codec spec)."""
+    """Aggregator -> devices: round ``round_id`` of run ``run_id`` starts from ``model_version``;
+    ``selected`` devices do ``task`` with ``settings`` and answer, encoded with ``uplink_codec``,
+    before ``deadline_unix_s``. The payload is the model (``params``), the change from
+    ``base_version`` (``delta``), or nothing (``none``), encoded with ``downlink_codec``.
+    ``signature`` is the aggregator's Ed25519 signature (hex; ``sdk.wire.signing``), empty when unsigned.
 
+    A new ``run_id`` tells a device to start its per-run state afresh (progress, codec residuals, outbox).
+    """
+
+    run_id: str
     round_id: int
     model_version: int
     strategy: str
+    task: str
     selected: tuple[str, ...]
     deadline_unix_s: float
-    hyperparams: Mapping[str, Any]
+    settings: RoundSettings
+    uplink_codec: CodecSpec
     payload_kind: str
-    codec: str
+    downlink_codec: CodecSpec
+    base_version: int | None
     payload: bytes
+    signature: str = ""
 
     def __post_init__(self) -> None:
+        _check_run_id(self)
         _check_count(self, "round_id")
         _check_count(self, "model_version")
         _check_str(self, "strategy")
+        _check_str(self, "task")
+        if self.task not in TASKS:
+            raise _fail(self, "task", f"{self.task!r} is not one of {TASKS}")
+        self._check_selected_and_deadline()
+        _check_settings(self)
+        _check_codec_spec(self, "uplink_codec")
+        _check_codec_spec(self, "downlink_codec")
+        self._check_payload()
+        _check_signature(self)
+
+    def _check_selected_and_deadline(self) -> None:
         if not isinstance(self.selected, (list, tuple)):
             raise _fail(self, "selected", f"expected a list of device ids, got {type(self.selected).__name__}")
         if not all(isinstance(d, str) and d for d in self.selected):
@@ -132,11 +194,15 @@ class Announcement:
         if not math.isfinite(deadline):
             raise _fail(self, "deadline_unix_s", f"must be finite, got {deadline}")
         _set(self, "deadline_unix_s", deadline)
-        _check_json_map(self, "hyperparams")
+
+    def _check_payload(self) -> None:
         _check_str(self, "payload_kind")
         if self.payload_kind not in PAYLOAD_KINDS:
             raise _fail(self, "payload_kind", f"{self.payload_kind!r} is not one of {PAYLOAD_KINDS}")
-        _check_str(self, "codec")
+        if self.payload_kind == "delta":
+            _check_count(self, "base_version")
+        elif self.base_version is not None:
+            raise _fail(self, "base_version", f"only a delta has a base version, this payload is {self.payload_kind!r}")
         _check_bytes(self, "payload")
         if self.payload_kind == "none" and self.payload:
             raise _fail(self, "payload", f"payload_kind 'none' but {len(self.payload)} payload bytes")
@@ -145,7 +211,7 @@ class Announcement:
 @dataclass(frozen=True)
 class Update:
     """Device -> aggregator: the device's contribution to ``round_id``, computed from
-    ``model_version`` over ``num_examples`` examples. ``update_id`` is unique per attempt so the
+    ``model_version`` of run ``run_id`` over ``num_examples`` examples. ``update_id`` is unique per attempt so the
     aggregator can drop QoS 1 redeliveries; ``codec`` is the spec that decodes ``payload``."""
 
     device_id: str
@@ -156,8 +222,10 @@ class Update:
     codec: str
     payload: bytes
     metrics: Mapping[str, float]
+    run_id: str  # the run whose round this answers: an update for another run is never aggregated
 
     def __post_init__(self) -> None:
+        _check_run_id(self)
         _check_str(self, "device_id")
         _check_count(self, "round_id")
         _check_count(self, "model_version")
@@ -188,16 +256,24 @@ class Ack:
 
 @dataclass(frozen=True)
 class Status:
-    """Device -> everyone: online or not (the offline one is the MQTT last will), plus free-form info."""
+    """Device -> everyone: online or not (the offline one is the MQTT last will), plus free-form info
+    (runtime, partition, energy). ``run_id`` is the run the device serves ("" before its first one);
+    ``skip_reason`` says why it last skipped a round it was selected for or refused an announcement."""
 
     device_id: str
     online: bool
     info: Mapping[str, Any]
+    run_id: str = ""
+    skip_reason: str = ""
 
     def __post_init__(self) -> None:
         _check_str(self, "device_id")
         _check_bool(self, "online")
         _check_json_map(self, "info")
+        if self.run_id:
+            _check_run_id(self)
+        _check_str(self, "run_id", allow_empty=True)
+        _check_str(self, "skip_reason", allow_empty=True)
 
 
 @dataclass(frozen=True)
@@ -215,15 +291,22 @@ class DeviceMetrics:
 
 
 Message = Announcement | Update | Ack | Status | DeviceMetrics
-MESSAGE_CLASSES: tuple[type, ...] = (Announcement, Update, Ack, Status, DeviceMetrics)
+
+
+def _header_value(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, CodecSpec):
+        return str(value)
+    if isinstance(value, RoundSettings):
+        return value.to_dict()
+    return value
 
 
 def header_fields(message: Message) -> dict[str, Any]:
-    """Every field except ``payload``, as JSON-able values (tuples become lists)."""
-    header = {f.name: getattr(message, f.name) for f in fields(message) if f.name != "payload"}
-    if "selected" in header:
-        header["selected"] = list(header["selected"])
-    return header
+    """Every field except ``payload``, as JSON-able values (tuples become lists, codec specs their
+    canonical text, settings a dict)."""
+    return {f.name: _header_value(getattr(message, f.name)) for f in fields(message) if f.name != "payload"}
 
 
 def has_payload(cls: type) -> bool:
