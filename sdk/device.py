@@ -202,7 +202,9 @@ class Device:
         if self.bench:  # retained: an aggregator started later still gets it
             self._send_metrics(BENCH_ROUND_ID, self.bench, retain=True)
         try:
-            while not stop.is_set():
+            # A transport that gave up for good (another process took this device id: ClientIdInUse) ends
+            # the loop, and run() raises its reason after saying goodbye.
+            while not stop.is_set() and self.transport.failure is None:
                 try:
                     topic, payload = self._inbox.get(timeout=0.2)
                 except queue.Empty:
@@ -216,6 +218,8 @@ class Device:
             self.transport.close()
             if self.energy is not None:
                 self.energy.close()
+        if self.transport.failure is not None:
+            raise self.transport.failure
 
     def _handle_safely(self, topic: str, payload: bytes) -> None:
         """``_handle``, but no message ends the device: whatever one raises is logged, published in the

@@ -112,12 +112,8 @@ def run(args: argparse.Namespace) -> int:
         if energy is not None:
             energy.close()
         return 0
-    # Another process with this device id took our session (ClientIdInUse): stop, then say so and exit 1.
-    transport.on_failure.append(lambda failure: stop.set())
     device = Device(config, transport, runtime, data, energy=energy, energy_unavailable=energy_unavailable,
                     bench=bench, aggregator_key=aggregator_key)
-    device.run(stop)
-    if transport.failure is not None:
-        raise transport.failure
+    device.run(stop)  # raises ClientIdInUse when another process took this device id: the CLI exits 1
     logging.getLogger(__name__).info("stopped after training %d round(s)", device.rounds_trained)
     return 0

@@ -27,7 +27,8 @@ def _announcement(sniffer: Sniffer, round_id: int) -> wire.Announcement:
 
 def _forged_update(announcement: wire.Announcement, device: str, num_params: int, **overrides: object) -> wire.Update:
     payload, _ = get_codec("dense").encode(np.zeros(num_params, dtype=np.float32), None, {})
-    fields: dict = dict(device_id=device, round_id=announcement.round_id, model_version=announcement.model_version,
+    fields: dict = dict(run_id=announcement.run_id, device_id=device, round_id=announcement.round_id,
+                        model_version=announcement.model_version,
                         update_id=f"forged-{device}", num_examples=10, codec="dense", payload=payload, metrics={})
     fields.update(overrides)
     return wire.Update(**fields)
