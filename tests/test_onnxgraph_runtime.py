@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -125,6 +127,19 @@ def test_evaluate_and_set_parameters_match_torch(bundles: dict[str, Path]) -> No
     assert got.loss == pytest.approx(expected.loss, rel=TOLERANCE)
     with pytest.raises(BundleError):
         graph.set_parameters(flat[:-1])
+
+
+def test_a_device_process_trains_without_importing_torch(bundles: dict[str, Path]) -> None:
+    # on x86 the onnxruntime-training-cpu build would import torch at `import onnxruntime`
+    script = ("import sys, numpy as np\n"
+              "from edgetrain.sdk.runtime import TrainConfig, load_runtime\n"
+              f"runtime = load_runtime({str(bundles['cnn', 'onnxgraph'])!r})\n"
+              "x, y = np.zeros((4, 1, 28, 28), np.float32), np.arange(4)\n"
+              "runtime.train([(x, y)], TrainConfig(lr=0.1, momentum=0.9))\n"
+              "print(runtime.name, 'torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["onnxgraph", "False"]
 
 
 def test_set_threads_keeps_parameters(bundles: dict[str, Path]) -> None:

@@ -11,6 +11,7 @@ MLSys 2020). Large batch's gradient-only task runs ``train_step.onnx`` without t
 """
 from __future__ import annotations
 
+import importlib.util
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -21,9 +22,24 @@ from ..bundle import Manifest, check_flat, read_initial_parameters
 from ..errors import BundleError, ConfigError, RuntimeBackendError
 from .base import (EvalResult, GradientResult, Runtime, TrainConfig, TrainResult, check_batch,
                    check_evaluation)
-from .ort_backend import NumpySGD, _threads_from_environment
+from .ort_backend import NumpySGD, _threads_from_environment, import_training_api
 
 _GRAPHS = ("train_step", "eval")
+
+
+def _import_onnxruntime() -> Any:
+    """``onnxruntime``, torch-free. A board's plain onnxruntime imports nothing more; x86's
+    onnxruntime-training-cpu would import torch (its build check loads ORTModule), which
+    ``import_training_api`` prevents — so that build is imported through it."""
+    spec = importlib.util.find_spec("onnxruntime")
+    if spec is None or spec.origin is None:
+        raise RuntimeBackendError("an onnxgraph bundle needs onnxruntime; install it with: "
+                                  "pip install 'edgetrain[onnxgraph]'")
+    if (Path(spec.origin).parent / "training" / "api").is_dir():
+        import_training_api()
+    import onnxruntime
+
+    return onnxruntime
 
 
 class OnnxGraphRuntime(Runtime):
@@ -33,12 +49,7 @@ class OnnxGraphRuntime(Runtime):
 
     def __init__(self, manifest: Manifest, bundle_dir: Path, threads: int | None = None) -> None:
         super().__init__(manifest)
-        try:
-            import onnxruntime
-        except ImportError as exc:
-            raise RuntimeBackendError("an onnxgraph bundle needs onnxruntime; install it with: "
-                                      "pip install 'edgetrain[onnxgraph]'") from exc
-        self._ort = onnxruntime
+        self._ort = _import_onnxruntime()
         info = manifest.runtime_info
         graphs = info.get("graphs")
         if not isinstance(graphs, dict):
