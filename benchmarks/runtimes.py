@@ -1,4 +1,5 @@
-"""Per runtime and model: train-step latency, peak RSS of a fresh device process, bundle size, import time.
+"""Per runtime and model: train-step latency, peak RSS of a fresh device process, bundle size, import time,
+and the installed size of the runtime's own packages (what a board adds to the device core).
 
     .venv/bin/python benchmarks/runtimes.py [--models mlp cnn] [--steps 30] [--batch-size 32]
 
@@ -6,11 +7,13 @@ The host exports one bundle per (runtime, model) with the same seed; each measur
 fresh interpreter (``--child``) that imports only what a device would: so import time and peak RSS
 (VmHWM) are those of a board process, torch included only where the runtime needs it. One
 intra-op thread everywhere, as one device process per core would run. Batches are random inputs of
-the real shape; SGD lr 0.01 (momentum 0 uses ORT's optimizer model, momentum 0.9 its numpy path).
+the real shape; SGD lr 0.01 (momentum 0 uses ORT's optimizer model, momentum 0.9 its numpy path;
+onnxgraph always steps in numpy over the graph's gradients).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import resource
 import statistics
@@ -26,7 +29,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 # (label, bundle runtime, momentum)
 CASES = (("torch", "torch", 0.0), ("onnx", "onnx", 0.0), ("onnx m=0.9", "onnx", 0.9),
-         ("executorch", "executorch", 0.0))
+         ("onnxgraph", "onnxgraph", 0.0), ("onnxgraph m=.9", "onnxgraph", 0.9), ("executorch", "executorch", 0.0))
+# the distributions each runtime installs beyond the device core (on this x86 host: onnxgraph runs on
+# onnxruntime-training-cpu's InferenceSession; a board's plain onnxruntime 1.22.1 is ~60 MB installed)
+RUNTIME_DISTRIBUTIONS = {"torch": ("torch",), "onnx": ("onnxruntime-training-cpu",),
+                         "onnxgraph": ("onnxruntime-training-cpu",), "executorch": ("executorch", "torch")}
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,19 @@ class StepStats:
     step_ms_p95: float
     peak_rss_mb: float
     torch_imported: bool
+    install_mb: float
+
+
+def _installed_mb(distributions: tuple[str, ...]) -> float:
+    """Bytes on disk of the named installed distributions' files (NaN where one is not installed)."""
+    total = 0
+    for name in distributions:
+        try:
+            files = importlib.metadata.distribution(name).files or []
+        except importlib.metadata.PackageNotFoundError:
+            return float("nan")
+        total += sum(path.stat().st_size for path in (f.locate() for f in files) if path.is_file())
+    return total / 1e6
 
 
 def _peak_rss_mb() -> float:
@@ -67,16 +87,20 @@ def _child(bundle: Path, steps: int, batch_size: int, momentum: float) -> dict[s
 
     manifest = load_manifest(bundle)
     backend = {"torch": "edgetrain.sdk.runtime.torch_backend", "onnx": "edgetrain.sdk.runtime.ort_backend",
+               "onnxgraph": "edgetrain.sdk.runtime.onnxgraph_backend",
                "executorch": "edgetrain.sdk.runtime.executorch_backend"}[manifest.runtime]
     module = importlib.import_module(backend)
     if manifest.runtime == "onnx":
         module.import_training_api()
+    elif manifest.runtime == "onnxgraph":
+        module._import_onnxruntime()  # the backend imports it only in load()
     elif manifest.runtime == "executorch":
         importlib.import_module("executorch.extension.training")  # the backend imports it only in load()
     imported = time.perf_counter()
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
-    runtime = module.load(bundle, manifest, threads=1) if manifest.runtime == "onnx" else module.load(bundle, manifest)
+    threaded = manifest.runtime in ("onnx", "onnxgraph")
+    runtime = module.load(bundle, manifest, threads=1) if threaded else module.load(bundle, manifest)
     loaded = time.perf_counter()
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch_size, *manifest.input_shape)).astype(np.float32)
@@ -108,17 +132,18 @@ def _measure(label: str, model: str, bundle: Path, steps: int, batch_size: int, 
     return StepStats(label=label, model=model, num_params=raw["num_params"], bundle_bytes=size,
                      import_s=raw["import_s"], load_s=raw["load_s"], step_ms_median=statistics.median(times),
                      step_ms_p95=times[min(len(times) - 1, int(round(0.95 * (len(times) - 1))))],
-                     peak_rss_mb=raw["peak_rss_mb"], torch_imported=raw["torch_imported"])
+                     peak_rss_mb=raw["peak_rss_mb"], torch_imported=raw["torch_imported"],
+                     install_mb=_installed_mb(RUNTIME_DISTRIBUTIONS[manifest.runtime]))
 
 
 def _table(rows: list[StepStats], batch_size: int) -> str:
-    head = (f"{'runtime':<12} {'model':<5} {'params':>8} {'bundle MB':>9} {'import s':>8} {'load s':>6} "
-            f"{'step ms med':>11} {'p95':>7} {'peak RSS MB':>11} {'torch':>5}")
+    head = (f"{'runtime':<14} {'model':<5} {'params':>8} {'bundle MB':>9} {'import s':>8} {'load s':>6} "
+            f"{'step ms med':>11} {'p95':>7} {'peak RSS MB':>11} {'torch':>5} {'install MB':>10}")
     lines = [f"batch {batch_size}, 1 intra-op thread, SGD; fresh process per row", head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.label:<12} {r.model:<5} {r.num_params:>8,} {r.bundle_bytes / 1e6:>9.2f} {r.import_s:>8.2f} "
+        lines.append(f"{r.label:<14} {r.model:<5} {r.num_params:>8,} {r.bundle_bytes / 1e6:>9.2f} {r.import_s:>8.2f} "
                      f"{r.load_s:>6.2f} {r.step_ms_median:>11.2f} {r.step_ms_p95:>7.2f} {r.peak_rss_mb:>11.0f} "
-                     f"{'yes' if r.torch_imported else 'no':>5}")
+                     f"{'yes' if r.torch_imported else 'no':>5} {r.install_mb:>10.0f}")
     return "\n".join(lines)
 
 
@@ -138,7 +163,7 @@ def main() -> int:
     rows: list[StepStats] = []
     with tempfile.TemporaryDirectory(prefix="edgetrain-bench-") as tmp:
         for model in args.models:
-            for runtime in ("torch", "onnx", "executorch"):
+            for runtime in ("torch", "onnx", "onnxgraph", "executorch"):
                 export_bundle(model, None, out_dir=Path(tmp) / f"{model}-{runtime}", runtime=runtime, seed=0,
                               batch_size=args.batch_size if runtime == "executorch" else None)
             for label, runtime, momentum in CASES:

@@ -21,7 +21,7 @@ from edgetrain.sdk.runtime.base import TrainConfig
 from edgetrain.sdk.models import INPUT_SHAPE, NUM_CLASSES, build_model, resolve_config
 
 BUFFERS_NAME = "buffers.safetensors"
-AVAILABLE_RUNTIMES = ("torch", "onnx", "executorch")
+AVAILABLE_RUNTIMES = ("torch", "onnx", "onnxgraph", "executorch")
 # `--runtime all` writes one sub-bundle per runtime, in this order (sdk.runtime.load_runtime picks one)
 ALL_RUNTIMES = ("onnx", "torch", "executorch")
 # lr 0.01 with momentum 0.9 (effective step 0.1): the 215k CNN reaches ~89% test accuracy after
@@ -146,6 +146,10 @@ def export_bundle(
         from .onnx_export import check_ort_trainable
 
         check_ort_trainable(model)
+    elif runtime == "onnxgraph":
+        from .onnxgraph_export import check_onnxgraph_trainable
+
+        check_onnxgraph_trainable(model)
     elif runtime == "executorch":
         from .executorch_export import check_executorch_trainable
 
@@ -165,6 +169,12 @@ def export_bundle(
             ort = write_ort_artifacts(model, out_dir, optimizer_settings)
             written += list(ort.files)
             runtime_info.update(ort.runtime_info)
+        elif runtime == "onnxgraph":
+            from .onnxgraph_export import write_onnxgraph
+
+            graphs = write_onnxgraph(model, out_dir)
+            written += list(graphs.files)
+            runtime_info.update(graphs.runtime_info)
         elif runtime == "executorch":
             from .executorch_export import DEFAULT_FIXED_BATCH_SIZE, write_executorch_program
 

@@ -23,7 +23,7 @@ from .errors import BundleError
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 WEIGHTS_NAME = "weights.safetensors"
-RUNTIMES = ("torch", "onnx", "executorch")
+RUNTIMES = ("torch", "onnx", "onnxgraph", "executorch")
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from .bundle import RUNTIMES
 from .energy.power import SourceOptions
 from .energy.round_energy import open_round_energy
 from .cli_args import add_broker_args, broker_config, limit_threads, positive_int
+from .runtime import AUTO_ORDER
 
 
 def register(subparsers: Any) -> None:
@@ -21,9 +23,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--fleet", required=True, help="fleet name (topic prefix edgetrain/<fleet>/…)")
     p.add_argument("--device-id", required=True, help="this device's id (also its MQTT client id)")
     p.add_argument("--bundle", required=True, type=Path, help="training bundle directory (edgetrain export)")
-    p.add_argument("--runtime", default="auto", choices=["auto", "torch", "onnx", "executorch"],
+    p.add_argument("--runtime", default="auto", choices=["auto", *RUNTIMES],
                    help="which bundle of an 'export --runtime all' directory to use (default auto: the first "
-                        "installed of onnx > torch > executorch)")
+                        f"installed of {' > '.join(AUTO_ORDER)})")
     p.add_argument("--data-dir", type=Path, help="Fashion-MNIST IDX directory (default /usr/share/datasets/fashion-mnist)")
     p.add_argument("--partition", default="iid", help="iid | dirichlet:ALPHA | shards[:K] (default iid)")
     p.add_argument("--seed", type=int, default=0, help="partition seed, the same on every device (default 0)")

@@ -19,11 +19,13 @@ _log = logging.getLogger(__name__)
 _BACKENDS = {
     "torch": ("edgetrain.sdk.runtime.torch_backend", ("torch",), "torch"),
     "onnx": ("edgetrain.sdk.runtime.ort_backend", ("onnxruntime",), "ort"),
+    "onnxgraph": ("edgetrain.sdk.runtime.onnxgraph_backend", ("onnxruntime",), "onnxgraph"),
     "executorch": ("edgetrain.sdk.runtime.executorch_backend", ("executorch", "torch"), "executorch"),
 }
 # `prefer="auto"` over a directory of sub-bundles: the leanest installed runtime first
-# (ORT trains without torch in ~90 MB RSS; ExecuTorch's Python bindings are the slowest)
-AUTO_ORDER = ("onnx", "torch", "executorch")
+# (ORT trains without torch in ~90 MB RSS, and so does plain onnxruntime running an onnxgraph bundle;
+# ExecuTorch's Python bindings are the slowest)
+AUTO_ORDER = ("onnx", "onnxgraph", "torch", "executorch")
 
 
 def runtime_available(runtime: str) -> bool:

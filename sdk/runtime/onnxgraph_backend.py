@@ -1,0 +1,172 @@
+"""Standard-op ONNX training graph backend (bundle runtime "onnxgraph"). Never imports torch.
+
+The bundle's ``train_step.onnx`` maps ``(x, y, *params)`` to ``(loss, *grads)`` and ``eval.onnx`` to
+``(loss, logits)`` (``export/onnxgraph_export.py``); both are ordinary inference graphs, so plain
+``onnxruntime.InferenceSession`` runs them — the PyPI wheel on Linux aarch64 included, where no
+onnxruntime-training build exists — and so does ``onnxruntime-training-cpu``'s on x86. The
+parameters live here, in one flat float32 vector in manifest order; the session reads them through
+per-tensor views of it, so a step copies nothing in. The optimiser is ``NumpySGD``:
+torch.optim.SGD's rule (momentum, Nesterov, weight decay) plus FedProx's proximal term (Li et al.,
+MLSys 2020). Large batch's gradient-only task runs ``train_step.onnx`` without the update.
+"""
+from __future__ import annotations
+
+import importlib.util
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from ..bundle import Manifest, check_flat, read_initial_parameters
+from ..errors import BundleError, ConfigError, RuntimeBackendError
+from .base import (EvalResult, GradientResult, Runtime, TrainConfig, TrainResult, check_batch,
+                   check_evaluation)
+from .ort_backend import NumpySGD, _threads_from_environment, import_training_api
+
+_GRAPHS = ("train_step", "eval")
+
+
+def _import_onnxruntime() -> Any:
+    """``onnxruntime``, torch-free. A board's plain onnxruntime imports nothing more; x86's
+    onnxruntime-training-cpu would import torch (its build check loads ORTModule), which
+    ``import_training_api`` prevents — so that build is imported through it."""
+    spec = importlib.util.find_spec("onnxruntime")
+    if spec is None or spec.origin is None:
+        raise RuntimeBackendError("an onnxgraph bundle needs onnxruntime; install it with: "
+                                  "pip install 'edgetrain[onnxgraph]'")
+    if (Path(spec.origin).parent / "training" / "api").is_dir():
+        import_training_api()
+    import onnxruntime
+
+    return onnxruntime
+
+
+class OnnxGraphRuntime(Runtime):
+    """A bundle's training and eval graphs in two InferenceSessions; the weights in numpy."""
+
+    name = "onnxgraph"
+
+    def __init__(self, manifest: Manifest, bundle_dir: Path, threads: int | None = None) -> None:
+        super().__init__(manifest)
+        self._ort = _import_onnxruntime()
+        info = manifest.runtime_info
+        graphs = info.get("graphs")
+        if not isinstance(graphs, dict):
+            raise BundleError(f"{bundle_dir}: runtime_info.graphs is missing or not an object")
+        self._paths = {}
+        for key in _GRAPHS:
+            rel = graphs.get(key)
+            if not isinstance(rel, str) or rel not in manifest.files:
+                raise BundleError(f"{bundle_dir}: the {key} graph {rel!r} is not a file listed (and hashed) in "
+                                  "the manifest")
+            self._paths[key] = bundle_dir / rel
+        self._input_name = str(info.get("input_name", "x"))
+        self._labels_name = str(info.get("labels_name", "y"))
+        self._flat = np.zeros(manifest.num_params, dtype=np.float32)
+        self._views = manifest.split(self._flat)  # the session's parameter feeds: views, no copies
+        self._threads = threads if threads is not None else _threads_from_environment()
+        self._bundle_dir = bundle_dir
+        self._open()
+
+    def _open(self) -> None:
+        options = self._ort.SessionOptions()
+        options.log_severity_level = 3
+        if self._threads is not None:
+            options.intra_op_num_threads = self._threads
+            options.inter_op_num_threads = 1
+        try:
+            self._sessions = {key: self._ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                              for key, path in self._paths.items()}
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+            raise BundleError(f"{self._bundle_dir}: onnxruntime cannot load the onnxgraph bundle ({exc})") from exc
+        self._check_signatures()
+
+    def _check_signatures(self) -> None:
+        """The graphs take (x, y, *params in manifest order) and the train step returns one gradient
+        per parameter, shaped like it: the flat layout depends on it."""
+        expected_inputs = [self._input_name, self._labels_name, *(p.name for p in self.manifest.params)]
+        for key, session in self._sessions.items():
+            inputs = session.get_inputs()
+            if [i.name for i in inputs] != expected_inputs:
+                raise BundleError(f"{self._bundle_dir}: the {key} graph's inputs {[i.name for i in inputs]} are not "
+                                  f"{expected_inputs}")
+            for spec, graph_input in zip(self.manifest.params, inputs[2:]):
+                if tuple(graph_input.shape) != spec.shape:
+                    raise BundleError(f"{self._bundle_dir}: the {key} graph takes {spec.name} with shape "
+                                      f"{graph_input.shape}, the manifest says {spec.shape}")
+        outputs = self._sessions["train_step"].get_outputs()
+        if len(outputs) != 1 + len(self.manifest.params):
+            raise BundleError(f"{self._bundle_dir}: the train_step graph has {len(outputs)} outputs, expected the "
+                              f"loss and {len(self.manifest.params)} gradients")
+        if len(self._sessions["eval"].get_outputs()) != 2:
+            raise BundleError(f"{self._bundle_dir}: the eval graph must return (loss, logits)")
+
+    def set_threads(self, threads: int) -> None:
+        """Cap onnxruntime's intra-op threads (the sessions are rebuilt; the parameters stay)."""
+        if threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {threads}")
+        self._threads = threads
+        self._open()
+
+    def get_parameters(self) -> np.ndarray:
+        return self._flat.copy()
+
+    def set_parameters(self, flat: np.ndarray) -> None:
+        check_flat(flat, self.manifest)
+        self._flat[:] = flat
+
+    def _feeds(self, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+        return {self._input_name: x, self._labels_name: y, **self._views}
+
+    def _loss_and_gradient(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+        loss, *grads = self._sessions["train_step"].run(None, self._feeds(x, y))
+        gradient = np.empty(self.manifest.num_params, dtype=np.float32)
+        for spec, grad in zip(self.manifest.params, grads):
+            if grad.size != spec.size:  # a graph that passed _check_signatures cannot do this; a bug can
+                raise RuntimeBackendError(f"gradient of {spec.name} has {grad.size} values, expected {spec.size}")
+            gradient[spec.offset:spec.offset + spec.size] = grad.reshape(-1)
+        return float(loss), gradient
+
+    def train(self, batches: Iterable[tuple[np.ndarray, np.ndarray]], config: TrainConfig) -> TrainResult:
+        """One SGD step per batch; ``mean_loss`` is the cross-entropy alone (NaN when no batch came)."""
+        sgd = NumpySGD(config, self._flat)
+        steps = examples = 0
+        loss_sum = 0.0
+        started = time.perf_counter()
+        for x, y in batches:
+            x, y = check_batch(x, y, self.manifest)
+            if len(y) == 0:
+                continue
+            loss, gradient = self._loss_and_gradient(x, y)
+            self._flat[:] = sgd.step(self._flat, gradient)  # in place: the feeds are views of it
+            steps += 1
+            examples += len(y)
+            loss_sum += loss * len(y)
+        return TrainResult(steps=steps, examples=examples, mean_loss=loss_sum / examples if examples else float("nan"),
+                           compute_s=time.perf_counter() - started)
+
+    def gradient(self, x: np.ndarray, y: np.ndarray) -> GradientResult:
+        x, y = check_batch(x, y, self.manifest, nonempty_for="gradient")
+        loss, gradient = self._loss_and_gradient(x, y)
+        return GradientResult(gradient=gradient, loss=loss, examples=len(y))
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> EvalResult:
+        x, y = check_evaluation(x, y, self.manifest, batch_size)
+        loss_sum = 0.0
+        correct = 0
+        for start in range(0, len(y), batch_size):
+            targets = y[start:start + batch_size]
+            loss, logits = self._sessions["eval"].run(None, self._feeds(x[start:start + batch_size], targets))
+            loss_sum += float(loss) * len(targets)
+            correct += int((np.asarray(logits).argmax(axis=1) == targets).sum())
+        return EvalResult(examples=len(y), loss=loss_sum / len(y), accuracy=correct / len(y))
+
+
+def load(bundle_dir: Path, manifest: Manifest, threads: int | None = None) -> OnnxGraphRuntime:
+    """Load an onnxgraph bundle's graphs and set the initial weights from ``weights.safetensors``."""
+    if manifest.runtime != "onnxgraph":
+        raise BundleError(f"{bundle_dir}: a {manifest.runtime} bundle cannot be loaded by the onnxgraph runtime")
+    runtime = OnnxGraphRuntime(manifest, Path(bundle_dir), threads=threads)
+    runtime.set_parameters(read_initial_parameters(bundle_dir, manifest))
+    return runtime
