@@ -234,16 +234,16 @@ def test_onnxgraph_device_trains_in_a_fleet_with_a_torch_device(
     assert "runtime onnxgraph" in graph_device.log()
     # round 1 replayed by torch on the onnxgraph device's batches: its delta is torch's local SGD
     announcement = next(m for _, m in sniffer.decoded(wire.Announcement) if m.round_id == 1)
-    hyper = dict(announcement.hyperparams)
-    assert float(hyper["momentum"]) > 0
+    settings = announcement.settings
+    assert settings.momentum > 0
     reference = load_runtime(root / "torch")
     start = reference.get_parameters()
     data_config = DeviceConfig(fleet=FLEET, device_id=DEVICE_ID["onnxgraph"], state_dir=tmp_path / "replay",
                                partition=PartitionSpec.parse("iid"), partition_index=INDEX["onnxgraph"],
                                partition_count=2)
     data = LocalData.load(data_config, reference, assets.data_dir, limit=LIMITS["onnxgraph"])
-    reference.train(round_batches(data, hyper, np.random.default_rng([0, INDEX["onnxgraph"], 1])),
-                    TrainConfig(lr=float(hyper["lr"]), momentum=float(hyper["momentum"])))
+    reference.train(round_batches(data, settings, np.random.default_rng([0, INDEX["onnxgraph"], 1])),
+                    TrainConfig(lr=settings.lr, momentum=settings.momentum))
     expected = reference.get_parameters().astype(np.float64) - start
     update = next(u for _, u in sniffer.decoded(wire.Update)
                   if u.round_id == 1 and u.device_id == DEVICE_ID["onnxgraph"])

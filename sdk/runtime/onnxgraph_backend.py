@@ -5,24 +5,24 @@ The bundle's ``train_step.onnx`` maps ``(x, y, *params)`` to ``(loss, *grads)`` 
 ``onnxruntime.InferenceSession`` runs them — the PyPI wheel on Linux aarch64 included, where no
 onnxruntime-training build exists — and so does ``onnxruntime-training-cpu``'s on x86. The
 parameters live here, in one flat float32 vector in manifest order; the session reads them through
-per-tensor views of it, so a step copies nothing in. The optimiser is ``NumpySGD``:
-torch.optim.SGD's rule (momentum, Nesterov, weight decay) plus FedProx's proximal term (Li et al.,
-MLSys 2020). Large batch's gradient-only task runs ``train_step.onnx`` without the update.
+per-tensor views of it, so a step copies nothing in. The optimiser is the SDK's SGD kernel
+(``edgetrain.sdk.optim``: torch.optim.SGD's rule plus FedProx's proximal term, Li et al., MLSys 2020)
+under the shared training loop (``Runtime.train``). Large batch's gradient-only task runs ``train_step.onnx`` without the update.
 """
 from __future__ import annotations
 
 import importlib.util
-import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterator
 
 import numpy as np
 
 from ..bundle import Manifest, check_flat, read_initial_parameters
 from ..errors import BundleError, ConfigError, RuntimeBackendError
-from .base import (EvalResult, GradientResult, Runtime, TrainConfig, TrainResult, check_batch,
-                   check_evaluation)
-from .ort_backend import NumpySGD, _threads_from_environment, import_training_api
+from ..optim import SGD
+from .base import EvalResult, GradientResult, Runtime, TrainConfig, TrainStep, check_batch, check_evaluation
+from .ort_backend import _threads_from_environment, import_training_api
 
 _GRAPHS = ("train_step", "eval")
 
@@ -128,23 +128,17 @@ class OnnxGraphRuntime(Runtime):
             gradient[spec.offset:spec.offset + spec.size] = grad.reshape(-1)
         return float(loss), gradient
 
-    def train(self, batches: Iterable[tuple[np.ndarray, np.ndarray]], config: TrainConfig) -> TrainResult:
-        """One SGD step per batch; ``mean_loss`` is the cross-entropy alone (NaN when no batch came)."""
-        sgd = NumpySGD(config, self._flat)
-        steps = examples = 0
-        loss_sum = 0.0
-        started = time.perf_counter()
-        for x, y in batches:
-            x, y = check_batch(x, y, self.manifest)
-            if len(y) == 0:
-                continue
+    @contextmanager
+    def _training(self, config: TrainConfig) -> Iterator[TrainStep]:
+        """The numpy SGD kernel (``edgetrain.sdk.optim``) over the graph's gradients; a fresh one per call."""
+        sgd = SGD(config.sgd_hyper(), self._flat)
+
+        def step(x: np.ndarray, y: np.ndarray) -> float:
             loss, gradient = self._loss_and_gradient(x, y)
             self._flat[:] = sgd.step(self._flat, gradient)  # in place: the feeds are views of it
-            steps += 1
-            examples += len(y)
-            loss_sum += loss * len(y)
-        return TrainResult(steps=steps, examples=examples, mean_loss=loss_sum / examples if examples else float("nan"),
-                           compute_s=time.perf_counter() - started)
+            return loss
+
+        yield step
 
     def gradient(self, x: np.ndarray, y: np.ndarray) -> GradientResult:
         x, y = check_batch(x, y, self.manifest, nonempty_for="gradient")
