@@ -11,6 +11,8 @@ from typing import Any
 
 from edgetrain.sdk.cli_args import add_broker_args, broker_config, limit_threads, positive_float, positive_int
 
+from .run_dir import prepare_run_dir
+
 
 def add_round_args(p: argparse.ArgumentParser) -> None:
     """Flags shared by ``aggregate`` and ``simulate``: strategy, selection, local training, validation."""
@@ -60,6 +62,12 @@ def add_round_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=positive_int, help="intra-op threads for evaluation")
 
 
+def add_run_dir_args(p: argparse.ArgumentParser) -> None:
+    """What to do with an --out that holds an earlier run (refused without one of these)."""
+    p.add_argument("--resume", action="store_true", help="continue from the last completed round in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the earlier run in --out")
+
+
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("aggregate", help="run rounds for a fleet over a broker",
                               description="Run federated rounds: choose devices, announce, collect and validate "
@@ -68,7 +76,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--fleet", required=True, help="fleet name")
     p.add_argument("--bundle", required=True, type=Path, help="training bundle directory")
     p.add_argument("--out", type=Path, default=Path("runs/aggregate"), help="run directory (default runs/aggregate)")
-    p.add_argument("--resume", action="store_true", help="continue from the last completed round in --out")
+    add_run_dir_args(p)
     add_round_args(p)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=run)
@@ -193,6 +201,7 @@ def round_printer(unit: str = "round"):
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s aggregator %(levelname)s %(message)s")
+    prepare_run_dir(args.out, args.resume, args.overwrite)
     aggregator = build_aggregator(args, broker_config(args), args.out, args.bundle, args.fleet, args.resume)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -22,7 +22,8 @@ from typing import Any
 from edgetrain.sdk.cli_args import add_broker_args, broker_config, positive_int
 from edgetrain.sdk.errors import ConfigError
 
-from .cli import LARGE_BATCH, add_round_args, build_aggregator, check_round_args, round_printer
+from .cli import LARGE_BATCH, add_round_args, add_run_dir_args, build_aggregator, check_round_args, round_printer
+from .run_dir import prepare_run_dir
 
 _log = logging.getLogger(__name__)
 _REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +47,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--config", type=Path, metavar="FILE.toml",
                    help="take settings from a TOML file (keys are flag names); flags given here win")
     p.add_argument("--out", type=Path, help="run directory (default runs/simulate-<time>)")
+    add_run_dir_args(p)
     p.add_argument("--fleet", default="sim", help="fleet name (default sim)")
     p.add_argument("--limit-examples", type=positive_int, help="each device uses at most N examples (CI-size runs)")
     p.add_argument("--device-threads", type=positive_int, default=1, help="intra-op threads per device (default 1)")
@@ -189,7 +191,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--norm applies to the cnn only")
     args.labels = {"partition": args.partition, "devices": args.devices, "model": args.model, "norm": args.norm,
                    "runtime": "bundle" if args.bundle else args.runtime, **({"label": args.label} if args.label else {})}
+    if args.resume and args.out is None:
+        raise ConfigError("--resume needs --out: the run directory to continue")
     out = args.out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
+    prepare_run_dir(out, args.resume, args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     bundle = args.bundle or _export_bundles(args, out)
     local = None
@@ -209,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"simulate: {args.devices} devices ({args.partition}), {args.strategy}, {args.rounds} {unit}; "
               f"results in {out}", flush=True)
         threading.Thread(target=_watch, args=(procs, args.min_devices, stop, out), daemon=True).start()
-        aggregator = build_aggregator(args, broker_config(args), out, bundle, args.fleet, resume=False)
+        aggregator = build_aggregator(args, broker_config(args), out, bundle, args.fleet, resume=args.resume)
         records = aggregator.run(stop, on_progress=round_printer("step" if args.strategy == LARGE_BATCH else "round"))
     finally:
         stop.set()
