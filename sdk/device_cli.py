@@ -11,12 +11,15 @@ from typing import Any
 from .energy.power import SourceOptions
 from .energy.round_energy import open_round_energy
 from .cli_args import add_broker_args, broker_config, limit_threads, positive_int
+from .config_file import add_config_arg
+from .errors import ConfigError
 
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("device", help="join a fleet and train when a round selects this device",
                               description="Join a fleet over MQTT; train on local data when a round selects this "
                                           "device; send the update; repeat until SIGINT/SIGTERM.")
+    add_config_arg(p)
     add_broker_args(p)
     p.add_argument("--fleet", required=True, help="fleet name (topic prefix edgetrain/<fleet>/…)")
     p.add_argument("--device-id", required=True, help="this device's id (also its MQTT client id)")
@@ -27,8 +30,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--data-dir", type=Path, help="Fashion-MNIST IDX directory (default /usr/share/datasets/fashion-mnist)")
     p.add_argument("--partition", default="iid", help="iid | dirichlet:ALPHA | shards[:K] (default iid)")
     p.add_argument("--seed", type=int, default=0, help="partition seed, the same on every device (default 0)")
-    p.add_argument("--index", type=int, default=0, help="this device's partition index (default 0)")
-    p.add_argument("--count", type=positive_int, default=1, help="number of partitions in the fleet (default 1)")
+    p.add_argument("--index", type=int, help="this device's partition index, 0 … COUNT-1 (with --count; "
+                                            "without both, the device trains on the whole training set)")
+    p.add_argument("--count", type=positive_int, help="number of partitions in the fleet (with --index)")
     p.add_argument("--limit-examples", type=positive_int, help="use at most N examples of the partition (CI-size runs)")
     p.add_argument("--state-dir", type=Path, help="outbox and progress (default ~/.local/state/edgetrain/FLEET/ID)")
     p.add_argument("--threads", type=positive_int, help="intra-op threads for the runtime")
@@ -63,7 +67,6 @@ def read_bench_result(path: Path) -> dict[str, float]:
     import json
 
     from .device_metrics import bench_values
-    from .errors import ConfigError
 
     try:
         report = json.loads(path.read_text())
@@ -73,6 +76,20 @@ def read_bench_result(path: Path) -> dict[str, float]:
     if not values:
         raise ConfigError(f"--bench-result {path}: no bench figures in it (is it an 'edgetrain bench' bench.json?)")
     return values
+
+
+def partition_slot(index: int | None, count: int | None) -> tuple[int, int]:
+    """(index, count) of this device's partition; one without the other is refused (a device given only
+    ``--index 3`` would silently train on the whole training set)."""
+    if index is None and count is None:
+        return 0, 1
+    if count is None:
+        raise ConfigError(f"--index {index} needs --count: the number of devices the data is split between")
+    if index is None:
+        raise ConfigError(f"--count {count} needs --index: which of the {count} partitions this device trains on")
+    if not 0 <= index < count:
+        raise ConfigError(f"--index {index} is out of range for --count {count} (0 … {count - 1})")
+    return index, count
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,10 +105,11 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    index, count = partition_slot(args.index, args.count)
     state_dir = args.state_dir or Path.home() / ".local/state/edgetrain" / args.fleet / args.device_id
     config = DeviceConfig(fleet=args.fleet, device_id=args.device_id, state_dir=state_dir,
-                          partition=PartitionSpec.parse(args.partition), partition_index=args.index,
-                          partition_count=args.count, seed=args.seed, max_chunk_bytes=args.max_chunk_bytes,
+                          partition=PartitionSpec.parse(args.partition), partition_index=index,
+                          partition_count=count, seed=args.seed, max_chunk_bytes=args.max_chunk_bytes,
                           gradient_metrics_every=args.metrics_every_steps)
     bench = read_bench_result(args.bench_result) if args.bench_result else None
     energy, energy_unavailable = open_energy(args)  # before the slow loads: a named sensor that fails, fails now
