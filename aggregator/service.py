@@ -34,6 +34,7 @@ from .validation import (REJECT_DUPLICATE, REJECT_LATE, REJECT_UNKNOWN_CODEC, RE
                          validate_update)
 
 _log = logging.getLogger(__name__)
+WAIT_REPORT_EVERY_S = 10.0  # how often a wait for devices or updates logs who is live and who is missing
 
 __all__ = ["Aggregator", "AggregatorConfig", "RunStopped"]
 
@@ -115,7 +116,11 @@ class Aggregator:
     def _pump(self, until: Callable[[], bool], deadline_mono: float, tally: RoundTally | None,
               ctx: ValidationContext | None) -> None:
         """Handle incoming messages until ``until()`` holds or the monotonic deadline passes."""
+        next_report = time.monotonic() + WAIT_REPORT_EVERY_S
         while not until():
+            if time.monotonic() >= next_report:  # a silent wait looks like a hang: say who is missing
+                self._report_waiting(ctx)
+                next_report += WAIT_REPORT_EVERY_S
             if self._stop.is_set():
                 raise RunStopped(f"stopped during round {self.next_round}; --resume continues from the last "
                                  "completed round")
@@ -127,6 +132,17 @@ class Aggregator:
             except queue.Empty:
                 continue
             self._handle(topic, payload, tally, ctx)
+
+    def _report_waiting(self, ctx: ValidationContext | None) -> None:
+        live = ", ".join(sorted(self.live)) or "none"
+        if ctx is None:
+            _log.info("waiting for devices: %d live (%s), %d needed", len(self.live), live,
+                      self.strategy.min_devices if self._settled else max(self.strategy.min_devices,
+                                                                            self.config.expect_devices))
+            return
+        pending = ctx.pending_devices()
+        _log.info("round %d: %d update(s) in; waiting for %s; offline: %s", ctx.round_id, len(ctx.reported_devices),
+                  ", ".join(sorted(pending & self.live)) or "none", ", ".join(sorted(pending - self.live)) or "none")
 
     def _sleep_unless_stopped(self, seconds: float) -> None:
         if self._stop.wait(seconds):  # a stop request also ends a wait for the broker
