@@ -5,7 +5,6 @@ import argparse
 import logging
 import math
 import signal
-import sys
 import threading
 from pathlib import Path
 from typing import Any, Mapping
@@ -13,6 +12,7 @@ from typing import Any, Mapping
 from edgetrain.sdk.cli_args import add_broker_args, broker_config, limit_threads, positive_float, positive_int
 from edgetrain.sdk.config_file import add_config_arg
 
+from .progress import round_printer
 from .run_dir import prepare_run_dir
 
 
@@ -209,33 +209,6 @@ def build_aggregator(args: argparse.Namespace, broker, out_dir: Path, bundle: Pa
     # so a round resumes within seconds of the broker's return.
     transport = Transport(broker, client_id=f"edgetrain-aggregator-{fleet}", clean_start=False, reconnect_max_s=10.0)
     return Aggregator(config, strategy, transport, runtime, read_initial_parameters(bundle, manifest), test_data)
-
-
-def round_printer(unit: str = "round"):
-    """A progress callback: a live counter on a terminal, one line per evaluated (or troubled) round;
-    the byte and time figures on a line are summed since the previous line."""
-    since = {"up": 0, "down": 0, "wall": 0.0, "rejected": 0}
-
-    def show(progress) -> None:
-        if progress.record is None:
-            if sys.stderr.isatty():
-                print(f"\r{unit} {progress.round_id}/{progress.rounds}: {progress.reported}/{progress.chosen} updates",
-                      end="", file=sys.stderr, flush=True)
-            return
-        r = progress.record
-        since["up"] += r.bytes_up
-        since["down"] += r.bytes_down
-        since["wall"] += r.round_wall_s
-        since["rejected"] += sum(r.devices_rejected.values())
-        if r.accuracy is None and not r.retried and not r.devices_rejected and r.round_id != progress.rounds:
-            return
-        acc = "   -  " if r.accuracy is None else f"{100 * r.accuracy:5.2f}%"
-        print(f"\r{unit} {r.round_id:3d}/{progress.rounds}  acc {acc}  updates {r.devices_reported}/{r.devices_chosen}"
-              f"  rejected {since['rejected']}  up {since['up'] / 1e6:7.2f} MB  down {since['down'] / 1e6:7.2f} MB"
-              f"  {since['wall']:6.1f} s" + ("  (retried)" if r.retried else ""), flush=True)
-        since.update(up=0, down=0, wall=0.0, rejected=0)
-
-    return show
 
 
 def run(args: argparse.Namespace) -> int:

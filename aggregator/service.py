@@ -222,6 +222,7 @@ class Aggregator:
         if tally is not None:
             tally.accepted_payload_bytes += len(update.payload)
             tally.device_cpu_s += float(update.metrics.get("cpu_s", 0.0))
+            tally.add_train_loss(update.metrics.get("train_loss"), valid.num_examples)
         if tally is not None and valid.capped:
             tally.capped += 1
             tally.detail.append(f"{device}: example count {valid.claimed_examples} capped to {valid.num_examples}")
@@ -352,6 +353,7 @@ class Aggregator:
             total_examples=info.total_examples, devices_timed_out=len(ctx.pending_devices()),
             extra={"attempts": attempts, "capped": tally.capped, "step_norm": info.step_norm,
                    "device_cpu_s": tally.device_cpu_s,
+                   **({"train_loss": tally.train_loss()} if tally.train_loss() is not None else {}),
                    # dense fp32 bytes over the bytes the accepted updates' payloads really took
                    "uplink_compression": (4 * self.params.size * len(ctx.reported_devices)
                                           / max(1, tally.accepted_payload_bytes)),

@@ -24,7 +24,8 @@ from edgetrain.sdk.config_file import add_config_arg
 from edgetrain.sdk.errors import ConfigError
 
 from .cli import (LARGE_BATCH, add_round_args, add_run_dir_args, build_aggregator, bundle_optimizer, check_round_args,
-                  round_printer, take_bundle_optimizer)
+                  take_bundle_optimizer)
+from .progress import round_printer
 from .run_dir import prepare_run_dir
 
 _log = logging.getLogger(__name__)

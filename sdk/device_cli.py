@@ -10,7 +10,8 @@ from typing import Any
 
 from .energy.power import SourceOptions
 from .energy.round_energy import open_round_energy
-from .cli_args import add_broker_args, broker_config, limit_threads, positive_int
+from .broker_wait import wait_for_broker
+from .cli_args import add_broker_args, broker_config, limit_threads, positive_float, positive_int
 from .config_file import add_config_arg
 from .errors import ConfigError
 
@@ -37,6 +38,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--state-dir", type=Path, help="outbox and progress (default ~/.local/state/edgetrain/FLEET/ID)")
     p.add_argument("--threads", type=positive_int, help="intra-op threads for the runtime")
     p.add_argument("--max-chunk-bytes", type=positive_int, help="split update frames larger than this")
+    p.add_argument("--wait-for-broker", type=positive_float, metavar="SECONDS",
+                   help="wait up to SECONDS for a broker that is not up yet (a board that boots before its "
+                        "network); default: fail at once")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     m = p.add_argument_group("metrics", "per-round step time, CPU, memory, bytes and energy on "
                                         "edgetrain/<fleet>/metrics/<device>")
@@ -122,6 +126,8 @@ def run(args: argparse.Namespace) -> int:
     offline = wire.encode(wire.Status(device_id=args.device_id, online=False, info={"reason": "connection lost"}))
     transport = Transport(broker, client_id=args.device_id, will=(topics.status_topic(args.fleet, args.device_id),
                                                                    offline, True))
+    if args.wait_for_broker is not None and not stop.is_set():  # after the loads: they overlap the wait
+        wait_for_broker(broker, args.wait_for_broker, stop)
     if stop.is_set():  # stopped while loading: never joined, nothing to say goodbye to
         logging.getLogger(__name__).info("stopped before joining fleet %s", args.fleet)
         if energy is not None:
