@@ -59,11 +59,16 @@ def register(subparsers: Any) -> None:
 
 
 def open_energy(args: argparse.Namespace) -> tuple[Any, str]:
-    """(the round's energy meter or None, why not)."""
+    """(the round's energy meter or None, why not in a few words). The reason of every power source
+    tried (a long line) is logged at DEBUG; the short one goes into the device's log once and its status."""
     if args.power_source == "none":
         return None, "turned off (--power-source none)"
-    return open_round_energy(args.power_source, args.sysfs_root, SourceOptions(vcgencmd=args.vcgencmd,
-                                                                                    meter_csv=args.meter_csv))
+    energy, why_not = open_round_energy(args.power_source, args.sysfs_root,
+                                        SourceOptions(vcgencmd=args.vcgencmd, meter_csv=args.meter_csv))
+    if energy is None and " (" in why_not:
+        logging.getLogger(__name__).debug("energy: %s", why_not)
+        why_not = why_not.split(" (", 1)[0] + " (--log-level DEBUG lists the sources tried)"
+    return energy, why_not
 
 
 def read_bench_result(path: Path) -> dict[str, float]:

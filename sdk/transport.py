@@ -273,8 +273,8 @@ class Transport:
 
     def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: mqtt.DisconnectFlags,
                        reason: mqtt.ReasonCode, props: Properties | None) -> None:
-        if self._connected:
-            _log.info("disconnected from %s: %s", self.config.url, reason)
+        if self._connected:  # our own close() is no news: only a drop is worth a line
+            _log.log(logging.DEBUG if self._closing else logging.INFO, "disconnected from %s: %s", self.config.url, reason)
         elif not self._connack.is_set():
             self._closed_before_connack = f"{reason}; {self._last_paho_error}".rstrip("; ")
             self._connack.set()

@@ -54,3 +54,14 @@ def test_a_device_logs_one_line_per_round(broker, fleet_assets: FleetAssets, tmp
         match = re.fullmatch(r"round (\d): (\d+) step\(s\), loss (\d+\.\d{4}), (\d+\.\d) s, (\d+) bytes sent", line)
         assert match is not None, line
         assert int(match[2]) == 2 and float(match[3]) > 0 and int(match[5]) > 4 * 25_000  # 2 steps of 32; dense
+
+
+@pytest.mark.broker
+def test_closing_a_connection_ourselves_logs_no_disconnection_line(broker, caplog: pytest.LogCaptureFixture) -> None:
+    from edgetrain.sdk.transport import Transport
+
+    caplog.set_level(logging.INFO, logger="edgetrain.sdk.transport")
+    transport = Transport(broker_config(broker.url), client_id="quiet-close")
+    transport.connect()
+    transport.close()
+    assert not [r for r in caplog.records if "disconnected" in r.getMessage() and r.levelno >= logging.INFO]
