@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
-import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from edgetrain.sdk.cli_args import add_broker_args, broker_config, limit_threads, positive_float, positive_int
+from edgetrain.sdk.config_file import add_config_arg
+
+from .progress import round_printer
+from .run_dir import prepare_run_dir
 
 
 def add_round_args(p: argparse.ArgumentParser) -> None:
@@ -30,8 +34,9 @@ def add_round_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--local-steps", type=positive_int, default=None,
                    help="exactly K local steps per round instead of E epochs (FL only)")
     g.add_argument("--batch-size", type=positive_int, default=32, help="B (default 32)")
-    g.add_argument("--lr", type=positive_float, default=0.05, help="device learning rate (default 0.05)")
-    g.add_argument("--momentum", type=float, default=0.9, help="device SGD momentum (default 0.9)")
+    g.add_argument("--lr", type=positive_float,
+                   help="device learning rate (default: the bundle's, set by 'export --lr', else 0.05)")
+    g.add_argument("--momentum", type=float, help="device SGD momentum (default: the bundle's, else 0.9)")
     g.add_argument("--prox-mu", type=float, default=0.01, help="FedProx mu (fedprox only; default 0.01)")
     g.add_argument("--server-lr", type=positive_float, help="server learning rate (fedavgm, fedadam…)")
     g.add_argument("--server-momentum", type=float, help="server momentum (fedavgm)")
@@ -45,7 +50,7 @@ def add_round_args(p: argparse.ArgumentParser) -> None:
     lb = p.add_argument_group("large batch (--strategy large-batch)")
     lb.add_argument("--lb-optimizer", choices=["sgd", "lars"], default="sgd", help="server optimizer (default sgd)")
     lb.add_argument("--nesterov", action="store_true", help="Nesterov momentum")
-    lb.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay (default 0)")
+    lb.add_argument("--weight-decay", type=float, help="L2 weight decay (default: the bundle's, else 0)")
     lb.add_argument("--trust-coefficient", type=positive_float, default=0.001, help="LARS trust coefficient η")
     lb.add_argument("--scale-lr", action="store_true",
                     help="linear scaling rule: lr × (devices·batch)/batch (Goyal et al. 2017)")
@@ -63,25 +68,66 @@ def add_round_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=positive_int, help="intra-op threads for evaluation")
 
 
+def add_run_dir_args(p: argparse.ArgumentParser) -> None:
+    """What to do with an --out that holds an earlier run (refused without one of these)."""
+    p.add_argument("--resume", action="store_true", help="continue from the last completed round in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the earlier run in --out")
+
+
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("aggregate", help="run rounds for a fleet over a broker",
                               description="Run federated rounds: choose devices, announce, collect and validate "
                                           "updates, aggregate, evaluate, checkpoint.")
+    add_config_arg(p)
     add_broker_args(p)
     p.add_argument("--fleet", required=True, help="fleet name")
     p.add_argument("--bundle", required=True, type=Path, help="training bundle directory")
     p.add_argument("--out", type=Path, default=Path("runs/aggregate"), help="run directory (default runs/aggregate)")
-    p.add_argument("--resume", action="store_true", help="continue from the last completed round in --out")
+    add_run_dir_args(p)
     add_round_args(p)
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=run)
 
 
 LARGE_BATCH = "large-batch"
+# The optimizer settings a run takes from the bundle's manifest when no flag or config gives them, and
+# the values used when the bundle has none either.
+FALLBACK_OPTIMIZER = {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.0}
+
+
+def take_bundle_optimizer(args: argparse.Namespace, optimizer: Mapping[str, Any]) -> list[str]:
+    """Fill lr / momentum / weight decay not given by a flag or config from the bundle's optimizer
+    settings (what ``export`` stored in its manifest); returns a warning for each given value that
+    differs from the bundle's."""
+    warnings = []
+    for name in FALLBACK_OPTIMIZER:
+        stored = optimizer.get(name)
+        if not isinstance(stored, (int, float)) or isinstance(stored, bool):
+            continue
+        given = getattr(args, name)
+        if given is None:
+            setattr(args, name, float(stored))
+        elif not math.isclose(float(given), float(stored)):
+            flag = "--" + name.replace("_", "-")
+            warnings.append(f"{flag} {given:g} differs from the bundle's {name} {float(stored):g} "
+                            f"(stored by export); using {given:g}")
+    return warnings
+
+
+def bundle_optimizer(bundle: Path) -> Mapping[str, Any]:
+    """The optimizer settings in ``bundle``'s manifest (any runtime of a multi-runtime directory)."""
+    from edgetrain.sdk.bundle import load_manifest
+    from edgetrain.sdk.runtime import select_bundle
+
+    return load_manifest(select_bundle(bundle)).optimizer
 
 
 def resolve_defaults(args: argparse.Namespace) -> None:
-    """Defaults that depend on the strategy: a large-batch step is far cheaper than a round."""
+    """Defaults that depend on the strategy (a large-batch step is far cheaper than a round) or on
+    nothing else having given them (the optimizer's)."""
+    for name, fallback in FALLBACK_OPTIMIZER.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, fallback)
     lb = args.strategy == LARGE_BATCH
     for name, fl, lbv in (("rounds", 10, 600), ("eval_every", 1, 50), ("checkpoint_every", 1, 50),
                           ("resync_every", 1, 100)):
@@ -135,6 +181,7 @@ def aggregator_config(args: argparse.Namespace, out_dir: Path, fleet: str, resum
 
 def check_round_args(args: argparse.Namespace, fleet: str) -> None:
     """Fail on a bad strategy, codec or fleet name before any broker or device process is started."""
+    resolve_defaults(args)
     make_strategy_from_args(args)
     aggregator_config(args, Path("."), fleet, resume=False)
 
@@ -183,35 +230,11 @@ def build_aggregator(args: argparse.Namespace, broker, out_dir: Path, bundle: Pa
                       signing_key=signing_key_from_args(args))
 
 
-def round_printer(unit: str = "round"):
-    """A progress callback: a live counter on a terminal, one line per evaluated (or troubled) round;
-    the byte and time figures on a line are summed since the previous line."""
-    since = {"up": 0, "down": 0, "wall": 0.0, "rejected": 0}
-
-    def show(progress) -> None:
-        if progress.record is None:
-            if sys.stderr.isatty():
-                print(f"\r{unit} {progress.round_id}/{progress.rounds}: {progress.reported}/{progress.chosen} updates",
-                      end="", file=sys.stderr, flush=True)
-            return
-        r = progress.record
-        since["up"] += r.bytes_up
-        since["down"] += r.bytes_down
-        since["wall"] += r.round_wall_s
-        since["rejected"] += sum(r.devices_rejected.values())
-        if r.accuracy is None and not r.retried and not r.devices_rejected and r.round_id != progress.rounds:
-            return
-        acc = "   -  " if r.accuracy is None else f"{100 * r.accuracy:5.2f}%"
-        print(f"\r{unit} {r.round_id:3d}/{progress.rounds}  acc {acc}  updates {r.devices_reported}/{r.devices_chosen}"
-              f"  rejected {since['rejected']}  up {since['up'] / 1e6:7.2f} MB  down {since['down'] / 1e6:7.2f} MB"
-              f"  {since['wall']:6.1f} s" + ("  (retried)" if r.retried else ""), flush=True)
-        since.update(up=0, down=0, wall=0.0, rejected=0)
-
-    return show
-
-
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s aggregator %(levelname)s %(message)s")
+    prepare_run_dir(args.out, args.resume, args.overwrite)
+    for warning in take_bundle_optimizer(args, bundle_optimizer(args.bundle)):
+        logging.getLogger(__name__).warning(warning)
     aggregator = build_aggregator(args, broker_config(args), args.out, args.bundle, args.fleet, args.resume)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -119,20 +119,26 @@ def markdown_table(reports: Sequence[RunReport], targets: Sequence[float] = DEFA
     return "\n".join(lines) + "\n"
 
 
+RUN_MARKERS = ("o", "s", "^", "D", "v", "P")  # one per block of ten runs (the colours repeat every ten)
+
+
 def plot_runs(runs: Sequence[tuple[RunReport, list[RoundRecord]]], out_dir: Path) -> list[Path]:
     """Accuracy vs round/step, vs cumulative uplink MB (log axis) and vs wall time, all runs overlaid."""
     import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     outputs = []
     for name, xlabel, log in (("accuracy_vs_round.png", "round / step", False),
                               ("accuracy_vs_uplink_mb.png", "cumulative uplink MB (log)", True),
                               ("accuracy_vs_wall_s.png", "wall time (s)", False)):
-        figure = Figure(figsize=(10, 5), dpi=100)
+        figure = Figure(figsize=(12, 6), dpi=100)
         FigureCanvasAgg(figure)
         axes = figure.add_subplot(1, 1, 1)
-        colors = matplotlib.colormaps["tab20"]
+        # tab10's ten clearly different colours, then the same colours with another marker: tab20 pairs
+        # a dark and a light shade of one hue, which read as one run on a plot with many.
+        colors = matplotlib.colormaps["tab10"]
         for index, (report, records) in enumerate(runs):
             up = wall = 0.0
             xs, ys = [], []
@@ -144,13 +150,17 @@ def plot_runs(runs: Sequence[tuple[RunReport, list[RoundRecord]]], out_dir: Path
                     ys.append(r.accuracy)
             # large batch dashed, so the two methods read apart even where colours are close
             style = "--" if report.settings.get("strategy") == "large-batch" else "-"
-            axes.plot(xs, ys, style, marker="o", markersize=2, label=report.name, color=colors(index % 20))
+            axes.plot(xs, ys, style, marker=RUN_MARKERS[(index // 10) % len(RUN_MARKERS)], markersize=4,
+                      linewidth=1.5, label=report.name, color=colors(index % 10))
         if log:
             axes.set_xscale("log")
+        elif name == "accuracy_vs_round.png":
+            axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_xlabel(xlabel)
         axes.set_ylabel("test accuracy")
         axes.grid(True, alpha=0.3)
-        axes.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 if len(runs) <= 20 else 2,
+                    frameon=False)
         figure.tight_layout()
         path = out_dir / name
         figure.savefig(path)

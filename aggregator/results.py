@@ -182,6 +182,7 @@ def plot_run(run_dir: Path | str) -> tuple[Path, Path]:
     # The object API with the Agg canvas: no pyplot, no global backend switch, no display needed.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     run_dir = Path(run_dir)
     records = MetricsLog(run_dir).read()
@@ -201,6 +202,8 @@ def plot_run(run_dir: Path | str) -> tuple[Path, Path]:
         axes = figure.add_subplot(1, 1, 1)
         axes.plot(x, accuracy, marker="o", markersize=3)
         axes.set_xlabel(xlabel)
+        if name == PLOT_ACCURACY_VS_ROUND:  # rounds are whole: no 1.5 tick on a 3-round run
+            axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_ylabel("test accuracy")
         axes.set_title(run_dir.name)
         axes.grid(True, alpha=0.3)

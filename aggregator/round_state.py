@@ -1,6 +1,7 @@
 """What one round accumulates while it runs, and what the service tells a progress display."""
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -31,6 +32,19 @@ class RoundTally:
     capped: int = 0
     accepted_payload_bytes: int = 0
     device_cpu_s: float = 0.0
+    train_loss_sum: float = 0.0  # Σ examples · training loss the devices reported with accepted updates
+    train_loss_examples: int = 0
+
+    def add_train_loss(self, loss: object, examples: int) -> None:
+        """Count a device's reported training loss (weighted by its examples); a non-finite or non-number
+        figure off the wire is ignored: it is a display figure, never an input to the model."""
+        if isinstance(loss, (int, float)) and not isinstance(loss, bool) and math.isfinite(loss) and examples > 0:
+            self.train_loss_sum += float(loss) * examples
+            self.train_loss_examples += examples
+
+    def train_loss(self) -> float | None:
+        """The example-weighted mean training loss of the accepted updates (None when none said)."""
+        return self.train_loss_sum / self.train_loss_examples if self.train_loss_examples else None
     replayed: int = 0  # accepted before a restart, read back from the update journal
 
 

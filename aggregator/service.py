@@ -42,6 +42,7 @@ from .validation import (REJECT_DUPLICATE, REJECT_LATE, REJECT_UNKNOWN_CODEC, RE
                          ValidationContext, validate_update)
 
 _log = logging.getLogger(__name__)
+WAIT_REPORT_EVERY_S = 10.0  # how often a wait for devices or updates logs who is live and who is missing
 
 __all__ = ["Aggregator", "AggregatorConfig", "RunStopped"]
 
@@ -151,7 +152,11 @@ class Aggregator:
     def _pump(self, until: Callable[[], bool], deadline_mono: float, tally: RoundTally | None,
               ctx: ValidationContext | None) -> None:
         """Handle incoming messages until ``until()`` holds or the monotonic deadline passes."""
+        next_report = time.monotonic() + WAIT_REPORT_EVERY_S
         while not until():
+            if time.monotonic() >= next_report:  # a silent wait looks like a hang: say who is missing
+                self._report_waiting(ctx)
+                next_report += WAIT_REPORT_EVERY_S
             if self._stop.is_set():
                 raise RunStopped(f"stopped during round {self.next_round}; --resume continues from the last "
                                  "completed round")
@@ -171,6 +176,17 @@ class Aggregator:
         self._next_expiry_mono = now + 1.0
         for error in self._reassembler.expire(now):
             self._count_rejection(tally, REJECT_MISSING_CHUNK, str(error))
+
+    def _report_waiting(self, ctx: ValidationContext | None) -> None:
+        live = ", ".join(sorted(self.live)) or "none"
+        if ctx is None:
+            _log.info("waiting for devices: %d live (%s), %d needed", len(self.live), live,
+                      self.strategy.min_devices if self._settled else max(self.strategy.min_devices,
+                                                                            self.config.expect_devices))
+            return
+        pending = ctx.pending_devices()
+        _log.info("round %d: %d update(s) in; waiting for %s; offline: %s", ctx.round_id, len(ctx.reported_devices),
+                  ", ".join(sorted(pending & self.live)) or "none", ", ".join(sorted(pending - self.live)) or "none")
 
     def _sleep_unless_stopped(self, seconds: float) -> None:
         if self._stop.wait(seconds):  # a stop request also ends a wait for the broker
@@ -262,6 +278,7 @@ class Aggregator:
         if tally is not None:
             tally.accepted_payload_bytes += len(update.payload)
             tally.device_cpu_s += float(update.metrics.get("cpu_s", 0.0))
+            tally.add_train_loss(update.metrics.get("train_loss"), valid.num_examples)
         if tally is not None and valid.capped:
             tally.capped += 1
             tally.detail.append(f"{device}: example count {valid.claimed_examples} capped to {valid.num_examples}")
@@ -458,6 +475,7 @@ class Aggregator:
             extra={"attempts": open_round.attempts, "capped": tally.capped, "step_norm": info.step_norm,
                    "device_cpu_s": tally.device_cpu_s, "replayed": tally.replayed,
                    **dict(zip(("inbox_dropped", "inbox_dropped_bytes"), self._inbox.take_dropped())),
+                   **({"train_loss": tally.train_loss()} if tally.train_loss() is not None else {}),
                    # dense fp32 bytes over the bytes the accepted updates' payloads really took
                    "uplink_compression": (4 * self.params.size * len(ctx.reported_devices)
                                           / max(1, tally.accepted_payload_bytes)),

@@ -20,10 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from edgetrain.sdk.cli_args import add_broker_args, broker_config, positive_int
+from edgetrain.sdk.config_file import add_config_arg
 from edgetrain.sdk.errors import ConfigError
 from edgetrain.sdk.wire.signing import public_key_path
 
-from .cli import LARGE_BATCH, add_round_args, build_aggregator, check_round_args, round_printer, signing_key_from_args
+from .cli import (LARGE_BATCH, add_round_args, add_run_dir_args, build_aggregator, bundle_optimizer, check_round_args,
+                  signing_key_from_args, take_bundle_optimizer)
+from .progress import round_printer
+from .run_dir import prepare_run_dir
 
 _log = logging.getLogger(__name__)
 _REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -44,46 +48,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("--runtime", default="torch", choices=["torch", "onnx", "executorch", "mixed"],
                    help="device runtime when exporting: one for all, or mixed (torch and onnx alternate)")
     p.add_argument("--label", help="run name shown by 'edgetrain report' (default: the run directory's name)")
-    p.add_argument("--config", type=Path, metavar="FILE.toml",
-                   help="take settings from a TOML file (keys are flag names); flags given here win")
+    add_config_arg(p)
     p.add_argument("--out", type=Path, help="run directory (default runs/simulate-<time>)")
+    add_run_dir_args(p)
     p.add_argument("--fleet", default="sim", help="fleet name (default sim)")
     p.add_argument("--limit-examples", type=positive_int, help="each device uses at most N examples (CI-size runs)")
     p.add_argument("--device-threads", type=positive_int, default=1, help="intra-op threads per device (default 1)")
     add_round_args(p)
-    p.set_defaults(func=run, min_devices=None, _parser=p)
+    p.set_defaults(func=run, min_devices=None)
     p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-
-
-def apply_config(args: argparse.Namespace, parser: argparse.ArgumentParser, path: Path) -> None:
-    """Fill in settings from a TOML file (keys are flag names, ``-`` or ``_``) where no flag was given.
-
-    A flag counts as given when its value differs from the parser's default, so the command line wins.
-    """
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-    try:
-        raw = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"--config {path}: {exc}") from None
-    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config", "func", "_parser")}
-    for key, value in raw.items():
-        dest = key.replace("-", "_")
-        action = actions.get(dest)
-        if action is None:
-            raise ConfigError(f"--config {path}: unknown setting {key!r} (settings are simulate's flag names)")
-        if getattr(args, dest) != action.default:
-            continue  # given on the command line
-        if action.type is not None and not isinstance(value, bool):
-            try:
-                value = action.type(str(value))
-            except (ValueError, argparse.ArgumentTypeError) as exc:
-                raise ConfigError(f"--config {path}: {key} = {value!r}: {exc}") from None
-        if action.choices is not None and value not in action.choices:
-            raise ConfigError(f"--config {path}: {key} = {value!r}: choose from {', '.join(map(str, action.choices))}")
-        setattr(args, dest, value)
 
 
 def _device_runtime(runtime: str, index: int) -> str:
@@ -101,7 +74,8 @@ def _export_bundles(args: argparse.Namespace, out: Path) -> Path:
         if not (bundle / runtime / "manifest.json").is_file():
             config = {**default_config(args.model), **({"norm": args.norm} if args.model == "cnn" else {})}
             export_bundle(args.model, config, runtime=runtime, out_dir=bundle / runtime,
-                          seed=args.seed, optimizer={"name": "sgd"},
+                          seed=args.seed, optimizer={"name": "sgd", "lr": args.lr, "momentum": args.momentum,
+                                                          "weight_decay": args.weight_decay},
                           batch_size=args.batch_size if runtime == "executorch" else None)
     return bundle
 
@@ -172,8 +146,6 @@ def _summary_table(records: list, wall_s: float, unit: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from .local_broker import start_local_broker
 
-    if args.config is not None:
-        apply_config(args, args._parser, args.config)
     logging.basicConfig(level=args.log_level, format="%(asctime)s simulate %(levelname)s %(message)s")
     started = time.monotonic()
     if args.min_devices is None:
@@ -182,17 +154,18 @@ def run(args: argparse.Namespace) -> int:
     if args.min_devices > args.devices:
         raise ConfigError(f"--min-devices {args.min_devices} is more than --devices {args.devices}: "
                           "no round could ever start")
-    check_round_args(args, args.fleet)
-    if args.bundle is not None:
-        from edgetrain.sdk.bundle import load_manifest
-        from edgetrain.sdk.runtime import select_bundle
-
-        load_manifest(select_bundle(args.bundle))
+    if args.bundle is not None:  # its optimizer settings are the defaults (a bad bundle fails here)
+        for warning in take_bundle_optimizer(args, bundle_optimizer(args.bundle)):
+            _log.warning(warning)
     if args.norm != "none" and args.model != "cnn":
         raise ConfigError("--norm applies to the cnn only")
+    check_round_args(args, args.fleet)
     args.labels = {"partition": args.partition, "devices": args.devices, "model": args.model, "norm": args.norm,
                    "runtime": "bundle" if args.bundle else args.runtime, **({"label": args.label} if args.label else {})}
+    if args.resume and args.out is None:
+        raise ConfigError("--resume needs --out: the run directory to continue")
     out = args.out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
+    prepare_run_dir(out, args.resume, args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     bundle = args.bundle or _export_bundles(args, out)
     if args.signing_key is None:  # by default every simulated run signs its announcements
@@ -215,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"simulate: {args.devices} devices ({args.partition}), {args.strategy}, {args.rounds} {unit}; "
               f"results in {out}", flush=True)
         threading.Thread(target=_watch, args=(procs, args.min_devices, stop, out), daemon=True).start()
-        aggregator = build_aggregator(args, broker_config(args), out, bundle, args.fleet, resume=False)
+        aggregator = build_aggregator(args, broker_config(args), out, bundle, args.fleet, resume=args.resume)
         records = aggregator.run(stop, on_progress=round_printer("step" if args.strategy == LARGE_BATCH else "round"))
     finally:
         stop.set()

@@ -142,6 +142,8 @@ def _print_summary(report: dict[str, Any], files: dict[str, Path]) -> None:
               f"idle baseline {energy['baseline_power_w'] or 0:.3f} W; per step "
               f"{(per_step['gross'] or 0) * 1e3:.2f} mJ gross, {net} mJ net")
     print("wrote " + ", ".join(str(p) for p in files.values()))
+    if "plot_png" not in files:
+        print("plot skipped: matplotlib is not installed (pip install 'edgetrain[bench]' adds it)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

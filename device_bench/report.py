@@ -211,17 +211,31 @@ def compare_markdown(paths: Sequence[Path | str]) -> str:
     return markdown_table(reports, labels)
 
 
-def write_outputs(report: dict[str, Any], meter: EnergyMeter, out_dir: Path) -> dict[str, Path]:
-    """bench.json, the trace and window CSVs, the PNG and summary.md, in ``out_dir``."""
-    from .plot import plot_power
+def plotting_available() -> bool:
+    """Whether matplotlib imports (the ``bench`` extra); a board installed without it still benches."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
+
+def write_outputs(report: dict[str, Any], meter: EnergyMeter, out_dir: Path) -> dict[str, Path]:
+    """bench.json, the trace and window CSVs and summary.md, then the PNG (skipped without matplotlib),
+    in ``out_dir``: the results are on disk before a plot can fail. Returns what was written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"json": out_dir / BENCH_JSON, "trace_csv": out_dir / TRACE_CSV, "windows_csv": out_dir / WINDOWS_CSV,
-             "plot_png": out_dir / PLOT_PNG, "summary_md": out_dir / SUMMARY_MD}
+             "summary_md": out_dir / SUMMARY_MD}
+    plot = plotting_available()
+    if plot:
+        files["plot_png"] = out_dir / PLOT_PNG
     write_trace_csv(meter, files["trace_csv"])
     write_windows_csv(meter, files["windows_csv"])
-    plot_power(meter, report, files["plot_png"])
     report = report | {"files": {k: v.name for k, v in files.items()}}
     files["json"].write_text(json.dumps(report, indent=2, sort_keys=False, default=str))
     files["summary_md"].write_text(summary_markdown(report))
+    if plot:
+        from .plot import plot_power
+
+        plot_power(meter, report, files["plot_png"])
     return files

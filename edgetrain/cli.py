@@ -14,6 +14,7 @@ from edgetrain.aggregator import cli as aggregate_cli
 from edgetrain.device_bench import cli as bench_cli
 from edgetrain.export import cli as export_cli
 from edgetrain.sdk import device_cli
+from edgetrain.sdk.config_file import parse_with_config
 from edgetrain.sdk.errors import ConfigError, EdgetrainError
 
 # Each registers one subcommand; the order is the order shown in --help.
@@ -32,19 +33,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """Each subcommand's own parser, by name."""
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """The command line, with ``--config FILE`` settings under it (``sdk.config_file``); ConfigError
+    for a bad file."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    return parse_with_config(parser, subcommands(parser), list(argv))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
     try:
+        args = parse_args(argv)
         return int(args.func(args) or 0)
     except ConfigError as exc:  # bad input: one line, exit 2 like argparse
-        print(f"edgetrain {args.command}: error: {exc}", file=sys.stderr)
+        print(f"edgetrain {command}: error: {exc}", file=sys.stderr)
         return 2
     except EdgetrainError as exc:
-        print(f"edgetrain {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"edgetrain {command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"edgetrain {args.command}: interrupted", file=sys.stderr)
+        print(f"edgetrain {command}: interrupted", file=sys.stderr)
         return 130
 
 

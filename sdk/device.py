@@ -367,6 +367,10 @@ class Device:
         self._answered_deadline = a.deadline_unix_s
         self.rounds_trained += 1
         self._publish_metrics(a.round_id, gradient, len(frame))
+        if not gradient or a.round_id % self.config.gradient_metrics_every == 0:  # a large-batch step is short
+            _log.info("round %d: %d step(s), loss %.4f, %.1f s, %d bytes sent", a.round_id,
+                      int(update.metrics.get("steps", 0)), float(update.metrics.get("train_loss", float("nan"))),
+                      float(update.metrics.get("compute_s", 0.0)), len(frame))
         for part in parts:
             try:
                 self.transport.publish(update_topic, part)

@@ -11,7 +11,10 @@ from typing import Any
 from .bundle import RUNTIMES
 from .energy.power import SourceOptions
 from .energy.round_energy import open_round_energy
-from .cli_args import add_broker_args, broker_config, limit_threads, positive_int
+from .broker_wait import wait_for_broker
+from .cli_args import add_broker_args, broker_config, limit_threads, positive_float, positive_int
+from .config_file import add_config_arg
+from .errors import ConfigError
 from .runtime import AUTO_ORDER
 
 
@@ -19,6 +22,7 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("device", help="join a fleet and train when a round selects this device",
                               description="Join a fleet over MQTT; train on local data when a round selects this "
                                           "device; send the update; repeat until SIGINT/SIGTERM.")
+    add_config_arg(p)
     add_broker_args(p)
     p.add_argument("--fleet", required=True, help="fleet name (topic prefix edgetrain/<fleet>/…)")
     p.add_argument("--device-id", required=True, help="this device's id (also its MQTT client id)")
@@ -29,14 +33,18 @@ def register(subparsers: Any) -> None:
     p.add_argument("--data-dir", type=Path, help="Fashion-MNIST IDX directory (default /usr/share/datasets/fashion-mnist)")
     p.add_argument("--partition", default="iid", help="iid | dirichlet:ALPHA | shards[:K] (default iid)")
     p.add_argument("--seed", type=int, default=0, help="partition seed, the same on every device (default 0)")
-    p.add_argument("--index", type=int, default=0, help="this device's partition index (default 0)")
-    p.add_argument("--count", type=positive_int, default=1, help="number of partitions in the fleet (default 1)")
+    p.add_argument("--index", type=int, help="this device's partition index, 0 … COUNT-1 (with --count; "
+                                            "without both, the device trains on the whole training set)")
+    p.add_argument("--count", type=positive_int, help="number of partitions in the fleet (with --index)")
     p.add_argument("--limit-examples", type=positive_int, help="use at most N examples of the partition (CI-size runs)")
     p.add_argument("--state-dir", type=Path, help="outbox and progress (default ~/.local/state/edgetrain/FLEET/ID)")
     p.add_argument("--threads", type=positive_int, help="intra-op threads for the runtime")
     p.add_argument("--max-chunk-bytes", type=positive_int, help="split update frames larger than this")
     p.add_argument("--aggregator-key", type=Path, metavar="FILE.pub",
                    help="the aggregator's Ed25519 public key (PEM): obey only announcements it signed")
+    p.add_argument("--wait-for-broker", type=positive_float, metavar="SECONDS",
+                   help="wait up to SECONDS for a broker that is not up yet (a board that boots before its "
+                        "network); default: fail at once")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     m = p.add_argument_group("metrics", "per-round step time, CPU, memory, bytes and energy on "
                                         "edgetrain/<fleet>/metrics/<device>")
@@ -55,11 +63,16 @@ def register(subparsers: Any) -> None:
 
 
 def open_energy(args: argparse.Namespace) -> tuple[Any, str]:
-    """(the round's energy meter or None, why not)."""
+    """(the round's energy meter or None, why not in a few words). The reason of every power source
+    tried (a long line) is logged at DEBUG; the short one goes into the device's log once and its status."""
     if args.power_source == "none":
         return None, "turned off (--power-source none)"
-    return open_round_energy(args.power_source, args.sysfs_root, SourceOptions(vcgencmd=args.vcgencmd,
-                                                                                    meter_csv=args.meter_csv))
+    energy, why_not = open_round_energy(args.power_source, args.sysfs_root,
+                                        SourceOptions(vcgencmd=args.vcgencmd, meter_csv=args.meter_csv))
+    if energy is None and " (" in why_not:
+        logging.getLogger(__name__).debug("energy: %s", why_not)
+        why_not = why_not.split(" (", 1)[0] + " (--log-level DEBUG lists the sources tried)"
+    return energy, why_not
 
 
 def read_bench_result(path: Path) -> dict[str, float]:
@@ -67,7 +80,6 @@ def read_bench_result(path: Path) -> dict[str, float]:
     import json
 
     from .device_metrics import bench_values
-    from .errors import ConfigError
 
     try:
         report = json.loads(path.read_text())
@@ -77,6 +89,20 @@ def read_bench_result(path: Path) -> dict[str, float]:
     if not values:
         raise ConfigError(f"--bench-result {path}: no bench figures in it (is it an 'edgetrain bench' bench.json?)")
     return values
+
+
+def partition_slot(index: int | None, count: int | None) -> tuple[int, int]:
+    """(index, count) of this device's partition; one without the other is refused (a device given only
+    ``--index 3`` would silently train on the whole training set)."""
+    if index is None and count is None:
+        return 0, 1
+    if count is None:
+        raise ConfigError(f"--index {index} needs --count: the number of devices the data is split between")
+    if index is None:
+        raise ConfigError(f"--count {count} needs --index: which of the {count} partitions this device trains on")
+    if not 0 <= index < count:
+        raise ConfigError(f"--index {index} is out of range for --count {count} (0 … {count - 1})")
+    return index, count
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,10 +118,11 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    index, count = partition_slot(args.index, args.count)
     state_dir = args.state_dir or Path.home() / ".local/state/edgetrain" / args.fleet / args.device_id
     config = DeviceConfig(fleet=args.fleet, device_id=args.device_id, state_dir=state_dir,
-                          partition=PartitionSpec.parse(args.partition), partition_index=args.index,
-                          partition_count=args.count, seed=args.seed, max_chunk_bytes=args.max_chunk_bytes,
+                          partition=PartitionSpec.parse(args.partition), partition_index=index,
+                          partition_count=count, seed=args.seed, max_chunk_bytes=args.max_chunk_bytes,
                           gradient_metrics_every=args.metrics_every_steps)
     bench = read_bench_result(args.bench_result) if args.bench_result else None
     aggregator_key = wire.signing.load_public_key(args.aggregator_key) if args.aggregator_key else None
@@ -109,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
     offline = wire.encode(wire.Status(device_id=args.device_id, online=False, info={"reason": "connection lost"}))
     transport = Transport(broker, client_id=args.device_id, will=(topics.status_topic(args.fleet, args.device_id),
                                                                    offline, True))
+    if args.wait_for_broker is not None and not stop.is_set():  # after the loads: they overlap the wait
+        wait_for_broker(broker, args.wait_for_broker, stop)
     if stop.is_set():  # stopped while loading: never joined, nothing to say goodbye to
         logging.getLogger(__name__).info("stopped before joining fleet %s", args.fleet)
         if energy is not None:

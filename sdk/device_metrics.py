@@ -80,27 +80,36 @@ def step_stats_ms(durations_s: Iterable[float]) -> dict[str, float]:
     return {"step_mean_ms": float(values.mean() * 1e3), "step_p95_ms": float(np.percentile(values, 95) * 1e3)}
 
 
+def proc_status_mb(field: str, path: str = "/proc/self/status") -> float | None:
+    """A ``VmXXX:`` line of Linux's /proc/self/status in MiB; None where there is no such file or line."""
+    try:
+        with open(path) as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def peak_rss_mb() -> float:
     """The process's own lifetime peak RSS in MiB: Linux's VmHWM. Not ru_maxrss, which a child process
     inherits from its parent at fork (a device spawned by a 400 MB simulate would report 400 MB), and
     not psutil, which reports only the current RSS on Linux. ru_maxrss elsewhere (bytes on macOS)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**10  # kB
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+    peak = proc_status_mb("VmHWM")
+    if peak is not None:
+        return peak
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return max_rss / 2**20 if sys.platform == "darwin" else max_rss / 2**10
 
 
 def current_rss_mb() -> float | None:
-    """The current RSS in MiB where psutil is installed (the ``bench`` extra), else None."""
+    """The current RSS in MiB: psutil where installed (the ``bench`` extra), else Linux's VmRSS (a board
+    installed without psutil), else None."""
     try:
         import psutil
     except ImportError:
-        return None
+        return proc_status_mb("VmRSS")
     return float(psutil.Process().memory_info().rss) / 2**20
 
 

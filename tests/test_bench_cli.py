@@ -124,3 +124,29 @@ def test_device_bench_imports_and_compares_without_torch(tmp_path: Path) -> None
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def test_bench_without_matplotlib_writes_its_results_and_skips_the_plot(bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code = textwrap.dedent(f"""
+        import sys
+        class _NoMatplotlib:
+            def find_spec(self, name, path=None, target=None):
+                if name == "matplotlib" or name.startswith("matplotlib."):
+                    raise ModuleNotFoundError(name)
+        sys.meta_path.insert(0, _NoMatplotlib())
+        from edgetrain.device_bench.cli import main
+        code = main(["bench", "--bundle", {str(bundle)!r}, "--out", {str(out)!r}, "--steps", "4", "--warmup", "1",
+                     "--batch", "8", "--sysfs-root", {str(tmp_path / "empty-root")!r}, "--idle-s", "0",
+                     "--vcgencmd", "/nonexistent/vcgencmd", "--synthetic"])
+        assert "matplotlib" not in sys.modules
+        sys.exit(code)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    plot_lines = [line for line in done.stdout.splitlines() if line.startswith("plot")]
+    assert plot_lines == ["plot skipped: matplotlib is not installed (pip install 'edgetrain[bench]' adds it)"]
+    report = json.loads((out / "bench.json").read_text())
+    assert report["step_latency"]["count"] == 4 and "plot_png" not in report["files"]
+    assert "p50" in (out / "summary.md").read_text() and not (out / "power.png").exists()

@@ -1,8 +1,8 @@
 """simulate --config: TOML settings under the command line; every shipped experiment config is valid;
-the centralized baseline (train --out) is a run directory that report reads."""
+the centralized baseline (train --out) is a run directory that report reads. (The file's sections, and
+aggregate and device reading it too: test_config_file.py.)"""
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -10,18 +10,11 @@ from pathlib import Path
 import pytest
 
 from edgetrain.aggregator.report import load_run
-from edgetrain.aggregator.simulate import apply_config, register
+from edgetrain.cli import parse_args
 from edgetrain.sdk.errors import ConfigError
 from tests.fleet import FleetAssets, fleet_assets  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _parse(*argv: str) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers())
-    args = parser.parse_args(["simulate", *argv])
-    return args, args._parser
 
 
 def _config(tmp_path: Path, text: str) -> Path:
@@ -31,10 +24,10 @@ def _config(tmp_path: Path, text: str) -> Path:
 
 
 def test_config_fills_unset_flags_and_the_command_line_wins(tmp_path: Path) -> None:
-    args, parser = _parse("--devices", "4")
-    apply_config(args, parser, _config(tmp_path, 'devices = 7\nrounds = 3\ncodec = "stc:sparsity=0.99"\n'
-                                                 'momentum = 0.0\nout = "x/y"\nscale-lr = true\n'))
-    assert args.devices == 4  # given on the command line
+    config = _config(tmp_path, 'devices = 7\nrounds = 3\ncodec = "stc:sparsity=0.99"\n'
+                               'momentum = 0.0\nout = "x/y"\nscale-lr = true\nseed = 5\n')
+    args = parse_args(["simulate", "--devices", "4", "--seed", "0", "--config", str(config)])
+    assert args.devices == 4 and args.seed == 0  # given on the command line, even where it is the default
     assert (args.rounds, args.codec, args.momentum, args.scale_lr) == (3, "stc:sparsity=0.99", 0.0, True)
     assert args.out == Path("x/y")
 
@@ -46,15 +39,13 @@ def test_config_fills_unset_flags_and_the_command_line_wins(tmp_path: Path) -> N
     ("devices = [\n", "--config"),
 ])
 def test_bad_config_names_the_problem(tmp_path: Path, text: str, needle: str) -> None:
-    args, parser = _parse()
     with pytest.raises(ConfigError, match=needle):
-        apply_config(args, parser, _config(tmp_path, text))
+        parse_args(["simulate", "--config", str(_config(tmp_path, text))])
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.toml")), ids=lambda p: p.stem)
 def test_every_shipped_experiment_config_is_valid(path: Path) -> None:
-    args, parser = _parse()
-    apply_config(args, parser, path)
+    args = parse_args(["simulate", "--config", str(path)])
     assert args.label and args.strategy in ("fedavg", "large-batch") and args.devices == 10
 
 

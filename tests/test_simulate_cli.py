@@ -95,3 +95,22 @@ def test_simulate_sigterm_stops_its_devices_and_broker(fleet_assets: FleetAssets
     assert "stopped during round" in run.log()
     left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
     assert left == [], f"processes of the run still alive: {left}"
+
+
+@pytest.mark.broker
+def test_simulate_resume_continues_a_run_from_its_checkpoint(fleet_assets: FleetAssets, tmp_path: Path) -> None:
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto not installed")
+    out = tmp_path / "run"
+    common = ["simulate", "--devices", "2", "--limit-examples", "60", "--eval-examples", "50", "--data-dir",
+              fleet_assets.data_dir, "--bundle", fleet_assets.bundle, "--out", out, "--round-timeout", "30",
+              "--join-timeout", "60"]
+    first = spawn_cli([*common, "--rounds", "1"], tmp_path / "first.log")
+    assert first.wait(90) == 0, first.log()[-3000:]
+    again = spawn_cli([*common, "--rounds", "2"], tmp_path / "again.log")
+    assert again.wait(30) == 2 and "--resume" in again.log()  # a non-empty --out needs --resume or --overwrite
+    resumed = spawn_cli([*common, "--rounds", "2", "--resume"], tmp_path / "resumed.log")
+    assert resumed.wait(90) == 0, resumed.log()[-3000:]
+    records = metrics(out)
+    assert [r.round_id for r in records] == [1, 2] and records[1].devices_reported == 2
+    assert records[1].model_version == 2  # round 2 started from round 1's model

@@ -341,8 +341,8 @@ class MqttTransport:
             # paho resets its state after this callback, so stopping its reconnect loop from here does not
             # stick: the hook thread stops it; a reconnect that slips in first is closed by _on_connect.
             self._hooks.put(self._stop_client)
-        elif was_connected:
-            _log.info("disconnected from %s: %s", self.config.url, reason)
+        elif was_connected:  # our own close() is no news: only a drop is worth a line
+            _log.log(logging.DEBUG if self._closing else logging.INFO, "disconnected from %s: %s", self.config.url, reason)
         elif not self._connack.is_set():
             self._closed_before_connack = f"{reason}; {self._last_paho_error}".rstrip("; ")
             self._connack.set()
