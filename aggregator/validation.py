@@ -208,7 +208,8 @@ def validate_update(update: Update, *, topic_device: str, ctx: ValidationContext
     vector64 = vector.astype(np.float64)
     norm = math.sqrt(float(np.dot(vector64, vector64)))
     if ctx.max_norm is not None and norm > ctx.max_norm:
-        raise _reject(REJECT_NORM_TOO_LARGE, update, f"L2 norm {norm:.6g} exceeds the bound {ctx.max_norm:.6g}")
+        raise _reject(REJECT_NORM_TOO_LARGE, update,
+                      f"L2 norm {norm:.6g} exceeds the bound {ctx.max_norm:.6g}")
     clipped = ctx.clip_norm is not None and norm > ctx.clip_norm
     if clipped:
         vector = (vector64 * (ctx.clip_norm / norm)).astype(np.float32)
