@@ -9,6 +9,8 @@ from edgetrain.sdk import topics
 from edgetrain.sdk.codecs import check_codec_spec
 from edgetrain.sdk.errors import ConfigError
 
+from .update_caps import NormHistory, check_factor
+
 
 @dataclass(frozen=True)
 class AggregatorConfig:
@@ -38,6 +40,14 @@ class AggregatorConfig:
     chunk_timeout_s: float = 60.0  # an incomplete chunked message with no new chunk for this long is dropped
     max_pending_chunk_bytes: int = 256 * 1024 * 1024  # all incomplete chunked messages together
     max_pending_chunk_bytes_per_device: int = 64 * 1024 * 1024
+    # Default caps (issue 12, defect 8; aggregator.update_caps), on without any flag; None turns one off.
+    # An update weighs at most its device's reported partition and examples_cap_factor x the fleet's median
+    # partition; its norm is clipped at norm_clip_factor x the median of the last norm_clip_window accepted
+    # norms, once norm_clip_min_history of them were seen.
+    examples_cap_factor: float | None = 4.0
+    norm_clip_factor: float | None = 5.0
+    norm_clip_window: int = 64
+    norm_clip_min_history: int = 3
 
     def __post_init__(self) -> None:
         topics.validate_name(self.fleet, "fleet")
@@ -60,8 +70,13 @@ class AggregatorConfig:
                 raise ConfigError(f"{what} must be >= 1, got {bound}")
         if not self.chunk_timeout_s > 0:
             raise ConfigError(f"chunk_timeout_s must be > 0 s, got {self.chunk_timeout_s}")
+        self._check_default_caps()
         for what, spec in (("uplink", self.uplink_codec), ("downlink", self.downlink_codec)):
             try:  # unknown codec or a bad parameter: fail before any round, as bad configuration
                 check_codec_spec(spec)
             except ConfigError as exc:
                 raise ConfigError(f"{what} codec {spec!r}: {exc}") from None
+
+    def _check_default_caps(self) -> None:
+        check_factor("examples_cap_factor", self.examples_cap_factor)
+        NormHistory(self.norm_clip_factor, self.norm_clip_window, self.norm_clip_min_history)  # raises if bad

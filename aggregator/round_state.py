@@ -21,6 +21,9 @@ class Progress:
     record: RoundRecord | None = None  # set once the round closed
 
 
+MAX_DETAIL_LINES = 100  # a flood of rejections must not grow a round's record (or memory) without bound
+
+
 @dataclass
 class RoundTally:
     """Bytes, rejections and device-reported CPU seconds of the open round."""
@@ -28,8 +31,11 @@ class RoundTally:
     bytes_up: int = 0
     bytes_down: int = 0
     rejected: Counter = field(default_factory=Counter)
-    detail: list[str] = field(default_factory=list)
+    detail: list[str] = field(default_factory=list)  # the first MAX_DETAIL_LINES lines, then a count
+    detail_dropped: int = 0
     capped: int = 0
+    capped_by: Counter = field(default_factory=Counter)  # update_caps.CAP_* -> updates
+    clipped: int = 0  # updates whose norm was scaled down to the adaptive bound
     accepted_payload_bytes: int = 0
     device_cpu_s: float = 0.0
     train_loss_sum: float = 0.0  # Σ examples · training loss the devices reported with accepted updates
@@ -46,6 +52,18 @@ class RoundTally:
         """The example-weighted mean training loss of the accepted updates (None when none said)."""
         return self.train_loss_sum / self.train_loss_examples if self.train_loss_examples else None
     replayed: int = 0  # accepted before a restart, read back from the update journal
+
+    def note(self, line: str) -> None:
+        """Keep one human-readable line for the round's record, up to MAX_DETAIL_LINES."""
+        if len(self.detail) < MAX_DETAIL_LINES:
+            self.detail.append(line)
+        else:
+            self.detail_dropped += 1
+
+    def detail_lines(self) -> tuple[str, ...]:
+        """The kept lines, plus one saying how many were left out."""
+        more = (f"... and {self.detail_dropped} more",) if self.detail_dropped else ()
+        return (*self.detail, *more)
 
 
 @dataclass

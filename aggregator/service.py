@@ -37,9 +37,10 @@ from .publish_retry import OutagePublisher
 from .results import MetricsLog, RoundRecord, plot_run, write_summary
 from .round_state import OpenRound, Progress, RoundTally
 from .strategy import AggregateInfo, RoundPlan, Strategy
+from .update_caps import CLIP_NORM_MEDIAN, NormHistory, example_caps
 from .update_journal import UpdateJournal
 from .validation import (REJECT_DUPLICATE, REJECT_LATE, REJECT_UNKNOWN_CODEC, REJECT_WRONG_ROUND, REJECT_WRONG_RUN,
-                         ValidationContext, validate_update)
+                         ValidatedUpdate, ValidationContext, validate_update)
 
 _log = logging.getLogger(__name__)
 WAIT_REPORT_EVERY_S = 10.0  # how often a wait for devices or updates logs who is live and who is missing
@@ -102,6 +103,9 @@ class Aggregator:
         self._next_expiry_mono = 0.0
         self._silent: set[str] = set()  # missed a deadline while "live": not selected until heard from
         self._early: list[tuple[str, wire.Update, int]] = []  # updates for the round about to open
+        # Rejections while no round is open (a flood between rounds) are counted in the next round's record.
+        self._idle_tally = RoundTally()
+        self._norms = NormHistory(config.norm_clip_factor, config.norm_clip_window, config.norm_clip_min_history)
         self._stop = threading.Event()
         self.downlink = Downlink(config.resync_every, config.downlink_codec, runtime.manifest.shapes)
         self.uplink_codec = CodecSpec.parse(config.uplink_codec)  # checked by the config: known, valid
@@ -275,16 +279,28 @@ class Aggregator:
                 return False
         self.strategy.accumulate(valid.vector, valid.num_examples, valid.device_id)
         ctx.mark_accepted(update)
+        self._norms.add(valid.norm)
+        ctx.clip_norm = self._norms.bound()  # adapts within the round too: round 1 is bounded after a few
         if tally is not None:
             tally.accepted_payload_bytes += len(update.payload)
             tally.device_cpu_s += float(update.metrics.get("cpu_s", 0.0))
             tally.add_train_loss(update.metrics.get("train_loss"), valid.num_examples)
-        if tally is not None and valid.capped:
-            tally.capped += 1
-            tally.detail.append(f"{device}: example count {valid.claimed_examples} capped to {valid.num_examples}")
+            self._tally_caps(device, valid, tally)
         if not replayed:
             self._ack(device, update, True, "", tally)
         return True
+
+    @staticmethod
+    def _tally_caps(device: str, valid: ValidatedUpdate, tally: RoundTally) -> None:
+        if valid.capped:
+            tally.capped += 1
+            tally.capped_by[valid.cap_reason] += 1
+            tally.note(f"{device}: example count {valid.claimed_examples} capped to {valid.num_examples} "
+                       f"({valid.cap_reason})")
+        if valid.clipped:
+            tally.clipped += 1
+            tally.note(f"{device}: update norm {valid.claimed_norm:.4g} clipped to {valid.norm:.4g} "
+                       f"({CLIP_NORM_MEDIAN})")
 
     def _reject(self, device: str, update: wire.Update, rejection: UpdateRejected, tally: RoundTally | None,
                 ack: bool = True) -> None:
@@ -297,9 +313,9 @@ class Aggregator:
 
     def _count_rejection(self, tally: RoundTally | None, reason: str, detail: str) -> None:
         _log.warning("rejected (%s): %s", reason, detail)
-        if tally is not None:
-            tally.rejected[reason] += 1
-            tally.detail.append(detail)
+        tally = self._idle_tally if tally is None else tally  # no round open: the next round's record
+        tally.rejected[reason] += 1
+        tally.note(detail)
 
     def _ack(self, device: str, update: wire.Update, accepted: bool, reason: str, tally: RoundTally | None) -> None:
         frame = wire.encode(wire.Ack(device_id=device, round_id=update.round_id, update_id=update.update_id,
@@ -372,16 +388,23 @@ class Aggregator:
         selected = set(plan.selected)
         ctx = ValidationContext(round_id=round_id, model_version=self.model_version, selected=frozenset(selected),
                                 num_params=self.params.size, run_id=self.run_id, max_norm=self.config.max_norm,
-                                max_examples=self.config.max_examples, seen_update_ids=self.seen_update_ids)
-        open_round = OpenRound(round_id, started, plan, selected, ctx)
+                                max_examples=self.config.max_examples, example_caps=self._example_caps(selected),
+                                clip_norm=self._norms.bound(), seen_update_ids=self.seen_update_ids)
+        tally, self._idle_tally = self._idle_tally, RoundTally()  # what was rejected while no round was open
+        open_round = OpenRound(round_id, started, plan, selected, ctx, tally)
         self._replay_journal(open_round)
         return open_round
+
+    def _example_caps(self, selected: set[str]) -> dict[str, tuple[int, str]]:
+        """Each device's default example cap, from the partition sizes the fleet reported (update_caps)."""
+        return example_caps(self.live | selected, self.device_metrics.partition_size, self.config.examples_cap_factor)
 
     def _replay_journal(self, open_round: OpenRound) -> None:
         """Fold in the updates this round accepted (and acked) before the aggregator was restarted."""
         for update in self.journal.replay(open_round.round_id):
             open_round.selected.add(update.device_id)  # it was selected when it was accepted
             open_round.ctx.selected = frozenset(open_round.selected)
+            open_round.ctx.example_caps = self._example_caps(open_round.selected)
             if self._on_update(update.device_id, update, open_round.tally, open_round.ctx, replayed=True):
                 open_round.tally.replayed += 1
         if open_round.tally.replayed:
@@ -404,6 +427,7 @@ class Aggregator:
             spare = self._choosable(self.live - ctx.reported_devices)
             open_round.selected = set(ctx.reported_devices) | set(spare[: max(len(open_round.selected), minimum)])
             ctx.selected = frozenset(open_round.selected)
+            ctx.example_caps = self._example_caps(open_round.selected)
             _log.warning("round %d: only %d update(s) by the deadline, %d needed; announcing again (attempt %d)",
                          open_round.round_id, len(ctx.reported_devices), minimum, open_round.attempts + 1)
 
@@ -468,11 +492,12 @@ class Aggregator:
         return RoundRecord(
             round_id=open_round.round_id, model_version=self.model_version, accuracy=accuracy, loss=loss,
             devices_chosen=len(open_round.selected), devices_reported=len(ctx.reported_devices),
-            devices_rejected=dict(tally.rejected), rejected_detail=tuple(tally.detail), bytes_up=tally.bytes_up,
+            devices_rejected=dict(tally.rejected), rejected_detail=tally.detail_lines(), bytes_up=tally.bytes_up,
             bytes_down=tally.bytes_down, round_wall_s=time.monotonic() - open_round.started_mono_s,
             retried=open_round.attempts > 1, total_examples=info.total_examples,
             devices_timed_out=len(ctx.pending_devices()),
-            extra={"attempts": open_round.attempts, "capped": tally.capped, "step_norm": info.step_norm,
+            extra={"attempts": open_round.attempts, "capped": tally.capped, "capped_by": dict(tally.capped_by),
+                   "clipped": tally.clipped, "step_norm": info.step_norm,
                    "device_cpu_s": tally.device_cpu_s, "replayed": tally.replayed,
                    **dict(zip(("inbox_dropped", "inbox_dropped_bytes"), self._inbox.take_dropped())),
                    **({"train_loss": tally.train_loss()} if tally.train_loss() is not None else {}),

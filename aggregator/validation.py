@@ -1,7 +1,8 @@
 """The one gate every update passes before any strategy sees it.
 
 ``validate_update`` either returns a ``ValidatedUpdate`` (the decoded float32 delta, its example
-count capped at the configured maximum) or raises ``sdk.errors.UpdateRejected`` whose ``reason``
+count capped at the configured maximum and at the device's default cap, its norm clipped at the adaptive
+bound of ``aggregator.update_caps``) or raises ``sdk.errors.UpdateRejected`` whose ``reason``
 is one of the ``REJECT_*`` codes below; the aggregator acks the device with that code and counts
 it in the round's metrics. Checks run cheapest and most telling first: header facts (sender,
 round, model version, duplicates, example count), then the codec, then the decoded numbers.
@@ -13,12 +14,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
 from edgetrain.sdk.codecs import get_codec, parse_codec_spec
 from edgetrain.sdk.errors import ConfigError, UpdateRejected, WireError
+
+from .update_caps import CAP_MAX_EXAMPLES
 
 if TYPE_CHECKING:  # only for the annotation: the wire module is the protocol's owner
     from edgetrain.sdk.wire.messages import Update
@@ -60,6 +63,9 @@ class ValidationContext:
     ``seen_update_ids`` may be carried across rounds (QoS 1 redeliveries can arrive late);
     ``reported_devices`` is per round. ``allowed_codecs`` (codec names, None = any registered)
     limits what this server accepts; codec parameters travel in the update's codec spec.
+    ``example_caps`` (device -> (cap, reason), ``update_caps.example_caps``) lowers a device's claimed
+    count on top of ``max_examples``; an update whose norm exceeds ``clip_norm`` is scaled down to it
+    (``max_norm`` rejects instead: the operator's hard limit).
     """
 
     round_id: int
@@ -70,6 +76,8 @@ class ValidationContext:
     max_norm: float | None = None
     max_examples: int | None = None
     allowed_codecs: frozenset[str] | None = None
+    example_caps: Mapping[str, tuple[int, str]] = field(default_factory=dict)
+    clip_norm: float | None = None
     seen_update_ids: set[str] = field(default_factory=set)
     reported_devices: set[str] = field(default_factory=set)
 
@@ -83,6 +91,10 @@ class ValidationContext:
             raise ConfigError(f"max_norm must be > 0 or None, got {self.max_norm}")
         if self.max_examples is not None and self.max_examples < 1:
             raise ConfigError(f"max_examples must be >= 1 or None, got {self.max_examples}")
+        if self.clip_norm is not None and not (0 < self.clip_norm < math.inf):
+            raise ConfigError(f"clip_norm must be finite and > 0 or None, got {self.clip_norm}")
+        if any(cap < 1 for cap, _ in self.example_caps.values()):
+            raise ConfigError(f"example caps must be >= 1, got {dict(self.example_caps)}")
 
     def mark_accepted(self, update: Update) -> None:
         """Record an update the caller has folded in, so a redelivery or a second one is a duplicate."""
@@ -98,8 +110,10 @@ class ValidationContext:
 class ValidatedUpdate:
     """An accepted update: the decoded delta and the example count to weight it by.
 
-    ``capped`` is True when the device claimed more than ``ctx.max_examples``; ``num_examples``
-    is then the cap and ``claimed_examples`` what the device said (log it, it may be lying).
+    ``capped`` is True when the device claimed more than its cap (``ctx.max_examples`` or its entry in
+    ``ctx.example_caps``, whichever is lower); ``num_examples`` is then the cap, ``cap_reason`` names it
+    and ``claimed_examples`` is what the device said (log it, it may be lying). ``clipped``: the vector
+    was scaled from ``claimed_norm`` down to ``norm`` (``ctx.clip_norm``).
     """
 
     device_id: str
@@ -109,6 +123,17 @@ class ValidatedUpdate:
     claimed_examples: int
     capped: bool
     norm: float  # L2 norm of ``vector``
+    cap_reason: str = ""  # an update_caps.CAP_* code when capped
+    clipped: bool = False
+    claimed_norm: float = 0.0  # the norm as sent (== norm unless clipped)
+
+
+def _example_cap(update: Update, ctx: ValidationContext) -> tuple[int, str] | None:
+    """The lowest cap that applies to ``update``'s device, with its reason; None when there is none."""
+    caps = [(ctx.max_examples, CAP_MAX_EXAMPLES)] if ctx.max_examples is not None else []
+    if update.device_id in ctx.example_caps:
+        caps.append(ctx.example_caps[update.device_id])
+    return min(caps) if caps else None
 
 
 def _reject(reason: str, update: Update, detail: str) -> UpdateRejected:
@@ -187,15 +212,23 @@ def validate_update(update: Update, *, topic_device: str, ctx: ValidationContext
     vector64 = vector.astype(np.float64)
     norm = math.sqrt(float(np.dot(vector64, vector64)))
     if ctx.max_norm is not None and norm > ctx.max_norm:
-        raise _reject(REJECT_NORM_TOO_LARGE, update, f"L2 norm {norm:.6g} exceeds the bound {ctx.max_norm:.6g}")
+        raise _reject(REJECT_NORM_TOO_LARGE, update,
+                      f"L2 norm {norm:.6g} exceeds the bound {ctx.max_norm:.6g}")
+    clipped = ctx.clip_norm is not None and norm > ctx.clip_norm
+    if clipped:
+        vector = (vector64 * (ctx.clip_norm / norm)).astype(np.float32)
     claimed = int(update.num_examples)
-    capped = ctx.max_examples is not None and claimed > ctx.max_examples
+    cap = _example_cap(update, ctx)
+    capped = cap is not None and claimed > cap[0]
     return ValidatedUpdate(
         device_id=update.device_id,
         update_id=update.update_id,
         vector=vector,
-        num_examples=ctx.max_examples if capped and ctx.max_examples is not None else claimed,
+        num_examples=cap[0] if capped and cap is not None else claimed,
         claimed_examples=claimed,
         capped=capped,
-        norm=norm,
+        norm=float(ctx.clip_norm) if clipped and ctx.clip_norm is not None else norm,
+        cap_reason=cap[1] if capped and cap is not None else "",
+        clipped=clipped,
+        claimed_norm=norm,
     )

@@ -312,11 +312,19 @@ class AggregatorThread:
     """``Aggregator.run`` on a thread, built by ``aggregator.cli.build_aggregator``."""
 
     def __init__(self, broker: BrokerConfig, assets: FleetAssets, fleet: str, out_dir: Path, *flags: str,
-                 resume: bool = False) -> None:
+                 resume: bool = False, settings: dict | None = None) -> None:
+        """``settings``: AggregatorConfig fields that have no CLI flag (e.g. ``chunk_timeout_s``)."""
+        import dataclasses
+
         from edgetrain.aggregator.cli import build_aggregator
+        from edgetrain.aggregator.service import Aggregator
 
         args = round_args("--data-dir", str(assets.data_dir), *flags)
-        self.aggregator = build_aggregator(args, broker, out_dir, assets.bundle, fleet, resume)
+        built = build_aggregator(args, broker, out_dir, assets.bundle, fleet, resume)
+        if settings:  # the same pieces, another config: nothing has connected yet
+            built = Aggregator(dataclasses.replace(built.config, **settings), built.strategy, built.transport,
+                               built.runtime, built.params, (built.test_x, built.test_y))
+        self.aggregator = built
         self.out_dir = out_dir
         self.stop_event = threading.Event()
         self.records: list | None = None
