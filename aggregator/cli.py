@@ -206,7 +206,7 @@ def build_aggregator(args: argparse.Namespace, broker, out_dir: Path, bundle: Pa
     from edgetrain.sdk.bundle import load_manifest, read_initial_parameters
     from edgetrain.sdk.data import load_split, to_model_input
     from edgetrain.sdk.runtime import load_runtime, runtime_available, select_bundle
-    from edgetrain.sdk.transport import Transport
+    from edgetrain.sdk.transport import MqttTransport
 
     from .service import Aggregator
 
@@ -225,7 +225,7 @@ def build_aggregator(args: argparse.Namespace, broker, out_dir: Path, bundle: Pa
     # a broker restart would drop updates queued for us. A fresh run discards the old session in start().
     # One aggregator per fleet: it can retry the broker every 10 s at most (devices, many, back off to 60 s),
     # so a round resumes within seconds of the broker's return.
-    transport = Transport(broker, client_id=f"edgetrain-aggregator-{fleet}", clean_start=False, reconnect_max_s=10.0)
+    transport = MqttTransport(broker, client_id=f"edgetrain-aggregator-{fleet}", clean_start=False, reconnect_max_s=10.0)
     return Aggregator(config, strategy, transport, runtime, read_initial_parameters(bundle, manifest), test_data,
                       signing_key=signing_key_from_args(args))
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 
 from edgetrain.sdk.errors import BrokerUnavailable, PublishTimeout
-from edgetrain.sdk.transport import MessageTransport
+from edgetrain.sdk.transport import Transport
 
 _log = logging.getLogger(__name__)
 ANNOUNCE_TIMEOUT_S = 30.0  # one attempt's wait for an announcement's PUBACK (a whole model can be large)
@@ -95,7 +95,7 @@ class OutagePublisher:
     ``bound_s`` (``sleep`` may raise to end the wait early), acks are best effort. The per-attempt
     timeouts are read from ``ANNOUNCE_TIMEOUT_S`` and ``ACK_TIMEOUT_S`` on each call."""
 
-    def __init__(self, transport: MessageTransport, bound_s: float, sleep: Callable[[float], None] = time.sleep,
+    def __init__(self, transport: Transport, bound_s: float, sleep: Callable[[float], None] = time.sleep,
                  log: logging.Logger = _log, clock: Callable[[], float] = time.monotonic) -> None:
         self.transport = transport
         self.bound_s = bound_s

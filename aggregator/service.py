@@ -26,7 +26,7 @@ from edgetrain.sdk.codecs import CodecSpec
 from edgetrain.sdk.errors import EdgetrainError, UnknownCodec, UpdateRejected, WireError
 from edgetrain.sdk.atomic_write import atomic_write_text
 from edgetrain.sdk.runtime import Runtime
-from edgetrain.sdk.transport import MessageTransport
+from edgetrain.sdk.transport import Transport
 
 from .config import AggregatorConfig
 from .device_metrics import DeviceMetricsCollector
@@ -77,7 +77,7 @@ class RunStopped(EdgetrainError):
 class Aggregator:
     """Runs ``config.rounds`` rounds of ``strategy`` over ``transport``; evaluates with ``runtime``."""
 
-    def __init__(self, config: AggregatorConfig, strategy: Strategy, transport: MessageTransport, runtime: Runtime,
+    def __init__(self, config: AggregatorConfig, strategy: Strategy, transport: Transport, runtime: Runtime,
                  initial_params: np.ndarray, test_data: tuple[np.ndarray, np.ndarray],
                  signing_key: Ed25519PrivateKey | None = None) -> None:
         """``signing_key``: signs every announcement (``sdk.wire.signing``); devices configured with its

@@ -26,10 +26,10 @@ COMMUNICATION_WINDOW = "communication"
 def measure_publish_ack(broker_config: Any, frame: bytes, meter: EnergyMeter, *, fleet: str = "bench",
                         device_id: str = "bench", repeats: int = 10, timeout_s: float = 30.0) -> dict[str, Any]:
     """Publish ``frame`` ``repeats`` times after one untimed warm-up publish; latency stats in seconds."""
-    from edgetrain.sdk.transport import Transport  # imports paho only when a broker is asked for
+    from edgetrain.sdk.transport import MqttTransport  # imports paho only when a broker is asked for
 
     topic = topics.update_topic(fleet, device_id)
-    transport = Transport(broker_config, client_id=f"{device_id}-bench-{os.getpid()}", clean_start=True,
+    transport = MqttTransport(broker_config, client_id=f"{device_id}-bench-{os.getpid()}", clean_start=True,
                           session_expiry_s=0)
     connect_started = time.perf_counter()
     transport.connect(timeout_s=timeout_s)

@@ -44,7 +44,7 @@ from .model_sync import ModelReplica
 from .outbox import Outbox
 from .round_settings import RoundSettings
 from .runtime import Runtime, TrainConfig
-from .transport import MessageTransport
+from .transport import Transport
 
 _log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class Device:
     are obeyed.
     """
 
-    def __init__(self, config: DeviceConfig, transport: MessageTransport, runtime: Runtime, data: LocalData,
+    def __init__(self, config: DeviceConfig, transport: Transport, runtime: Runtime, data: LocalData,
                  energy: EnergyProbe | None = None, energy_unavailable: str = "",
                  bench: Mapping[str, float] | None = None, aggregator_key: Ed25519PublicKey | None = None) -> None:
         self.config = config

@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     from .data import PartitionSpec
     from .device import Device, DeviceConfig, LocalData
     from .runtime import load_runtime, select_bundle
-    from .transport import Transport
+    from .transport import MqttTransport
     from . import topics, wire
 
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s {args.device_id} %(levelname)s %(message)s")
@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     limit_threads(runtime, args.threads)
     data = LocalData.load(config, runtime, args.data_dir, limit=args.limit_examples)
     offline = wire.encode(wire.Status(device_id=args.device_id, online=False, info={"reason": "connection lost"}))
-    transport = Transport(broker, client_id=args.device_id, will=(topics.status_topic(args.fleet, args.device_id),
+    transport = MqttTransport(broker, client_id=args.device_id, will=(topics.status_topic(args.fleet, args.device_id),
                                                                    offline, True))
     if args.wait_for_broker is not None and not stop.is_set():  # after the loads: they overlap the wait
         wait_for_broker(broker, args.wait_for_broker, stop)

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from edgetrain.sdk import topics, wire
-from edgetrain.sdk.transport import BrokerConfig, Transport
+from edgetrain.sdk.transport import BrokerConfig, MqttTransport
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WAIT_S = 20.0  # upper bound for any event-driven wait; passing runs take a fraction of it
@@ -85,7 +85,7 @@ class Sniffer:
     """A plain Transport that records every message on the filters it subscribes to."""
 
     def __init__(self, broker: BrokerConfig, client_id: str = "sniffer") -> None:
-        self.transport = Transport(broker, client_id, clean_start=True, reconnect_min_s=0.1, reconnect_max_s=1.0)
+        self.transport = MqttTransport(broker, client_id, clean_start=True, reconnect_min_s=0.1, reconnect_max_s=1.0)
         self.messages: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self.seen: list[tuple[str, bytes]] = []
         self._lock = threading.Lock()
@@ -198,7 +198,7 @@ def make_device(broker: BrokerConfig, assets: FleetAssets, fleet: str, device_id
     runtime = load_runtime(assets.bundle)
     data = LocalData.load(config, runtime, assets.data_dir, limit=limit)
     offline = wire.encode(wire.Status(device_id=device_id, online=False, info={"reason": "connection lost"}))
-    transport = Transport(broker, client_id=device_id, will=(topics.status_topic(fleet, device_id), offline, True),
+    transport = MqttTransport(broker, client_id=device_id, will=(topics.status_topic(fleet, device_id), offline, True),
                           reconnect_min_s=0.2, reconnect_max_s=1.0)
 
     class _Gated(Device):

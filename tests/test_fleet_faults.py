@@ -17,7 +17,7 @@ from edgetrain.aggregator import publish_retry
 from edgetrain.aggregator.checkpoint import list_checkpoints, load_latest
 from edgetrain.sdk import topics, wire
 from edgetrain.sdk.errors import BrokerUnavailable
-from edgetrain.sdk.transport import Transport
+from edgetrain.sdk.transport import MqttTransport
 from tests.fleet import (AggregatorThread, FleetAssets, Gate, Sniffer, broker_config, cleanup,  # noqa: F401
                          fleet_assets, metrics, spawn_cli, spawn_device, start_device_threads, wait_for)
 from tests.mosquitto import MosquittoBroker
@@ -173,7 +173,7 @@ def test_aggregator_gives_up_on_a_broker_that_stays_down(broker: MosquittoBroker
                                                           tmp_path: Path, cleanup: list[Callable[[], None]]) -> None:
     config = broker_config(broker.url)
     # A device that says it is online and never trains: enough for the aggregator to announce a round.
-    ghost = Transport(config, "ghost", clean_start=True)
+    ghost = MqttTransport(config, "ghost", clean_start=True)
     ghost.connect()
     cleanup.append(ghost.close)
     ghost.publish(topics.status_topic(FLEET, "ghost"), wire.encode(wire.Status("ghost", True, {})), retain=True)

@@ -43,7 +43,7 @@ def _metered_device(broker: BrokerConfig, assets: FleetAssets, root: Path, index
     from edgetrain.sdk.data import PartitionSpec
     from edgetrain.sdk.device import Device, DeviceConfig, LocalData
     from edgetrain.sdk.runtime import load_runtime
-    from edgetrain.sdk.transport import Transport
+    from edgetrain.sdk.transport import MqttTransport
 
     device_id = f"dev-{index}"
     config = DeviceConfig(fleet=FLEET, device_id=device_id, state_dir=root / device_id,
@@ -51,7 +51,7 @@ def _metered_device(broker: BrokerConfig, assets: FleetAssets, root: Path, index
                           gradient_metrics_every=gradient_every)
     runtime = load_runtime(assets.bundle)
     data = LocalData.load(config, runtime, assets.data_dir, limit=LIMITS[index])
-    transport = Transport(broker, client_id=device_id, reconnect_min_s=0.2, reconnect_max_s=1.0)
+    transport = MqttTransport(broker, client_id=device_id, reconnect_min_s=0.2, reconnect_max_s=1.0)
     rapl = FakeRapl(root / f"sysfs-{index}", {}) if energy is not None else None
 
     class _Metered(Device):

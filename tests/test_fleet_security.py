@@ -14,7 +14,7 @@ import pytest
 
 from edgetrain.sdk import topics, wire
 from edgetrain.sdk.errors import BrokerUnavailable, TransportError
-from edgetrain.sdk.transport import Transport
+from edgetrain.sdk.transport import MqttTransport
 from tests.fleet import (AggregatorThread, DeviceThread, FleetAssets, Gate, Sniffer,  # noqa: F401 (fixtures)
                          broker_config, cleanup, fleet_assets, make_device, metrics, publish_update)
 from tests.mosquitto import MosquittoBroker, make_tls_material
@@ -48,7 +48,7 @@ def test_acl_stops_a_device_speaking_for_another(broker_factory: Callable[..., M
                              cert_file=cert, key_file=key)
 
     with pytest.raises(BrokerUnavailable):  # a wrong password is refused at the door
-        Transport(config("dev-a", "guess"), "dev-a-guess").connect(timeout_s=5)
+        MqttTransport(config("dev-a", "guess"), "dev-a-guess").connect(timeout_s=5)
 
     gate = Gate()
     limits = {"dev-a": 70, "dev-b": 90}
@@ -167,8 +167,8 @@ def test_own_credentials_cannot_take_over_another_client_id(broker_factory: Call
         return broker_config(broker.url, username=user, password=passwords[user], ca_file=tls.ca_cert,
                              cert_file=cert, key_file=key)
 
-    clients = [Transport(config(user), user) for user in ("aggregator", "dev-b")]
-    clients += [Transport(config("dev-c"), stolen_id) for stolen_id in ("dev-b", "aggregator")]
+    clients = [MqttTransport(config(user), user) for user in ("aggregator", "dev-b")]
+    clients += [MqttTransport(config("dev-c"), stolen_id) for stolen_id in ("dev-b", "aggregator")]
     for client in clients:
         client.connect(timeout_s=10)
         cleanup.append(client.close)

@@ -15,7 +15,7 @@ import edgetrain.aggregator.simulate as simulate_module
 from edgetrain.aggregator.local_broker import EmbeddedBroker, amqtt_available, start_local_broker
 from edgetrain.cli import main
 from edgetrain.sdk.errors import BrokerUnavailable, ConfigError
-from edgetrain.sdk.transport import BrokerConfig, Transport
+from edgetrain.sdk.transport import BrokerConfig, MqttTransport
 from tests.fleet import FleetAssets, fleet_assets, metrics  # noqa: F401
 
 needs_amqtt = pytest.mark.skipif(not amqtt_available(), reason="amqtt not installed (pip install amqtt)")
@@ -54,8 +54,8 @@ def test_embedded_broker_keeps_a_persistent_session_over_mqtt_311(no_mosquitto: 
         assert isinstance(broker, EmbeddedBroker) and "fell back" in description and broker.url in description
         config = BrokerConfig.parse(broker.url)
         received: queue.Queue[tuple[str, bytes]] = queue.Queue()
-        with Transport(config, "pub", clean_start=True) as publisher:
-            listener = Transport(config, "listener")
+        with MqttTransport(config, "pub", clean_start=True) as publisher:
+            listener = MqttTransport(config, "listener")
             listener.connect()  # then subscribe: a connected subscribe waits for the SUBACK
             listener.subscribe("fleet/#", lambda topic, payload: received.put((topic, payload)))
             publisher.publish("fleet/a", b"x" * 200_000)
@@ -66,7 +66,7 @@ def test_embedded_broker_keeps_a_persistent_session_over_mqtt_311(no_mosquitto: 
             listener.close()
             time.sleep(0.5)
             publisher.publish("fleet/b", b"while away")
-            back = Transport(config, "listener")
+            back = MqttTransport(config, "listener")
             back.subscribe("fleet/#", lambda topic, payload: received.put((topic, payload)))
             with back:
                 assert received.get(timeout=10) == ("fleet/b", b"while away")

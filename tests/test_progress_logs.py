@@ -58,10 +58,10 @@ def test_a_device_logs_one_line_per_round(broker, fleet_assets: FleetAssets, tmp
 
 @pytest.mark.broker
 def test_closing_a_connection_ourselves_logs_no_disconnection_line(broker, caplog: pytest.LogCaptureFixture) -> None:
-    from edgetrain.sdk.transport import Transport
+    from edgetrain.sdk.transport import MqttTransport
 
     caplog.set_level(logging.INFO, logger="edgetrain.sdk.transport")
-    transport = Transport(broker_config(broker.url), client_id="quiet-close")
+    transport = MqttTransport(broker_config(broker.url), client_id="quiet-close")
     transport.connect()
     transport.close()
     assert not [r for r in caplog.records if "disconnected" in r.getMessage() and r.levelno >= logging.INFO]

@@ -24,7 +24,6 @@ from edgetrain.sdk.transport import (
     BrokerConfig,
     MemoryBroker,
     MemoryTransport,
-    MessageTransport,
     MqttTransport,
     Transport,
     check_filter,
@@ -65,7 +64,7 @@ def transports() -> Iterator[Callable[..., Transport]]:
     def make(config: BrokerConfig, client_id: str, **kwargs: object) -> Transport:
         kwargs.setdefault("reconnect_min_s", 0.1)
         kwargs.setdefault("reconnect_max_s", 1.0)
-        transport = Transport(config, client_id, **kwargs)  # type: ignore[arg-type]
+        transport = MqttTransport(config, client_id, **kwargs)  # type: ignore[arg-type]
         made.append(transport)
         return transport
 
@@ -114,11 +113,11 @@ def test_config_refuses_inconsistent_fields(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="keepalive"):
         BrokerConfig("mqtt://h", keepalive_s=0)
     with pytest.raises(ConfigError, match="client_id"):
-        Transport(BrokerConfig("mqtt://h"), "")
+        MqttTransport(BrokerConfig("mqtt://h"), "")
     with pytest.raises(ConfigError, match="mqtts://h:8883"):
-        Transport(BrokerConfig.parse("mqtts://h", ca_file=tmp_path / "missing.crt"), "dev-1")
+        MqttTransport(BrokerConfig.parse("mqtts://h", ca_file=tmp_path / "missing.crt"), "dev-1")
     with pytest.raises(ConfigError, match="dev-1"):
-        Transport(BrokerConfig("mqtt://h"), "dev-1", will=("status/#", b"offline", True))
+        MqttTransport(BrokerConfig("mqtt://h"), "dev-1", will=("status/#", b"offline", True))
 
 
 # -- outbox --------------------------------------------------------------------------------
@@ -154,7 +153,7 @@ def test_publish_subscribe_round_trip(broker: MosquittoBroker, transports: Calla
     aggregator = transports(config, "aggregator")
     aggregator.subscribe(topics.update_filter(FLEET), inbox)
     aggregator.connect()
-    with Transport(config, "dev-1") as device:
+    with MqttTransport(config, "dev-1") as device:
         payload = os.urandom(100_000)
         device.publish(topics.update_topic(FLEET, "dev-1"), payload)
     assert inbox.get() == (topics.update_topic(FLEET, "dev-1"), payload)
@@ -163,7 +162,7 @@ def test_publish_subscribe_round_trip(broker: MosquittoBroker, transports: Calla
 def test_unreachable_broker_names_the_url() -> None:
     url = f"mqtt://127.0.0.1:{free_port()}"
     with pytest.raises(BrokerUnavailable, match=url):
-        Transport(BrokerConfig.parse(url), "dev-1").connect(timeout_s=2)
+        MqttTransport(BrokerConfig.parse(url), "dev-1").connect(timeout_s=2)
 
 
 def test_offline_device_gets_queued_messages_after_broker_restart(
@@ -174,7 +173,7 @@ def test_offline_device_gets_queued_messages_after_broker_restart(
     first_run.subscribe(ack, Inbox())
     first_run.connect()
     first_run.close()  # the device goes away; its session stays on the broker
-    with Transport(config, "aggregator") as aggregator:
+    with MqttTransport(config, "aggregator") as aggregator:
         aggregator.publish(ack, b"ack round 1")
         aggregator.publish(ack, b"ack round 2")
     broker.stop()  # SIGTERM writes the persistence file
@@ -190,7 +189,7 @@ def test_offline_device_gets_queued_messages_after_broker_restart(
 def test_retained_announce_reaches_a_late_subscriber(
         broker: MosquittoBroker, transports: Callable[..., Transport]) -> None:
     config = BrokerConfig.parse(broker.url)
-    with Transport(config, "aggregator") as aggregator:
+    with MqttTransport(config, "aggregator") as aggregator:
         aggregator.publish(topics.announce_topic(FLEET), b"round 7", retain=True)
     inbox = Inbox()
     transports(config, "dev-9").connect()
@@ -202,9 +201,9 @@ def test_retained_announce_reaches_a_late_subscriber(
 
 WILL_SCRIPT = """
 import sys
-from edgetrain.sdk.transport import BrokerConfig, Transport
+from edgetrain.sdk.transport import BrokerConfig, MqttTransport
 url, topic = sys.argv[1:3]
-device = Transport(BrokerConfig.parse(url), "doomed", will=(topic, b"offline", True))
+device = MqttTransport(BrokerConfig.parse(url), "doomed", will=(topic, b"offline", True))
 device.connect()
 device.publish(topic, b"online", retain=True)
 print("ready", flush=True)
@@ -221,7 +220,7 @@ def test_last_will_on_abrupt_death_but_not_on_close(
     watcher.subscribe(status, inbox)
     watcher.connect()
 
-    with Transport(config, "polite", will=(status, b"offline", True)):
+    with MqttTransport(config, "polite", will=(status, b"offline", True)):
         pass  # a clean DISCONNECT: the broker must drop the will
     watcher.publish(status, b"sentinel")
     assert inbox.get() == (status, b"sentinel")
@@ -294,7 +293,7 @@ def test_subscriptions_are_remade_when_the_broker_forgot_them(
     broker.stop()
     broker.start()
     assert aggregator_back.wait(WAIT_S)
-    with Transport(config, "publisher") as publisher:
+    with MqttTransport(config, "publisher") as publisher:
         # retained: arrives whether the re-subscription lands before or after it
         publisher.publish(topics.announce_topic(FLEET), b"round 2", retain=True)
     assert inbox.get() == (topics.announce_topic(FLEET), b"round 2")
@@ -398,7 +397,7 @@ def test_invalid_filters_are_refused_by_both_transports(bad: str) -> None:
     with pytest.raises(TransportError):
         MemoryTransport(MemoryBroker(), "dev-1").subscribe(bad, Inbox())
     with pytest.raises(TransportError):
-        Transport(BrokerConfig("mqtt://h"), "dev-1").subscribe(bad, Inbox())
+        MqttTransport(BrokerConfig("mqtt://h"), "dev-1").subscribe(bad, Inbox())
 
 
 def _imports_paho(path: Path) -> bool:
@@ -421,7 +420,7 @@ def test_only_the_mqtt_module_imports_paho() -> None:
 class Contract:
     """Makes transports of one kind and ends one abruptly, so one scenario runs against both kinds."""
 
-    def __init__(self, make: Callable[..., MessageTransport], die: Callable[[str, str, bytes], None]) -> None:
+    def __init__(self, make: Callable[..., Transport], die: Callable[[str, str, bytes], None]) -> None:
         self.make = make
         self.die = die  # die(client_id, will_topic, will_payload): a client that connects, then dies
 
@@ -463,7 +462,7 @@ def test_both_transports_keep_the_same_contract(contract: Contract) -> None:
     """Wildcard subscription, retained delivery to a late subscriber, last will, QoS 1 publish confirmed."""
     aggregator_inbox = Inbox()
     aggregator = contract.make("aggregator")
-    assert isinstance(aggregator, MessageTransport)
+    assert isinstance(aggregator, Transport)
     aggregator.subscribe(topics.update_filter(FLEET), aggregator_inbox)
     aggregator.subscribe(topics.status_filter(FLEET), aggregator_inbox)
     aggregator.connect()

@@ -1,6 +1,6 @@
 """The transport seam: what ``Device``, ``Aggregator`` and ``OutagePublisher`` need of a message transport.
 
-Two implementations satisfy ``MessageTransport``: ``MqttTransport`` (paho, a real broker) and
+Two implementations satisfy ``Transport``: ``MqttTransport`` (paho, a real broker) and
 ``MemoryTransport`` over a ``MemoryBroker`` (in-process, for tests), as httpx's ``MockTransport`` is the
 twin of its HTTP transport. The seam promises nothing about threads beyond this:
 
@@ -26,7 +26,7 @@ FailureHook = Callable[[TransportError], None]
 
 
 @runtime_checkable
-class MessageTransport(Protocol):
+class Transport(Protocol):
     """A publish/subscribe connection under one client id, with at-least-once (QoS 1) delivery."""
 
     client_id: str

@@ -1,7 +1,7 @@
 """The in-memory twin of the MQTT transport, for tests: ``MemoryBroker`` + ``MemoryTransport``.
 
 As httpx's ``MockTransport`` stands in for its HTTP transport, ``MemoryTransport`` satisfies the same
-``MessageTransport`` protocol as ``MqttTransport`` and keeps the broker behaviour edgetrain relies on:
+``Transport`` protocol as ``MqttTransport`` and keeps the broker behaviour edgetrain relies on:
 topic filters with ``+``/``#`` (``matching``, the same code the MQTT transport dispatches with), retained
 messages (an empty retained payload clears one; retained messages arrive again on every (re)subscription,
 as Mosquitto sends them), persistent sessions (QoS 1 messages for a client that is away wait for it), the
@@ -201,7 +201,7 @@ class MemoryTransport:
         self._failure: TransportError | None = None
         self._lock = threading.Lock()
 
-    # -- MessageTransport --------------------------------------------------------------------------------
+    # -- Transport --------------------------------------------------------------------------------
     @property
     def config(self) -> BrokerConfig:
         return self.broker.config

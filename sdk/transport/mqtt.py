@@ -16,7 +16,7 @@ Threads: paho's ``loop_start`` runs one network thread per client; message handl
 callbacks run on it, so a handler must be quick (hand work to a ``queue.Queue``) and must not call
 the blocking ``publish``/``subscribe``. Reconnect hooks run on a separate thread and may block.
 Nothing outside this module relies on those threads (see ``base``): a selector-driven client can
-replace them behind the same ``MessageTransport`` protocol.
+replace them behind the same ``Transport`` protocol.
 
 One client id, one connection: when another connection takes over the id, an MQTT 5 broker tells
 the older one so with DISCONNECT reason 0x8E "Session taken over" (MQTT 5.0, 3.14.2.1). Reconnecting
