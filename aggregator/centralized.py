@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -77,6 +77,18 @@ def _batches(images: np.ndarray, labels: np.ndarray, batch_size: int, rng: np.ra
         yield to_model_input(images[idx], mean, std), labels[idx]
 
 
+def _train_config(args: argparse.Namespace, opt: Mapping[str, Any]) -> TrainConfig:
+    """The flags, else the bundle's optimizer settings (``opt``: the manifest's), else the fallbacks."""
+    return TrainConfig(
+        lr=args.lr if args.lr is not None else float(opt.get("lr", FALLBACK_LR)),
+        # AdamW bundles have no SGD momentum to fall back on.
+        momentum=args.momentum if args.momentum is not None else float(
+            opt.get("momentum", 0.0 if opt.get("name") == "adamw" else FALLBACK_MOMENTUM)),
+        weight_decay=float(opt.get("weight_decay", 0.0)),
+        nesterov=bool(opt.get("nesterov", False)) and (args.momentum is None or args.momentum > 0),
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     epochs = _positive(args.epochs, "--epochs")
     _positive(args.count, "--count")
@@ -89,15 +101,7 @@ def run(args: argparse.Namespace) -> int:
         runtime.set_threads(_positive(args.threads, "--threads"))
     threads = args.threads or "library default"
     batch_size = _batch_size(args.batch_size, manifest.fixed_batch_size)
-    opt = manifest.optimizer
-    config = TrainConfig(
-        lr=args.lr if args.lr is not None else float(opt.get("lr", FALLBACK_LR)),
-        # AdamW bundles have no SGD momentum to fall back on.
-        momentum=args.momentum if args.momentum is not None else float(
-            opt.get("momentum", 0.0 if opt.get("name") == "adamw" else FALLBACK_MOMENTUM)),
-        weight_decay=float(opt.get("weight_decay", 0.0)),
-        nesterov=bool(opt.get("nesterov", False)) and (args.momentum is None or args.momentum > 0),
-    )
+    config = _train_config(args, manifest.optimizer)
 
     train = load_split("train", data_dir=args.data_dir)
     test = load_split("test", data_dir=args.data_dir)

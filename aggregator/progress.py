@@ -52,56 +52,69 @@ def round_printer(unit: str = "round", stream: TextIO | None = None, live: bool 
     """A progress callback: a live bar on a terminal (``live``, default: stderr is one), one line per
     evaluated (or troubled) round and, without a terminal, one at least every PLAIN_LINE_EVERY_S; the
     byte and time figures on a line are summed since the previous line."""
-    out = stream or sys.stdout
-    live = sys.stderr.isatty() if live is None else live
-    since = {"up": 0, "down": 0, "wall": 0.0, "rejected": 0}
-    eta = EtaClock(clock)
-    state: dict[str, Any] = {"bar": None, "last_line": clock()}
+    return RoundPrinter(unit, stream or sys.stdout, sys.stderr.isatty() if live is None else live, clock)
 
-    def write(line: str) -> None:
-        if state["bar"] is not None:
-            state["bar"].write(line, file=out)
+
+class RoundPrinter:
+    """``round_printer``'s state: the bar (tqdm, when live and installed), the figures since the last line."""
+
+    def __init__(self, unit: str, out: TextIO, live: bool, clock: Callable[[], float]) -> None:
+        self.unit, self.out, self.live, self.clock = unit, out, live, clock
+        self.since = {"up": 0, "down": 0, "wall": 0.0, "rejected": 0}
+        self.eta = EtaClock(clock)
+        self.bar: Any = None
+        self.last_line = clock()
+
+    def write(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=self.out)
         else:
-            print(line, file=out, flush=True)
-        state["last_line"] = clock()
+            print(line, file=self.out, flush=True)
+        self.last_line = self.clock()
 
-    def show(progress: Progress) -> None:
-        eta.saw(progress.round_id)
+    def __call__(self, progress: Progress) -> None:
+        self.eta.saw(progress.round_id)
         if progress.record is None:
-            if live and state["bar"] is None:
-                state["bar"] = _tqdm_bar(progress.rounds, unit, sys.stderr)
-                if state["bar"] is not None:
-                    state["bar"].update(progress.round_id - 1)
-            if state["bar"] is None and live:
-                print(f"\r{unit} {progress.round_id}/{progress.rounds}: {progress.reported}/{progress.chosen} "
-                      "updates", end="", file=sys.stderr, flush=True)
+            self._waiting(progress)
             return
         r = progress.record
-        remaining = eta.eta_s(r.round_id, progress.rounds)
+        remaining = self.eta.eta_s(r.round_id, progress.rounds)
         loss = r.extra.get("train_loss")
-        since["up"] += r.bytes_up
-        since["down"] += r.bytes_down
-        since["wall"] += r.round_wall_s
-        since["rejected"] += sum(r.devices_rejected.values())
-        bar = state["bar"]
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix_str(("" if loss is None else f"loss {loss:.4f}  ")
-                                + ("" if remaining is None else f"ETA {format_duration(remaining)}"), refresh=False)
+        self.since["up"] += r.bytes_up
+        self.since["down"] += r.bytes_down
+        self.since["wall"] += r.round_wall_s
+        self.since["rejected"] += sum(r.devices_rejected.values())
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(("" if loss is None else f"loss {loss:.4f}  ")
+                                     + ("" if remaining is None else f"ETA {format_duration(remaining)}"),
+                                     refresh=False)
         last = r.round_id == progress.rounds
-        quiet_too_long = not live and clock() - state["last_line"] >= PLAIN_LINE_EVERY_S
+        quiet_too_long = not self.live and self.clock() - self.last_line >= PLAIN_LINE_EVERY_S
         if r.accuracy is None and not r.retried and not r.devices_rejected and not last and not quiet_too_long:
             return
-        acc = "   -  " if r.accuracy is None else f"{100 * r.accuracy:5.2f}%"
-        write(("\r" if live and bar is None else "") + f"{unit} {r.round_id:3d}/{progress.rounds}  acc {acc}"
-              + ("" if loss is None else f"  loss {loss:.4f}")
-              + f"  updates {r.devices_reported}/{r.devices_chosen}  rejected {since['rejected']}"
-              f"  up {since['up'] / 1e6:7.2f} MB  down {since['down'] / 1e6:7.2f} MB  {since['wall']:6.1f} s"
-              + ("" if remaining is None or last else f"  ETA {format_duration(remaining)}")
-              + ("  (retried)" if r.retried else ""))
-        since.update(up=0, down=0, wall=0.0, rejected=0)
-        if last and bar is not None:
-            bar.close()
-            state["bar"] = None
+        self.write(self._line(r, progress.rounds, loss, None if last else remaining))
+        self.since.update(up=0, down=0, wall=0.0, rejected=0)
+        if last and self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
-    return show
+    def _waiting(self, progress: Progress) -> None:
+        """A round still collecting: start the bar, or (live without tqdm) overwrite one status line."""
+        if self.live and self.bar is None:
+            self.bar = _tqdm_bar(progress.rounds, self.unit, sys.stderr)
+            if self.bar is not None:
+                self.bar.update(progress.round_id - 1)
+        if self.bar is None and self.live:
+            print(f"\r{self.unit} {progress.round_id}/{progress.rounds}: {progress.reported}/{progress.chosen} "
+                  "updates", end="", file=sys.stderr, flush=True)
+
+    def _line(self, r: Any, rounds: int, loss: float | None, remaining: float | None) -> str:
+        acc = "   -  " if r.accuracy is None else f"{100 * r.accuracy:5.2f}%"
+        since = self.since
+        return (("\r" if self.live and self.bar is None else "") + f"{self.unit} {r.round_id:3d}/{rounds}  acc {acc}"
+                + ("" if loss is None else f"  loss {loss:.4f}")
+                + f"  updates {r.devices_reported}/{r.devices_chosen}  rejected {since['rejected']}"
+                f"  up {since['up'] / 1e6:7.2f} MB  down {since['down'] / 1e6:7.2f} MB  {since['wall']:6.1f} s"
+                + ("" if remaining is None else f"  ETA {format_duration(remaining)}")
+                + ("  (retried)" if r.retried else ""))

@@ -143,14 +143,10 @@ def _summary_table(records: list, wall_s: float, unit: str) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
-def run(args: argparse.Namespace) -> int:
-    from .local_broker import start_local_broker
-
-    logging.basicConfig(level=args.log_level, format="%(asctime)s simulate %(levelname)s %(message)s")
-    started = time.monotonic()
+def _check_args(args: argparse.Namespace) -> None:
+    """Fill the defaults that depend on other flags; refuse bad input."""
     if args.min_devices is None:
         args.min_devices = max(1, min(2, args.devices))
-    # Bad input fails here, before a broker or a device process is started.
     if args.min_devices > args.devices:
         raise ConfigError(f"--min-devices {args.min_devices} is more than --devices {args.devices}: "
                           "no round could ever start")
@@ -164,6 +160,14 @@ def run(args: argparse.Namespace) -> int:
                    "runtime": "bundle" if args.bundle else args.runtime, **({"label": args.label} if args.label else {})}
     if args.resume and args.out is None:
         raise ConfigError("--resume needs --out: the run directory to continue")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .local_broker import start_local_broker
+
+    logging.basicConfig(level=args.log_level, format="%(asctime)s simulate %(levelname)s %(message)s")
+    started = time.monotonic()
+    _check_args(args)  # bad input fails here, before a broker or a device process is started
     out = args.out or Path("runs") / time.strftime("simulate-%Y%m%d-%H%M%S")
     prepare_run_dir(out, args.resume, args.overwrite)
     out.mkdir(parents=True, exist_ok=True)

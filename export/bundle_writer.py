@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -19,6 +19,10 @@ from edgetrain.sdk.errors import ConfigError
 from edgetrain.sdk.runtime.base import TrainConfig
 
 from edgetrain.sdk.models import INPUT_SHAPE, NUM_CLASSES, build_model, resolve_config
+
+from .executorch_export import DEFAULT_FIXED_BATCH_SIZE, check_executorch_trainable, write_executorch_program
+from .onnx_export import check_ort_trainable, write_ort_artifacts
+from .onnxgraph_export import check_onnxgraph_trainable, write_onnxgraph
 
 BUFFERS_NAME = "buffers.safetensors"
 AVAILABLE_RUNTIMES = ("torch", "onnx", "onnxgraph", "executorch")
@@ -111,6 +115,19 @@ def _save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
         save_file(dict(tensors), str(tmp), metadata={"format": "pt"})
 
 
+# A runtime with artifacts beyond the weights: (refuse a model it cannot train, write its files). The write
+# functions take (model, out_dir, optimizer settings, fixed batch size or None) and return an object with
+# ``files`` and ``runtime_info`` (and executorch's ``fixed_batch_size``).
+_Check = Callable[[nn.Module], None]
+_Write = Callable[[nn.Module, Path, Mapping[str, Any], "int | None"], Any]
+_RUNTIME_EXPORTERS: dict[str, tuple[_Check, _Write]] = {
+    "onnx": (check_ort_trainable, lambda model, out, optimizer, batch: write_ort_artifacts(model, out, optimizer)),
+    "onnxgraph": (check_onnxgraph_trainable, lambda model, out, optimizer, batch: write_onnxgraph(model, out)),
+    "executorch": (check_executorch_trainable, lambda model, out, optimizer, batch: write_executorch_program(
+        model, out, batch or DEFAULT_FIXED_BATCH_SIZE)),
+}
+
+
 def export_bundle(
     model_name: str,
     model_config: Mapping[str, Any] | None = None,
@@ -126,6 +143,8 @@ def export_bundle(
     ``batch_size`` is the fixed training batch of an executorch bundle (default 32); other runtimes
     take any batch size and refuse this argument.
     """
+    # Over 50 lines with its signature and docstring: the steps share the half-written output directory
+    # and the cleanup on failure; each step of substance is a function of its own.
     if runtime not in AVAILABLE_RUNTIMES:
         raise ConfigError(f"runtime {runtime!r} is not available yet (available: {list(AVAILABLE_RUNTIMES)})")
     if batch_size is not None and runtime != "executorch":
@@ -134,26 +153,9 @@ def export_bundle(
     optimizer_settings = resolve_optimizer(optimizer, runtime)
     model = build_model(model_name, config, seed)
     buffers = _exportable_buffers(model, model_name)
-    trainable = {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
-    if len(trainable) != len(list(model.parameters())):
-        raise ConfigError(f"model {model_name}: frozen parameters are not supported in a bundle")
-    not_float32 = [name for name, t in trainable.items() if t.dtype != torch.float32]
-    if not_float32:
-        raise ConfigError(f"model {model_name}: parameters {not_float32} are not float32")
-
-    # refuse an untrainable model before touching the output directory
-    if runtime == "onnx":
-        from .onnx_export import check_ort_trainable
-
-        check_ort_trainable(model)
-    elif runtime == "onnxgraph":
-        from .onnxgraph_export import check_onnxgraph_trainable
-
-        check_onnxgraph_trainable(model)
-    elif runtime == "executorch":
-        from .executorch_export import check_executorch_trainable
-
-        check_executorch_trainable(model)
+    trainable = _trainable_tensors(model, model_name)
+    if runtime in _RUNTIME_EXPORTERS:  # refuse an untrainable model before touching the output directory
+        _RUNTIME_EXPORTERS[runtime][0](model)
 
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir)
@@ -162,59 +164,57 @@ def export_bundle(
     written = [WEIGHTS_NAME]
     runtime_info: dict[str, Any] = {"torch_version": torch.__version__, "init_seed": seed}
     fixed_batch_size: int | None = None
-    try:
-        if runtime == "onnx":
-            from .onnx_export import write_ort_artifacts
-
-            ort = write_ort_artifacts(model, out_dir, optimizer_settings)
-            written += list(ort.files)
-            runtime_info.update(ort.runtime_info)
-        elif runtime == "onnxgraph":
-            from .onnxgraph_export import write_onnxgraph
-
-            graphs = write_onnxgraph(model, out_dir)
-            written += list(graphs.files)
-            runtime_info.update(graphs.runtime_info)
-        elif runtime == "executorch":
-            from .executorch_export import DEFAULT_FIXED_BATCH_SIZE, write_executorch_program
-
-            et = write_executorch_program(model, out_dir, batch_size or DEFAULT_FIXED_BATCH_SIZE)
-            written += list(et.files)
-            runtime_info.update(et.runtime_info)
-            fixed_batch_size = et.fixed_batch_size
-    except BaseException:
-        # leave no manifest-less half bundle behind: a later export into the same directory must work
-        (out_dir / WEIGHTS_NAME).unlink(missing_ok=True)
-        raise
+    if runtime in _RUNTIME_EXPORTERS:
+        try:
+            artifacts = _RUNTIME_EXPORTERS[runtime][1](model, out_dir, optimizer_settings, batch_size)
+        except BaseException:
+            # leave no manifest-less half bundle behind: a later export into the same directory must work
+            (out_dir / WEIGHTS_NAME).unlink(missing_ok=True)
+            raise
+        written += list(artifacts.files)
+        runtime_info.update(artifacts.runtime_info)
+        fixed_batch_size = getattr(artifacts, "fixed_batch_size", None)
     if buffers:
-        _save_safetensors(buffers, out_dir / BUFFERS_NAME)
-        written.append(BUFFERS_NAME)
-        runtime_info["buffers_file"] = BUFFERS_NAME
-        runtime_info["buffers"] = {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
-                                   for name, t in buffers.items()}
-
-    params: list[ParamSpec] = []
-    offset = 0
-    for name, tensor in trainable.items():
-        params.append(ParamSpec(name, tuple(tensor.shape), "float32", offset))
-        offset += tensor.numel()
-    files = {rel: sha256_file(out_dir / rel) for rel in written}
+        written.append(_save_buffers(buffers, out_dir, runtime_info))
     manifest = Manifest(
-        model=model_name,
-        model_config=config,
-        runtime=runtime,
-        input_shape=INPUT_SHAPE,
-        num_classes=NUM_CLASSES,
-        params=tuple(params),
-        files=files,
-        optimizer=optimizer_settings,
-        input_mean=FASHION_MNIST_MEAN,
-        input_std=FASHION_MNIST_STD,
-        fixed_batch_size=fixed_batch_size,
-        runtime_info=runtime_info,
+        model=model_name, model_config=config, runtime=runtime, input_shape=INPUT_SHAPE, num_classes=NUM_CLASSES,
+        params=_param_specs(trainable), files={rel: sha256_file(out_dir / rel) for rel in written},
+        optimizer=optimizer_settings, input_mean=FASHION_MNIST_MEAN, input_std=FASHION_MNIST_STD,
+        fixed_batch_size=fixed_batch_size, runtime_info=runtime_info,
     )
     write_manifest(out_dir, manifest)
     return manifest
+
+
+def _save_buffers(buffers: Mapping[str, torch.Tensor], out_dir: Path, runtime_info: dict[str, Any]) -> str:
+    """Write the model's buffers (batch-norm statistics) beside the weights and describe them in
+    ``runtime_info``; the file's name."""
+    _save_safetensors(buffers, out_dir / BUFFERS_NAME)
+    runtime_info["buffers_file"] = BUFFERS_NAME
+    runtime_info["buffers"] = {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+                               for name, t in buffers.items()}
+    return BUFFERS_NAME
+
+
+def _trainable_tensors(model: nn.Module, model_name: str) -> dict[str, torch.Tensor]:
+    """The model's parameters by name, in registration order (the manifest's flat layout); all must be
+    trainable float32."""
+    trainable = {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    if len(trainable) != len(list(model.parameters())):
+        raise ConfigError(f"model {model_name}: frozen parameters are not supported in a bundle")
+    not_float32 = [name for name, t in trainable.items() if t.dtype != torch.float32]
+    if not_float32:
+        raise ConfigError(f"model {model_name}: parameters {not_float32} are not float32")
+    return trainable
+
+
+def _param_specs(trainable: Mapping[str, torch.Tensor]) -> tuple[ParamSpec, ...]:
+    specs: list[ParamSpec] = []
+    offset = 0
+    for name, tensor in trainable.items():
+        specs.append(ParamSpec(name, tuple(tensor.shape), "float32", offset))
+        offset += tensor.numel()
+    return tuple(specs)
 
 
 def export_all_runtimes(

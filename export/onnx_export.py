@@ -169,6 +169,8 @@ def _check_gradients(model: nn.Module, directory: Path) -> float:
 
 def write_ort_artifacts(model: nn.Module, out_dir: Path, optimizer: Mapping[str, Any]) -> OrtArtifacts:
     """Generate, check and write ORT training artifacts for ``model`` into ``out_dir``."""
+    # Over 50 lines on purpose: one staging directory's lifetime spans export, the gradient check against
+    # torch and the move into the bundle; split apart, the pieces would hand a half-built bundle around.
     check_ort_trainable(model)
     try:
         import onnx

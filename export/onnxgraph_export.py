@@ -158,6 +158,8 @@ def _check_against_torch(model: nn.Module, directory: Path, parameter_names: Seq
 
 def write_onnxgraph(model: nn.Module, out_dir: Path) -> OnnxGraphArtifacts:
     """Trace, export, check and write the training and eval graphs of ``model`` into ``out_dir``."""
+    # Over 50 lines on purpose: one staging directory's lifetime spans export, the gradient check against
+    # torch and the move into the bundle; split apart, the pieces would hand a half-built bundle around.
     check_onnxgraph_trainable(model)
     try:
         import onnxruntime

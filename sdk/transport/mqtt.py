@@ -118,6 +118,12 @@ class MqttTransport:
         self._after_first_connect: list[Callable[[], None]] = []
 
         self._mqtt5 = config.protocol == "5"
+        self._client = self._make_client(clean_start, will, reconnect_min_s, reconnect_max_s)
+
+    def _make_client(self, clean_start: bool, will: tuple[str, bytes, bool] | None, reconnect_min_s: float,
+                     reconnect_max_s: float) -> mqtt.Client:
+        """The paho client: credentials, TLS, last will, reconnect back-off and our callbacks."""
+        config, client_id = self.config, self.client_id
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=_PROTOCOLS[config.protocol],
                              clean_session=None if self._mqtt5 else clean_start)
         client.reconnect_delay_set(reconnect_min_s, reconnect_max_s)  # type: ignore[arg-type]
@@ -139,7 +145,7 @@ class MqttTransport:
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
         client.on_log = self._on_log
-        self._client = client
+        return client
 
     # -- lifecycle -------------------------------------------------------------------------
     def connect(self, timeout_s: float = 10.0) -> None:

@@ -192,6 +192,25 @@ class Reassembler:
             return None  # redelivery of a message already handed out
         if not data:
             raise WireError(f"inconsistent chunk: {mid!r} index {chunk.index} carries no data")
+        pending = self._pending_for(chunk, mid, now_s, source)
+        previous = pending.slices.get(chunk.index)
+        if previous is not None:
+            if previous == data:
+                return None  # QoS 1 redelivery
+            self._drop(mid)
+            raise WireError(f"inconsistent chunk: {mid!r} index {chunk.index} arrived twice with different "
+                            "contents (message dropped)")
+        self._check_room(mid, pending, len(data), source)
+        pending.slices[chunk.index] = data
+        pending.held_bytes += len(data)
+        self._pending_bytes += len(data)
+        self._source_bytes[source] = self._source_bytes.get(source, 0) + len(data)
+        pending.last_chunk_s = now_s
+        return self._complete(mid, pending) if len(pending.slices) == pending.count else None
+
+    def _pending_for(self, chunk: _ChunkHeader, mid: str, now_s: float, source: str) -> _Pending:
+        """The message's reassembly state: new (its claimed size bounded first), or the existing one when
+        this chunk agrees with it."""
         pending = self._pending.get(mid)
         if pending is None:
             if chunk.total_bytes > self.max_pending_bytes:
@@ -206,32 +225,25 @@ class Reassembler:
                 f"total_bytes={chunk.total_bytes}, crc={chunk.total_crc32:#010x}; earlier chunks said "
                 f"count={pending.count}, total_bytes={pending.total_bytes}, crc={pending.total_crc32:#010x} "
                 "(message dropped)")
-        previous = pending.slices.get(chunk.index)
-        if previous is not None:
-            if previous == data:
-                return None  # QoS 1 redelivery
-            self._drop(mid)
-            raise WireError(f"inconsistent chunk: {mid!r} index {chunk.index} arrived twice with different "
-                            "contents (message dropped)")
-        if pending.held_bytes + len(data) > pending.total_bytes:
+        return pending
+
+    def _check_room(self, mid: str, pending: _Pending, size: int, source: str) -> None:
+        """Refuse (and drop the message) a slice over its message's size or the per-source / total bounds."""
+        if pending.held_bytes + size > pending.total_bytes:
             self._drop(mid)
             raise WireError(f"inconsistent chunk: {mid!r} slices add up to more than total_bytes "
                             f"{pending.total_bytes} (message dropped)")
-        if self._pending_bytes + len(data) > self.max_pending_bytes:
+        if self._pending_bytes + size > self.max_pending_bytes:
             self._drop(mid)  # it cannot complete without this slice; free what it holds
             raise WireError(f"pending chunks would exceed max_pending_bytes {self.max_pending_bytes}; "
                             f"message {mid!r} dropped")
-        if self._source_bytes.get(source, 0) + len(data) > self.max_pending_bytes_per_source:
+        if self._source_bytes.get(source, 0) + size > self.max_pending_bytes_per_source:
             self._drop(mid)
             raise WireError(f"pending chunks from {source!r} would exceed max_pending_bytes_per_source "
                             f"{self.max_pending_bytes_per_source}; message {mid!r} dropped")
-        pending.slices[chunk.index] = data
-        pending.held_bytes += len(data)
-        self._pending_bytes += len(data)
-        self._source_bytes[source] = self._source_bytes.get(source, 0) + len(data)
-        pending.last_chunk_s = now_s
-        if len(pending.slices) < pending.count:
-            return None
+
+    def _complete(self, mid: str, pending: _Pending) -> bytes:
+        """The reassembled frame, checked against the size and CRC every chunk claimed."""
         self._drop(mid)
         self._completed[mid] = None
         if len(self._completed) > _REMEMBERED_COMPLETE_IDS:
