@@ -389,7 +389,8 @@ class Aggregator:
         ctx = ValidationContext(round_id=round_id, model_version=self.model_version, selected=frozenset(selected),
                                 num_params=self.params.size, run_id=self.run_id, max_norm=self.config.max_norm,
                                 max_examples=self.config.max_examples, example_caps=self._example_caps(selected),
-                                clip_norm=self._norms.bound(), seen_update_ids=self.seen_update_ids)
+                                clip_norm=self._norms.bound(), seen_update_ids=self.seen_update_ids,
+                                allowed_codecs=frozenset({self.uplink_codec.name}))  # the one the round announced
         tally, self._idle_tally = self._idle_tally, RoundTally()  # what was rejected while no round was open
         open_round = OpenRound(round_id, started, plan, selected, ctx, tally)
         self._replay_journal(open_round)

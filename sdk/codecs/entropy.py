@@ -25,21 +25,6 @@ class PayloadBits:
     value_bits: int
     value_bound_bits: float
 
-    @property
-    def index_excess(self) -> float:
-        """Index bits over the bound, as a fraction of the bound (0 = at the bound)."""
-        return _excess(self.index_bits, self.index_bound_bits)
-
-    @property
-    def value_excess(self) -> float:
-        return _excess(self.value_bits, self.value_bound_bits)
-
-
-def _excess(bits: float, bound: float) -> float:
-    if bound <= 0:
-        return 0.0 if bits == 0 else math.inf
-    return bits / bound - 1.0
-
 
 def index_set_bound_bits(size: int, count: int) -> float:
     """``log2 C(size, count)``: the fewest bits that can name one ``count``-subset of ``range(size)``."""
