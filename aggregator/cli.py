@@ -9,11 +9,22 @@ import threading
 from pathlib import Path
 from typing import Any, Mapping
 
+from edgetrain.sdk.bundle import load_manifest, read_initial_parameters
 from edgetrain.sdk.cli_args import add_broker_args, broker_config, limit_threads, positive_float, positive_int
 from edgetrain.sdk.config_file import add_config_arg
+from edgetrain.sdk.data import load_split, to_model_input
+from edgetrain.sdk.errors import ConfigError
+from edgetrain.sdk.runtime import load_runtime, runtime_available, select_bundle
+from edgetrain.sdk.transport import MqttTransport
+from edgetrain.sdk.wire import signing
 
+from .config import AggregatorConfig
+from .large_batch import LargeBatch
 from .progress import round_printer
 from .run_dir import prepare_run_dir
+from .server_optim import LargeBatchHyper
+from .service import Aggregator
+from .strategy import make_strategy
 
 
 def add_round_args(p: argparse.ArgumentParser) -> None:
@@ -116,9 +127,6 @@ def take_bundle_optimizer(args: argparse.Namespace, optimizer: Mapping[str, Any]
 
 def bundle_optimizer(bundle: Path) -> Mapping[str, Any]:
     """The optimizer settings in ``bundle``'s manifest (any runtime of a multi-runtime directory)."""
-    from edgetrain.sdk.bundle import load_manifest
-    from edgetrain.sdk.runtime import select_bundle
-
     return load_manifest(select_bundle(bundle)).optimizer
 
 
@@ -136,15 +144,10 @@ def resolve_defaults(args: argparse.Namespace) -> None:
 
 
 def make_strategy_from_args(args: argparse.Namespace, shapes: list[tuple[int, ...]] | None = None):
-    from .strategy import make_strategy
-
     if args.strategy == LARGE_BATCH:
         if getattr(args, "local_steps", None) is not None:
-            from edgetrain.sdk.errors import ConfigError
 
             raise ConfigError("--local-steps is for FL strategies; a large-batch device takes one step per round")
-        from .large_batch import LargeBatch
-        from .server_optim import LargeBatchHyper
 
         hyper = LargeBatchHyper(optimizer=args.lb_optimizer, base_lr=args.lr, momentum=args.momentum,
                                 nesterov=args.nesterov, weight_decay=args.weight_decay,
@@ -166,8 +169,6 @@ def make_strategy_from_args(args: argparse.Namespace, shapes: list[tuple[int, ..
 
 def aggregator_config(args: argparse.Namespace, out_dir: Path, fleet: str, resume: bool):
     """The service's settings from parsed flags; ConfigError names a bad one (fleet, codec…)."""
-    from .config import AggregatorConfig
-
     resolve_defaults(args)
     return AggregatorConfig(fleet=fleet, out_dir=out_dir, rounds=args.rounds, round_timeout_s=args.round_timeout,
                             join_timeout_s=args.join_timeout, seed=args.seed, resume=resume,
@@ -188,8 +189,6 @@ def check_round_args(args: argparse.Namespace, fleet: str) -> None:
 
 def signing_key_from_args(args: argparse.Namespace):
     """The announcement signing key of ``--signing-key`` (created with its public half when missing), or None."""
-    from edgetrain.sdk.wire import signing
-
     path = getattr(args, "signing_key", None)
     if path is None:
         return None
@@ -203,12 +202,7 @@ def signing_key_from_args(args: argparse.Namespace):
 
 def build_aggregator(args: argparse.Namespace, broker, out_dir: Path, bundle: Path, fleet: str, resume: bool):
     """The service with its strategy, evaluation runtime and test data, from parsed flags."""
-    from edgetrain.sdk.bundle import load_manifest, read_initial_parameters
-    from edgetrain.sdk.data import load_split, to_model_input
-    from edgetrain.sdk.runtime import load_runtime, runtime_available, select_bundle
-    from edgetrain.sdk.transport import MqttTransport
 
-    from .service import Aggregator
 
     config = aggregator_config(args, out_dir, fleet, resume)
     # Evaluation runs here on the server: torch where it is installed, from a multi-runtime directory too.

@@ -10,6 +10,7 @@ Synchronous SGD"); the rest arrive late and are dropped.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
@@ -102,7 +103,6 @@ class LargeBatch(Strategy):
 
     # -- checkpointing -----------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
-        from dataclasses import asdict
 
         return {"hyper": asdict(self.hyper), "fraction": self.fraction, "min_devices": self.min_devices,
                 "batch_size": self.batch_size, "backup_devices": self.backup_devices}

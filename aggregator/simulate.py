@@ -26,6 +26,7 @@ from edgetrain.sdk.wire.signing import public_key_path
 
 from .cli import (LARGE_BATCH, add_round_args, add_run_dir_args, build_aggregator, bundle_optimizer, check_round_args,
                   signing_key_from_args, take_bundle_optimizer)
+from .local_broker import start_local_broker
 from .progress import round_printer
 from .run_dir import prepare_run_dir
 
@@ -163,8 +164,6 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .local_broker import start_local_broker
-
     logging.basicConfig(level=args.log_level, format="%(asctime)s simulate %(levelname)s %(message)s")
     started = time.monotonic()
     _check_args(args)  # bad input fails here, before a broker or a device process is started

@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
 import numpy as np
 
 from edgetrain.sdk.codecs import get_codec, parse_codec_spec
 from edgetrain.sdk.errors import ConfigError, UpdateRejected, WireError
+from edgetrain.sdk.wire.messages import Update
 
 from .update_caps import CAP_MAX_EXAMPLES
 
-if TYPE_CHECKING:  # only for the annotation: the wire module is the protocol's owner
-    from edgetrain.sdk.wire.messages import Update
 
 REJECT_SPOOFED_SENDER = "spoofed_sender"  # update.device_id differs from the topic it arrived on
 REJECT_UNKNOWN_DEVICE = "unknown_device"  # not selected for this round

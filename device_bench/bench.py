@@ -16,11 +16,15 @@ from typing import Any
 
 import numpy as np
 
+from edgetrain.sdk import wire
 from edgetrain.sdk.cli_args import limit_threads
+from edgetrain.sdk.codecs import format_codec_spec, get_codec, parse_codec_spec
+from edgetrain.sdk.data import load_split, to_model_input
 from edgetrain.sdk.device_metrics import peak_rss_mb
-from edgetrain.sdk.errors import ConfigError
-
 from edgetrain.sdk.energy.meter import EnergyMeter
+from edgetrain.sdk.errors import ConfigError
+from edgetrain.sdk.runtime import TrainConfig, load_runtime
+
 
 MAX_BATCH_POOL = 32  # distinct batches kept in memory; steps cycle over them
 FALLBACK_LR = 0.01
@@ -101,8 +105,6 @@ def peak_rss_bytes() -> int:
 
 def make_batches(config: BenchConfig, manifest: Any, batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """A small pool of model-ready batches: real Fashion-MNIST, or random with ``synthetic``."""
-    from edgetrain.sdk.data import load_split, to_model_input
-
     rng = np.random.default_rng(config.seed)
     count = min(MAX_BATCH_POOL, config.warmup + config.steps)
     if config.synthetic:
@@ -120,7 +122,6 @@ def make_batches(config: BenchConfig, manifest: Any, batch_size: int) -> list[tu
 def _timed_steps(runtime: Any, batches: list[tuple[np.ndarray, np.ndarray]], config: BenchConfig,
                  meter: EnergyMeter, clock: Callable[[], float]) -> tuple[list[float], float, np.ndarray | None]:
     """Run warm-up + timed steps; the step latencies (timed ones only), CPU seconds, last gradient."""
-    from edgetrain.sdk.runtime import TrainConfig
 
     total = config.warmup + config.steps
     stamps: list[float] = []
@@ -166,8 +167,6 @@ def _timed_steps(runtime: Any, batches: list[tuple[np.ndarray, np.ndarray]], con
 def measure_codec(spec: str, update: np.ndarray, repeats: int, meter: EnergyMeter) -> tuple[CodecStats, bytes]:
     """Encode/decode ``update`` ``repeats`` times (codec state threaded through, as on a device);
     the stats and the wire frame of an Update carrying the last payload."""
-    from edgetrain.sdk import wire
-    from edgetrain.sdk.codecs import format_codec_spec, get_codec, parse_codec_spec
 
     name, params = parse_codec_spec(spec)
     codec = get_codec(name)
@@ -195,7 +194,6 @@ def run_benchmark(config: BenchConfig, meter: EnergyMeter,
                   broker_probe: Callable[[bytes, EnergyMeter], dict[str, Any]] | None = None,
                   clock: Callable[[], float] = time.monotonic, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Everything but the context and the power figures, as plain JSON-able values."""
-    from edgetrain.sdk.runtime import load_runtime
 
     rss_start = rss_bytes()
     started = time.perf_counter()

@@ -11,10 +11,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from edgetrain.sdk.cli_args import add_broker_args, positive_float, positive_int
+from edgetrain.sdk.cli_args import add_broker_args, broker_config, positive_float, positive_int
+from edgetrain.sdk.energy.meter import EnergyMeter
+from edgetrain.sdk.energy.power import SourceOptions, detect_power_source
+from edgetrain.sdk.energy.power.detect import SOURCES
 from edgetrain.sdk.errors import ConfigError, EdgetrainError
 
-from edgetrain.sdk.energy.power.detect import SOURCES
+from .bench import BenchConfig, run_benchmark
+from .broker_probe import measure_publish_ack
+from .context import collect_context, read_temperatures_c
+from .report import build_report, compare_markdown, write_outputs
 
 
 def register(subparsers: Any) -> None:
@@ -61,17 +67,13 @@ def register(subparsers: Any) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from .report import compare_markdown
-
     print(compare_markdown(args.reports))
     return 0
 
 
 def _broker_probe(args: argparse.Namespace) -> Callable[[bytes, Any], dict[str, Any]]:
     """Publish->PUBACK timing against ``--broker`` (imports paho only now)."""
-    from edgetrain.sdk.cli_args import broker_config
 
-    from .broker_probe import measure_publish_ack
 
     broker = broker_config(args)
 
@@ -86,12 +88,6 @@ def _mb(value: int | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .bench import BenchConfig, run_benchmark
-    from .context import collect_context, read_temperatures_c
-    from edgetrain.sdk.energy.power import SourceOptions, detect_power_source
-    from .report import build_report, write_outputs
-    from edgetrain.sdk.energy.meter import EnergyMeter
-
     if args.bundle is None or args.out is None:
         raise ConfigError("--bundle and --out are required (or use 'edgetrain bench compare FILES')")
     config = BenchConfig(bundle=args.bundle, steps=args.steps, warmup=args.warmup, batch_size=args.batch,

@@ -2,20 +2,26 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import threading
 from pathlib import Path
 from typing import Any
 
-from .bundle import RUNTIMES
-from .energy.power import SourceOptions
-from .energy.round_energy import open_round_energy
+from . import topics, wire
 from .broker_wait import wait_for_broker
+from .bundle import RUNTIMES, load_manifest
 from .cli_args import add_broker_args, broker_config, limit_threads, positive_float, positive_int
 from .config_file import add_config_arg
+from .data import PartitionSpec
+from .device import Device, DeviceConfig, LocalData
+from .device_metrics import bench_values
+from .energy.power import SourceOptions
+from .energy.round_energy import open_round_energy
 from .errors import ConfigError
-from .runtime import AUTO_ORDER
+from .runtime import AUTO_ORDER, load_runtime, select_bundle
+from .transport import MqttTransport
 
 
 def register(subparsers: Any) -> None:
@@ -77,10 +83,6 @@ def open_energy(args: argparse.Namespace) -> tuple[Any, str]:
 
 def read_bench_result(path: Path) -> dict[str, float]:
     """The headline figures of a bench.json, as the ``bench_*`` values the device publishes."""
-    import json
-
-    from .device_metrics import bench_values
-
     try:
         report = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -106,13 +108,6 @@ def partition_slot(index: int | None, count: int | None) -> tuple[int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .bundle import load_manifest
-    from .data import PartitionSpec
-    from .device import Device, DeviceConfig, LocalData
-    from .runtime import load_runtime, select_bundle
-    from .transport import MqttTransport
-    from . import topics, wire
-
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s {args.device_id} %(levelname)s %(message)s")
     # First thing: a SIGTERM while the runtime and data load (seconds) must still end in a clean exit 0.
     stop = threading.Event()
