@@ -25,6 +25,13 @@ class PayloadBits:
     value_bits: int
     value_bound_bits: float
 
+    @property
+    def index_excess(self) -> float:
+        """Index bits over the bound, as a fraction of the bound (0 = at the bound)."""
+        if self.index_bound_bits <= 0:
+            return 0.0 if self.index_bits == 0 else math.inf
+        return self.index_bits / self.index_bound_bits - 1.0
+
 
 def index_set_bound_bits(size: int, count: int) -> float:
     """``log2 C(size, count)``: the fewest bits that can name one ``count``-subset of ``range(size)``."""
