@@ -49,6 +49,7 @@ class DeviceMetricsCollector:
         self._status: dict[str, dict[str, str]] = {}
         self._partition: dict[str, str] = {}  # device -> the digest of the training examples it holds
         self._partition_size: dict[str, int] = {}  # device -> the example count its status reported
+        self._platform: dict[str, dict[str, str]] = {}  # device -> what it runs on (summary.json "devices")
         self.bench: dict[str, dict[str, float | None]] = {}
         self.rejected: Counter[str] = Counter()
         self.bytes_received = 0
@@ -70,6 +71,14 @@ class DeviceMetricsCollector:
                 # the run still works, but it is not the experiment the fleet was meant to be.
                 _log.warning("devices %s and %s train on the same examples (partition digest %s): check their "
                              "--index/--count/--seed", device, ", ".join(twins), digest)
+
+    def note_platform(self, device: str, status: wire.Status) -> None:
+        """Remember what ``device`` runs on; a status without it (the last will, an older device) keeps
+        what an earlier one said."""
+        said = {"machine": status.machine, "python": status.python_version, "runtime": status.runtime,
+                "edgetrain": status.edgetrain_version}
+        if any(said.values()):
+            self._platform[device] = said
 
     def partition_size(self, device: str) -> int | None:
         """The example count ``device`` last reported in its status (a plausible positive int), or None."""
@@ -140,6 +149,8 @@ class DeviceMetricsCollector:
         return extra
 
     def summary(self) -> dict[str, Any]:
-        """For ``summary.json``: each device's bench result and what it said about its energy sensor."""
+        """For ``summary.json``: each device's bench result, what it said about its energy sensor and
+        what it runs on."""
         return {"device_bench": dict(self.bench), "device_energy_sources": dict(self._status),
-                "shared_partitions": self.shared_partitions()}
+                "shared_partitions": self.shared_partitions(),
+                "devices": {device: dict(said) for device, said in sorted(self._platform.items())}}

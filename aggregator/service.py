@@ -254,6 +254,7 @@ class Aggregator:
             _log.warning("status on %s's topic names %r; ignored", device, getattr(status, "device_id", None))
             return
         self.device_metrics.note_status(device, status.info)
+        self.device_metrics.note_platform(device, status)
         if status.online and (device not in self.live or status.info.get("needs_resync")):
             self.downlink.request_resync()  # a (re)joining or drifted device needs the whole model
         self._silent.discard(device)
