@@ -58,6 +58,10 @@ class DeviceMetricsCollector:
         """Remember what a device says about its energy measurement (once, in its retained status)."""
         said = {k: str(info[k]) for k in STATUS_KEYS if isinstance(info.get(k), str)}
         if said:
+            unavailable = said.get("energy_unavailable")
+            if unavailable and self._status.get(device, {}).get("energy_unavailable") != unavailable:
+                # once per device (every status repeats it: the retained status is the device's whole state)
+                _log.info("%s: energy not measured: %s", device, unavailable)
             self._status[device] = said
         size = _example_count(info.get("num_examples"))
         if size is not None:
@@ -149,8 +153,21 @@ class DeviceMetricsCollector:
         return extra
 
     def summary(self) -> dict[str, Any]:
-        """For ``summary.json``: each device's bench result, what it said about its energy sensor and
-        what it runs on."""
-        return {"device_bench": dict(self.bench), "device_energy_sources": dict(self._status),
-                "shared_partitions": self.shared_partitions(),
-                "devices": {device: dict(said) for device, said in sorted(self._platform.items())}}
+        """For ``summary.json``: each device's bench result and, under ``devices``, what it runs on and
+        its energy measurement in one line."""
+        devices: dict[str, dict[str, str]] = {}
+        for device in sorted(set(self._platform) | set(self._status)):
+            entry = dict(self._platform.get(device, {}))
+            energy = self._energy_line(device)
+            if energy:
+                entry["energy"] = energy
+            devices[device] = entry
+        return {"device_bench": dict(self.bench), "shared_partitions": self.shared_partitions(), "devices": devices}
+
+    def _energy_line(self, device: str) -> str:
+        """"rapl (counter)", "not measured: why", or "" where the device said nothing about energy."""
+        said = self._status.get(device, {})
+        if said.get("energy_unavailable"):
+            return f"not measured: {said['energy_unavailable']}"
+        source = said.get("power_source", "")
+        return f"{source} ({said['energy_method']})" if source and said.get("energy_method") else source

@@ -4,12 +4,14 @@ Python version, runtime and edgetrain version as typed fields; the aggregator ke
 from __future__ import annotations
 
 import json
+import logging
 import platform
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from edgetrain.aggregator.device_metrics import DeviceMetricsCollector
 from edgetrain.sdk import __version__, topics, wire
 from edgetrain.sdk.errors import WireError
 from edgetrain.sdk.wire.frame import MessageType, build_frame
@@ -79,3 +81,16 @@ def test_summary_lists_each_devices_platform(fleet_assets: FleetAssets, tmp_path
     listed = json.loads((out / "summary.json").read_text())["extra"]["devices"]
     assert listed == {device: {"machine": m, "python": p, "runtime": r, "edgetrain": v}
                       for device, (m, p, r, v) in sorted(BOARDS.items())}  # old-2 said nothing: not listed
+
+
+def test_energy_unavailable_is_said_once_per_device_and_once_in_the_summary(caplog: pytest.LogCaptureFixture) -> None:
+    collector = DeviceMetricsCollector()
+    why = "no power source detected (--log-level DEBUG lists the sources tried)"
+    with caplog.at_level(logging.INFO, logger="edgetrain.aggregator.device_metrics"):
+        for _ in range(3):  # join, a skipped round, a reconnect: every status repeats the device's state
+            collector.note_status("pi-0", {"energy_unavailable": why})
+        collector.note_status("jetson-1", {"power_source": "ina3221", "energy_method": "power"})
+    assert [r.getMessage() for r in caplog.records] == [f"pi-0: energy not measured: {why}"]
+    devices = collector.summary()["devices"]
+    assert devices == {"jetson-1": {"energy": "ina3221 (power)"}, "pi-0": {"energy": f"not measured: {why}"}}
+    assert "device_energy_sources" not in collector.summary()
