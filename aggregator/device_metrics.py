@@ -49,6 +49,7 @@ class DeviceMetricsCollector:
         self._status: dict[str, dict[str, str]] = {}
         self._partition: dict[str, str] = {}  # device -> the digest of the training examples it holds
         self._partition_size: dict[str, int] = {}  # device -> the example count its status reported
+        self._platform: dict[str, dict[str, str]] = {}  # device -> what it runs on (summary.json "devices")
         self.bench: dict[str, dict[str, float | None]] = {}
         self.rejected: Counter[str] = Counter()
         self.bytes_received = 0
@@ -57,6 +58,10 @@ class DeviceMetricsCollector:
         """Remember what a device says about its energy measurement (once, in its retained status)."""
         said = {k: str(info[k]) for k in STATUS_KEYS if isinstance(info.get(k), str)}
         if said:
+            unavailable = said.get("energy_unavailable")
+            if unavailable and self._status.get(device, {}).get("energy_unavailable") != unavailable:
+                # once per device (every status repeats it: the retained status is the device's whole state)
+                _log.info("%s: energy not measured: %s", device, unavailable)
             self._status[device] = said
         size = _example_count(info.get("num_examples"))
         if size is not None:
@@ -70,6 +75,14 @@ class DeviceMetricsCollector:
                 # the run still works, but it is not the experiment the fleet was meant to be.
                 _log.warning("devices %s and %s train on the same examples (partition digest %s): check their "
                              "--index/--count/--seed", device, ", ".join(twins), digest)
+
+    def note_platform(self, device: str, status: wire.Status) -> None:
+        """Remember what ``device`` runs on; a status without it (the last will, an older device) keeps
+        what an earlier one said."""
+        said = {"machine": status.machine, "python": status.python_version, "runtime": status.runtime,
+                "edgetrain": status.edgetrain_version}
+        if any(said.values()):
+            self._platform[device] = said
 
     def partition_size(self, device: str) -> int | None:
         """The example count ``device`` last reported in its status (a plausible positive int), or None."""
@@ -140,6 +153,21 @@ class DeviceMetricsCollector:
         return extra
 
     def summary(self) -> dict[str, Any]:
-        """For ``summary.json``: each device's bench result and what it said about its energy sensor."""
-        return {"device_bench": dict(self.bench), "device_energy_sources": dict(self._status),
-                "shared_partitions": self.shared_partitions()}
+        """For ``summary.json``: each device's bench result and, under ``devices``, what it runs on and
+        its energy measurement in one line."""
+        devices: dict[str, dict[str, str]] = {}
+        for device in sorted(set(self._platform) | set(self._status)):
+            entry = dict(self._platform.get(device, {}))
+            energy = self._energy_line(device)
+            if energy:
+                entry["energy"] = energy
+            devices[device] = entry
+        return {"device_bench": dict(self.bench), "shared_partitions": self.shared_partitions(), "devices": devices}
+
+    def _energy_line(self, device: str) -> str:
+        """"rapl (counter)", "not measured: why", or "" where the device said nothing about energy."""
+        said = self._status.get(device, {})
+        if said.get("energy_unavailable"):
+            return f"not measured: {said['energy_unavailable']}"
+        source = said.get("power_source", "")
+        return f"{source} ({said['energy_method']})" if source and said.get("energy_method") else source

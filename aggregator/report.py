@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 
 from edgetrain.sdk.errors import ConfigError, DataError
 
-from .results import BYTES_PER_MB, METRICS_FILE, SUMMARY_FILE, MetricsLog, RoundRecord
+from .results import BYTES_PER_MB, METRICS_FILE, SUMMARY_FILE, MetricsLog, RoundRecord, training_rounds
 
 DEFAULT_TARGETS = (0.85, 0.88)
 
@@ -80,7 +80,7 @@ def load_run(run_dir: Path | str, targets: Sequence[float] = DEFAULT_TARGETS) ->
             raise DataError(f"{summary_path}: unreadable ({exc})") from exc
     evaluated = [r.accuracy for r in records if r.accuracy is not None and math.isfinite(r.accuracy)]
     report = RunReport(
-        name=str(settings.get("label") or run_dir.name), settings=settings, rounds=len(records),
+        name=str(settings.get("label") or run_dir.name), settings=settings, rounds=len(training_rounds(records)),
         final_accuracy=evaluated[-1] if evaluated else None, best_accuracy=max(evaluated) if evaluated else None,
         uplink_mb=sum(r.bytes_up for r in records) / BYTES_PER_MB,
         downlink_mb=sum(r.bytes_down for r in records) / BYTES_PER_MB,
@@ -146,7 +146,10 @@ def plot_runs(runs: Sequence[tuple[RunReport, list[RoundRecord]]], out_dir: Path
                 up += r.bytes_up / BYTES_PER_MB
                 wall += r.round_wall_s
                 if r.accuracy is not None and math.isfinite(r.accuracy):
-                    xs.append({"accuracy_vs_round.png": r.round_id, "accuracy_vs_uplink_mb.png": up}.get(name, wall))
+                    x = {"accuracy_vs_round.png": r.round_id, "accuracy_vs_uplink_mb.png": up}.get(name, wall)
+                    if log and x <= 0:  # round 0 (nothing sent yet) has no place on a log axis
+                        continue
+                    xs.append(x)
                     ys.append(r.accuracy)
             # large batch dashed, so the two methods read apart even where colours are close
             style = "--" if report.settings.get("strategy") == "large-batch" else "-"

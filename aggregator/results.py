@@ -1,5 +1,9 @@
 """What a run leaves behind: one JSON line per round, a summary, and two plots.
 
+Round 0 (``INITIAL_ROUND``) is the initial model's test evaluation, logged once before round 1, so every
+plot starts where training started; it is not a round (``training_rounds``): summaries and reports count
+rounds from 1.
+
 ``metrics.jsonl`` is append-only, each line flushed and fsynced, so a killed aggregator loses at
 most the line it was writing. On resume, ``MetricsLog.truncate_after(checkpoint_round)`` drops the
 rounds the checkpoint does not cover, so no round appears twice. Lines are strict JSON: a
@@ -22,6 +26,12 @@ SUMMARY_FILE = "summary.json"
 PLOT_ACCURACY_VS_ROUND = "accuracy_vs_round.png"
 PLOT_ACCURACY_VS_UPLINK = "accuracy_vs_uplink_mb.png"
 BYTES_PER_MB = 1_000_000  # decimal megabytes, as network figures are usually quoted
+INITIAL_ROUND = 0  # the initial model's evaluation; training rounds count from 1
+
+
+def training_rounds(records: Iterable["RoundRecord"]) -> list["RoundRecord"]:
+    """``records`` without round 0 (the initial model's evaluation): the rounds that trained."""
+    return [r for r in records if r.round_id != INITIAL_ROUND]
 
 
 def _finite_or_none(value: float | None) -> float | None:
@@ -143,8 +153,10 @@ class MetricsLog:
 
 
 def write_summary(run_dir: Path | str, records: Iterable[RoundRecord], extra: Mapping[str, Any] | None = None) -> Path:
-    """``<run_dir>/summary.json``: totals and best/final accuracy over ``records`` plus ``extra``."""
+    """``<run_dir>/summary.json``: totals and best/final accuracy over ``records`` plus ``extra``;
+    ``num_rounds`` counts training rounds, ``initial_accuracy`` is round 0's (None without one)."""
     records = list(records)
+    initial = next((r for r in records if r.round_id == INITIAL_ROUND), None)
     evaluated = [r for r in records if r.accuracy is not None and math.isfinite(r.accuracy)]
     best = max(evaluated, key=lambda r: r.accuracy or 0.0) if evaluated else None
     rejections: dict[str, int] = {}
@@ -152,7 +164,8 @@ def write_summary(run_dir: Path | str, records: Iterable[RoundRecord], extra: Ma
         for reason, count in record.devices_rejected.items():
             rejections[reason] = rejections.get(reason, 0) + count
     summary = {
-        "num_rounds": len(records),
+        "num_rounds": len(training_rounds(records)),
+        "initial_accuracy": _finite_or_none(initial.accuracy) if initial else None,
         "last_round": records[-1].round_id if records else None,
         "final_accuracy": _finite_or_none(evaluated[-1].accuracy) if evaluated else None,
         "final_loss": _finite_or_none(evaluated[-1].loss) if evaluated else None,

@@ -34,7 +34,7 @@ from .downlink import Downlink, DownlinkPayload
 from .inbox import Inbox
 from .checkpoint import Checkpoint, load_latest, rng_from_state, rng_state, save_checkpoint
 from .publish_retry import OutagePublisher
-from .results import MetricsLog, RoundRecord, plot_run, write_summary
+from .results import INITIAL_ROUND, MetricsLog, RoundRecord, plot_run, training_rounds, write_summary
 from .round_state import OpenRound, Progress, RoundTally
 from .strategy import AggregateInfo, RoundPlan, Strategy
 from .update_caps import CLIP_NORM_MEDIAN, NormHistory, example_caps
@@ -254,6 +254,7 @@ class Aggregator:
             _log.warning("status on %s's topic names %r; ignored", device, getattr(status, "device_id", None))
             return
         self.device_metrics.note_status(device, status.info)
+        self.device_metrics.note_platform(device, status)
         if status.online and (device not in self.live or status.info.get("needs_resync")):
             self.downlink.request_resync()  # a (re)joining or drifted device needs the whole model
         self._silent.discard(device)
@@ -507,6 +508,17 @@ class Aggregator:
                                           / max(1, tally.accepted_payload_bytes)),
                    **self.device_metrics.take(open_round.round_id, open_round.selected)})
 
+    def _record_initial_model(self) -> None:
+        """Round 0 in ``metrics.jsonl``: the initial model's test accuracy, so the plots start there."""
+        started = time.monotonic()
+        self.runtime.set_parameters(self.params)
+        result = self.runtime.evaluate(self.test_x, self.test_y)
+        self.metrics.append(RoundRecord(
+            round_id=INITIAL_ROUND, model_version=self.model_version, accuracy=result.accuracy, loss=result.loss,
+            devices_chosen=0, devices_reported=0, devices_rejected={}, rejected_detail=(), bytes_up=0,
+            bytes_down=0, round_wall_s=0.0, extra={"evaluation_s": time.monotonic() - started}))
+        _log.info("round 0 (the initial model): test accuracy %.4f, loss %.4f", result.accuracy, result.loss)
+
     def _commit(self, round_id: int, record: RoundRecord) -> None:
         """Checkpoint (every ``checkpoint_every`` rounds and after the last), then the metrics line."""
         if os.environ.get(CRASH_BEFORE_CHECKPOINT_ENV) == str(round_id):
@@ -523,9 +535,13 @@ class Aggregator:
 
     def run(self, stop: threading.Event | None = None,
             on_progress: Callable[[Progress], None] | None = None) -> list[RoundRecord]:
-        """All remaining rounds; then ``summary.json`` and the plots. Returns every round's record."""
+        """Round 0 (the initial model's evaluation, once per run), all remaining rounds; then
+        ``summary.json`` and the plots. Returns every training round's record (round 0 is in
+        ``metrics.jsonl`` and the plots)."""
         self._stop = stop or threading.Event()
         self.start()
+        if self.next_round == 1 and not self.metrics.read():  # once: a resumed run has its round-0 line
+            self._record_initial_model()
         try:
             while self.next_round <= self.config.rounds:
                 self.run_round(self.next_round, on_progress)
@@ -541,5 +557,5 @@ class Aggregator:
             **self.device_metrics.summary()})
         if records:
             plot_run(self.config.out_dir)
-        return records
+        return training_rounds(records)
 

@@ -16,6 +16,7 @@ from edgetrain.sdk.atomic_write import atomic_path
 from edgetrain.sdk.bundle import MANIFEST_NAME, WEIGHTS_NAME, Manifest, ParamSpec, sha256_file, write_manifest
 from edgetrain.sdk.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from edgetrain.sdk.errors import ConfigError
+from edgetrain.sdk.runtime import AUTO_ORDER
 from edgetrain.sdk.runtime.base import TrainConfig
 
 from edgetrain.sdk.models import INPUT_SHAPE, NUM_CLASSES, build_model, resolve_config
@@ -26,8 +27,8 @@ from .onnxgraph_export import check_onnxgraph_trainable, write_onnxgraph
 
 BUFFERS_NAME = "buffers.safetensors"
 AVAILABLE_RUNTIMES = ("torch", "onnx", "onnxgraph", "executorch")
-# `--runtime all` writes one sub-bundle per runtime, in this order (sdk.runtime.load_runtime picks one)
-ALL_RUNTIMES = ("onnx", "torch", "executorch")
+# `--runtime all` writes one sub-bundle per runtime, in the order load_runtime's auto picks one
+ALL_RUNTIMES = AUTO_ORDER
 # lr 0.01 with momentum 0.9 (effective step 0.1): the 215k CNN reaches ~89% test accuracy after
 # 3 epochs at batch 32 on this setting; lr 0.05 with momentum 0.9 was measured at 86.4%.
 DEFAULT_OPTIMIZER: Mapping[str, Any] = {"name": "sgd", "lr": 0.01, "momentum": 0.9,

@@ -22,6 +22,7 @@ device waits for the next one.
 from __future__ import annotations
 
 import logging
+import platform
 import queue
 import threading
 import time
@@ -32,7 +33,7 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
-from . import topics, wire
+from . import __version__, topics, wire
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .data import PartitionSpec, batch_indices, device_indices, load_split, partition_digest, to_model_input
@@ -166,7 +167,7 @@ class Device:
 
     # -- the loop ---------------------------------------------------------------------------
     def _status(self, online: bool, needs_resync: bool = False) -> bytes:
-        info = {"runtime": self.runtime.name, "num_examples": int(len(self.data.y)),
+        info = {"num_examples": int(len(self.data.y)),
                 "partition": str(self.config.partition), "partition_digest": self.data.digest,
                 "model_version": self.replica.version, "needs_resync": needs_resync}
         if self.energy is not None:
@@ -174,7 +175,9 @@ class Device:
         else:
             info["energy_unavailable"] = self.energy_unavailable or "no power source given"
         return wire.encode(wire.Status(device_id=self.config.device_id, online=online, info=info,
-                                       run_id=self.run_id, skip_reason=self.skip_reason))
+                                       run_id=self.run_id, skip_reason=self.skip_reason,
+                                       machine=platform.machine(), python_version=platform.python_version(),
+                                       runtime=self.runtime.name, edgetrain_version=__version__))
 
     def _publish_status(self, needs_resync: bool = False) -> None:
         try:

@@ -359,10 +359,11 @@ class AggregatorThread:
 
 
 def metrics(out_dir: Path) -> list:
-    """The run's ``metrics.jsonl`` as RoundRecords."""
-    from edgetrain.aggregator.results import MetricsLog
+    """The run's training rounds in ``metrics.jsonl`` as RoundRecords (as ``Aggregator.run`` returns them:
+    without round 0, the initial model's evaluation; tests/test_round_zero.py checks that line)."""
+    from edgetrain.aggregator.results import MetricsLog, training_rounds
 
-    return MetricsLog(out_dir).read()
+    return training_rounds(MetricsLog(out_dir).read())
 
 
 def broker_config(url: str, **kwargs: object) -> BrokerConfig:

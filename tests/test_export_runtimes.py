@@ -95,15 +95,18 @@ def test_export_all_and_auto_selection(tmp_path: Path, monkeypatch: pytest.Monke
     root = tmp_path / "all"
     assert main(["export", "--model", "mlp", "--runtime", "all", "--out", str(root), "--batch-size", "4",
                  "--seed", "9"]) == 0
-    assert sorted(p.name for p in root.iterdir()) == ["executorch", "onnx", "torch"]
-    layouts = {r: load_manifest(root / r).params for r in ("onnx", "torch", "executorch")}
-    assert layouts["onnx"] == layouts["torch"] == layouts["executorch"]
+    assert sorted(p.name for p in root.iterdir()) == ["executorch", "onnx", "onnxgraph", "torch"]
+    layouts = {r: load_manifest(root / r).params for r in ("onnx", "onnxgraph", "torch", "executorch")}
+    assert layouts["onnx"] == layouts["onnxgraph"] == layouts["torch"] == layouts["executorch"]
     with caplog.at_level(logging.INFO, logger="edgetrain.sdk.runtime"):
         chosen = load_runtime(root)
     assert chosen.name == "onnx" and "using the onnx bundle" in caplog.text
     assert load_runtime(root, prefer="torch").name == "torch"
     assert load_runtime(root, prefer="executorch").name == "executorch"
+    assert load_runtime(root, prefer="onnxgraph").name == "onnxgraph"
     monkeypatch.setattr(runtime_module, "runtime_available", lambda r: r != "onnx")
+    assert select_bundle(root) == root / "onnxgraph"
+    monkeypatch.setattr(runtime_module, "runtime_available", lambda r: r not in ("onnx", "onnxgraph"))
     assert select_bundle(root) == root / "torch"
     # a single bundle still loads as itself
     assert select_bundle(root / "executorch") == root / "executorch"
@@ -115,7 +118,8 @@ def test_export_all_skips_a_refusing_runtime_with_its_reason(tmp_path: Path,
     assert main(["export", "--model", "cnn", "--norm", "batch", "--runtime", "all", "--out", str(root)]) == 0
     out = capsys.readouterr().out
     assert sorted(p.name for p in root.iterdir()) == ["torch"]
-    assert "skipped onnx" in out and "skipped executorch" in out and "BatchNorm" in out
+    assert "skipped onnx:" in out and "skipped onnxgraph:" in out and "skipped executorch" in out
+    assert "BatchNorm" in out
 
 
 def test_cnn_reference_exports_for_every_runtime(tmp_path: Path) -> None:

@@ -137,7 +137,7 @@ def test_fedavg_rounds_carry_per_device_step_times_and_exact_energy(
     assert records[1].extra["metrics_rejected"] == {}
     assert all(v["examples"] != 424242.0 for r in records for v in r.extra["devices"].values())
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["extra"]["device_energy_sources"]["dev-1"]["power_source"] == "rapl"
+    assert summary["extra"]["devices"]["dev-1"]["energy"] == "rapl (counter)"
 
 
 def test_large_batch_groups_steps_and_a_device_without_sensor_still_reports(
@@ -174,7 +174,7 @@ def test_large_batch_groups_steps_and_a_device_without_sensor_still_reports(
         assert record.extra["device_energy_j"] == record.extra["devices"]["dev-0"]["energy_j"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["extra"]["device_bench"] == {"dev-1": bench}  # retained: sent before the aggregator started
-    assert "rapl" in summary["extra"]["device_energy_sources"]["dev-1"]["energy_unavailable"]
+    assert summary["extra"]["devices"]["dev-1"]["energy"].startswith("not measured: no power source detected")
 
 
 # -- the pieces, without a broker -------------------------------------------------------------

@@ -1,6 +1,7 @@
 """edgetrain report on small synthetic run directories: table values checked."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -21,9 +22,14 @@ def _record(round_id: int, accuracy: float | None, up: int, down: int, wall: flo
                        round_wall_s=wall, extra={} if cpu is None else {"device_cpu_s": cpu})
 
 
-def _make_run(path: Path, accuracies: list[float | None], settings: dict, cpu: float | None = None) -> Path:
+def _make_run(path: Path, accuracies: list[float | None], settings: dict, cpu: float | None = None,
+              initial: float | None = None) -> Path:
+    """A run directory; ``initial``: a round-0 line (the initial model's evaluation) with that accuracy."""
     log = MetricsLog(path)
     records = [_record(i + 1, a, up=2_000_000, down=1_000_000, wall=1.5, cpu=cpu) for i, a in enumerate(accuracies)]
+    if initial is not None:
+        records.insert(0, dataclasses.replace(_record(0, initial, up=0, down=0, wall=0.0), devices_chosen=0,
+                                              devices_reported=0))
     for r in records:
         log.append(r)
     write_summary(path, records, settings)
@@ -40,6 +46,21 @@ def test_milestones_count_every_round_up_to_the_target(tmp_path: Path) -> None:
     assert milestone(records, 0.95) is None
     assert report.final_accuracy == 0.89 and report.best_accuracy == 0.89 and report.device_cpu_s == 8.0
     assert report.energy_j is None and report.uplink_mb == 8.0
+
+
+@pytest.mark.parametrize("initial", [None, 0.1])
+def test_round_zero_is_plotted_but_not_counted_as_a_round(tmp_path: Path, initial: float | None) -> None:
+    run = _make_run(tmp_path / "fl", [0.70, None, 0.86, 0.89], {"strategy": "fedavg"}, cpu=2.0, initial=initial)
+    report, records = load_run(run)
+    assert report.rounds == 4 and json.loads((run / "summary.json").read_text())["num_rounds"] == 4
+    m85 = report.milestones[0.85]
+    assert (m85.round_id, m85.uplink_mb, m85.wall_s) == (3, 6.0, 4.5)  # round 0 adds neither a round nor bytes
+    row = [c.strip() for c in markdown_table([report]).splitlines()[2].strip("|").split("|")]
+    assert row[4] == "4" and row[7] == "3"
+    out = tmp_path / "report"
+    done = subprocess.run([sys.executable, "-m", "edgetrain", "report", str(run), "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr  # the log-axis uplink plot has no place for round 0's 0 MB
 
 
 def test_table_has_one_row_per_run_with_dashes_for_targets_never_reached(tmp_path: Path) -> None:

@@ -22,18 +22,35 @@ _BACKENDS = {
     "onnxgraph": ("edgetrain.sdk.runtime.onnxgraph_backend", ("onnxruntime",), "onnxgraph"),
     "executorch": ("edgetrain.sdk.runtime.executorch_backend", ("executorch", "torch"), "executorch"),
 }
-# `prefer="auto"` over a directory of sub-bundles: the leanest installed runtime first
-# (ORT trains without torch in ~90 MB RSS, and so does plain onnxruntime running an onnxgraph bundle;
-# ExecuTorch's Python bindings are the slowest)
+# `prefer="auto"` over a directory of sub-bundles (docs/runtimes-on-boards.md, cnn, x86, batch 32):
+# a board is short of memory before it is short of speed, so the torch-free runtimes come first.
+# onnx: ORT training, 2.9 ms/step at 71 MB peak RSS (x86 only); onnxgraph: plain onnxruntime, 72 MB but
+# 4.3 ms/step (1.7x torch), the only torch-free one on aarch64; torch: fastest (2.5 ms) at 317 MB and a
+# 757 MB install; executorch: 145 ms/step from Python at 369 MB, last.
 AUTO_ORDER = ("onnx", "onnxgraph", "torch", "executorch")
 
 
+def _onnxruntime_has_training_api() -> bool:
+    """Whether the installed onnxruntime is a training build (onnxruntime-training: ``training/api`` in
+    its package), found on disk as ``ort_backend.import_training_api`` loads it; plain onnxruntime (the
+    PyPI wheel, aarch64's only one) runs onnxgraph bundles but not onnx ones. Imports nothing: importing
+    onnxruntime can import torch."""
+    spec = importlib.util.find_spec("onnxruntime")
+    return spec is not None and spec.origin is not None and (Path(spec.origin).parent / "training" / "api").is_dir()
+
+
+_EXTRA_CHECKS = {"onnx": _onnxruntime_has_training_api}  # beyond "its packages are installed"
+
+
 def runtime_available(runtime: str) -> bool:
-    """Whether the packages the ``runtime`` backend needs are installed (nothing is imported)."""
+    """Whether the ``runtime`` backend can run here: the packages it needs are installed, with the API it
+    uses (the training API for ``onnx``). Nothing is imported."""
     if runtime not in _BACKENDS:
         return False
     _, needs, _ = _BACKENDS[runtime]
-    return all(importlib.util.find_spec(package) is not None for package in needs)
+    if not all(importlib.util.find_spec(package) is not None for package in needs):
+        return False
+    return _EXTRA_CHECKS.get(runtime, lambda: True)()
 
 
 def select_bundle(bundle_dir: Path | str, prefer: str = "auto") -> Path:

@@ -16,8 +16,10 @@ from ..errors import ConfigError, WireError
 from ..round_settings import TASKS, RoundSettings
 
 PAYLOAD_KINDS = ("params", "delta", "none")
+PLATFORM_FIELDS = ("machine", "python_version", "runtime", "edgetrain_version")  # Status: what the device is
 SIGNATURE_HEX_CHARS = 128  # an Ed25519 signature is 64 bytes
 MAX_RUN_ID_CHARS = 64
+MAX_LABEL_CHARS = 64  # a machine name or a version string; longer is a bug or an attack
 _MAX_JSON_DEPTH = 32  # status info is a small config tree; deeper is a bug or an attack
 
 
@@ -112,6 +114,14 @@ def _check_run_id(owner: object) -> None:
     run_id = getattr(owner, "run_id")
     if len(run_id) > MAX_RUN_ID_CHARS or not run_id.isascii() or not run_id.isprintable():
         raise _fail(owner, "run_id", f"must be at most {MAX_RUN_ID_CHARS} printable ASCII characters")
+
+
+def _check_label(owner: object, name: str) -> None:
+    """A short printable ASCII string or "" (a peer that predates the field sends nothing)."""
+    _check_str(owner, name, allow_empty=True)
+    value = getattr(owner, name)
+    if len(value) > MAX_LABEL_CHARS or not value.isascii() or not value.isprintable():
+        raise _fail(owner, name, f"must be at most {MAX_LABEL_CHARS} printable ASCII characters")
 
 
 def _check_codec_spec(owner: object, name: str) -> None:
@@ -257,14 +267,21 @@ class Ack:
 @dataclass(frozen=True)
 class Status:
     """Device -> everyone: online or not (the offline one is the MQTT last will), plus free-form info
-    (runtime, partition, energy). ``run_id`` is the run the device serves ("" before its first one);
-    ``skip_reason`` says why it last skipped a round it was selected for or refused an announcement."""
+    (partition, energy). ``run_id`` is the run the device serves ("" before its first one);
+    ``skip_reason`` says why it last skipped a round it was selected for or refused an announcement.
+    What the device is — ``machine`` (``platform.machine()``), ``python_version``, ``runtime`` (the
+    training backend) and ``edgetrain_version`` — is "" where unknown: the last will, or a wire-v2 peer
+    that predates these fields."""
 
     device_id: str
     online: bool
     info: Mapping[str, Any]
     run_id: str = ""
     skip_reason: str = ""
+    machine: str = ""
+    python_version: str = ""
+    runtime: str = ""
+    edgetrain_version: str = ""
 
     def __post_init__(self) -> None:
         _check_str(self, "device_id")
@@ -274,6 +291,8 @@ class Status:
             _check_run_id(self)
         _check_str(self, "run_id", allow_empty=True)
         _check_str(self, "skip_reason", allow_empty=True)
+        for name in PLATFORM_FIELDS:
+            _check_label(self, name)
 
 
 @dataclass(frozen=True)
