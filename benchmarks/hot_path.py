@@ -85,7 +85,7 @@ def time_codec(spec: str, vector: np.ndarray, repeats: int) -> StageTimes:
         t1 = time.perf_counter_ns()
         valid = validate_update(update, topic_device=DEVICE, ctx=ctx)
         t2 = time.perf_counter_ns()
-        strategy.accumulate(valid.vector, valid.num_examples, f"d{i}")
+        strategy.accumulate(valid.accumulable(), valid.num_examples, f"d{i}")
         t3 = time.perf_counter_ns()
         decode_ns.append(t1 - t0)
         validate_ns.append(t2 - t1)
