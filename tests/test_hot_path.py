@@ -82,3 +82,42 @@ def test_accumulating_the_float64_copy_is_bit_for_bit_the_float32_accumulation()
         from_float64.add(valid.accumulable(), weight)
     np.testing.assert_array_equal(from_float64.weighted_sum, from_float32.weighted_sum)
     np.testing.assert_array_equal(from_float64.result(), from_float32.result())
+
+
+# ---- sketch decode: the in-place Walsh-Hadamard transform and the within-byte unpacking ---------
+
+@pytest.mark.parametrize("n", [1, 2, 4, 32, 64, 256, 1024])
+def test_walsh_hadamard_equals_the_dense_hadamard_matrix(n: int) -> None:
+    from edgetrain.sdk.codecs.hadamard import _hadamard_matrix, walsh_hadamard
+
+    rows = np.random.default_rng(n).standard_normal((3, n)).astype(np.float32)
+    expected = rows.astype(np.float64) @ _hadamard_matrix(n).astype(np.float64) / math.sqrt(n)
+    np.testing.assert_allclose(walsh_hadamard(rows), expected, rtol=1e-5, atol=1e-5 * math.sqrt(n))
+
+
+def test_walsh_hadamard_leaves_its_input_alone_and_is_its_own_inverse() -> None:
+    from edgetrain.sdk.codecs.hadamard import walsh_hadamard
+
+    rows = np.random.default_rng(9).standard_normal((2, 1 << 16)).astype(np.float32)
+    before = rows.copy()
+    once = walsh_hadamard(rows)
+    np.testing.assert_array_equal(rows, before)
+    np.testing.assert_allclose(walsh_hadamard(once), rows, atol=1e-5)
+
+
+@pytest.mark.parametrize("width", [1, 2, 4])
+@pytest.mark.parametrize("count", [0, 1, 5, 8, 9, 1001])
+def test_unpack_within_bytes_round_trips_and_refuses_padding_bits(width: int, count: int) -> None:
+    from edgetrain.sdk.codecs.bitio import pack_uint, unpack_uint
+    from edgetrain.sdk.errors import WireError
+
+    values = np.random.default_rng(count).integers(0, 1 << width, count)
+    packed = pack_uint(values, width)
+    unpacked = unpack_uint(memoryview(packed), width, count)
+    assert unpacked.dtype == np.uint64
+    np.testing.assert_array_equal(unpacked, values)
+    if (count * width) % 8:
+        corrupt = bytearray(packed)
+        corrupt[-1] |= 1  # the last bit is padding
+        with pytest.raises(WireError, match="padding"):
+            unpack_uint(bytes(corrupt), width, count)
