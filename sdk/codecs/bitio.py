@@ -75,12 +75,25 @@ def unpack_uint(data: bytes | memoryview, width: int, count: int) -> np.ndarray:
     raw = np.frombuffer(data, dtype=np.uint8)
     if width == 8:
         return raw.astype(np.uint64)
+    if 8 % width == 0:
+        return _unpack_within_bytes(raw, width, count)
     bits = np.unpackbits(raw)
     if bits[count * width :].any():
         raise WireError("packed field: non-zero padding bits")
     bits = bits[: count * width].reshape(count, width).astype(np.uint64)
     weights = np.left_shift(np.uint64(1), np.arange(width - 1, -1, -1, dtype=np.uint64))
     return bits @ weights if width < 53 else _exact_dot(bits, weights)
+
+
+def _unpack_within_bytes(raw: np.ndarray, width: int, count: int) -> np.ndarray:
+    """Widths 1, 2, 4: each byte holds 8/width values, MSB first; shifts undo ``pack_uint``'s shifts
+    on uint8 (no per-bit array, no integer matmul: ~10x faster for the sketch's 2-bit codes)."""
+    shifts = np.arange(8 - width, -1, -width, dtype=np.uint8)
+    values = (raw[:, None] >> shifts) & np.uint8((1 << width) - 1)
+    values = values.reshape(-1)
+    if values[count:].any():
+        raise WireError("packed field: non-zero padding bits")
+    return values[:count].astype(np.uint64)
 
 
 def _exact_dot(bits: np.ndarray, weights: np.ndarray) -> np.ndarray:

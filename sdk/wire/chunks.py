@@ -11,12 +11,12 @@ import math
 import threading
 import time
 import uuid
-import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ..errors import ConfigError, WireError
+from .checksum import crc32
 from .frame import FRAME_OVERHEAD_BYTES, MessageType, _dump_header, build_frame, decode, decode_raw, read_frame
 from .messages import Message
 
@@ -39,7 +39,7 @@ def split(frame: bytes, max_chunk_bytes: int, message_id: str | None = None) -> 
     message_id = uuid.uuid4().hex if message_id is None else message_id
     if not isinstance(message_id, str) or not 0 < len(message_id) <= MAX_MESSAGE_ID_CHARS:
         raise ConfigError(f"message_id must be a string of 1..{MAX_MESSAGE_ID_CHARS} characters, got {message_id!r}")
-    total_bytes, total_crc32 = len(frame), zlib.crc32(frame)
+    total_bytes, total_crc32 = len(frame), crc32(frame)
     # Size the slices for the widest header: index and count never have more digits than total_bytes.
     widest_header = _dump_header(_chunk_header(message_id, total_bytes, total_bytes, total_bytes, 0xFFFFFFFF))
     slice_bytes = max_chunk_bytes - FRAME_OVERHEAD_BYTES - len(widest_header)
@@ -249,7 +249,7 @@ class Reassembler:
         if len(self._completed) > _REMEMBERED_COMPLETE_IDS:
             self._completed.popitem(last=False)
         frame = b"".join(pending.slices[i] for i in range(pending.count))
-        if len(frame) != pending.total_bytes or zlib.crc32(frame) != pending.total_crc32:
+        if len(frame) != pending.total_bytes or crc32(frame) != pending.total_crc32:
             raise WireError(f"checksum mismatch: reassembled message {mid!r} ({len(frame)} bytes) does not match "
                             f"its total_bytes {pending.total_bytes} / total_crc32 {pending.total_crc32:#010x}")
         return frame

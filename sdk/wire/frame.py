@@ -14,12 +14,12 @@ from __future__ import annotations
 import enum
 import json
 import struct
-import zlib
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ..codecs import get_codec, parse_codec_spec
 from ..errors import ConfigError, UnknownCodec, WireError
+from .checksum import crc32
 from .messages import Ack, Announcement, DeviceMetrics, Message, Status, Update, from_header, header_fields
 
 MAGIC = b"ET"
@@ -77,7 +77,7 @@ def build_frame(message_type: int, header: Mapping[str, Any], payload: bytes | m
     """Frame ``header`` + ``payload`` as ``message_type`` (no message-level checks)."""
     header_bytes = _dump_header(header)
     prefix = _PREFIX.pack(MAGIC, WIRE_VERSION, int(message_type), len(header_bytes), len(payload))
-    crc = zlib.crc32(payload, zlib.crc32(header_bytes, zlib.crc32(prefix)))
+    crc = crc32(payload, crc32(header_bytes, crc32(prefix)))
     return b"".join((prefix, header_bytes, payload, _CRC.pack(crc)))
 
 
@@ -117,7 +117,7 @@ def read_frame(frame: bytes | bytearray | memoryview) -> RawFrame:
     if size > expected:
         raise WireError(f"bad length: {size} bytes, the lengths in its prefix add up to {expected}")
     (stored_crc,) = _CRC.unpack_from(view, size - _CRC.size)
-    actual_crc = zlib.crc32(view[: size - _CRC.size])
+    actual_crc = crc32(view[: size - _CRC.size])
     if stored_crc != actual_crc:
         raise WireError(f"checksum mismatch: frame says crc32 {stored_crc:#010x}, content has {actual_crc:#010x}")
     header_end = _PREFIX.size + header_len
