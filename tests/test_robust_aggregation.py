@@ -180,3 +180,13 @@ def test_attacks_transform_the_update_or_the_labels() -> None:
     np.testing.assert_array_equal(Attack("scale").poison_labels(labels, 10), labels)
     with pytest.raises(ConfigError, match="unknown attack"):
         Attack("nonsense")
+
+
+def test_simulate_attackers_flag_parses_count_and_kind() -> None:
+    from edgetrain.aggregator.simulate import _attackers
+
+    count, attack = _attackers("2:scale")
+    assert count == 2 and attack == Attack("scale")
+    for bad in ("scale", "0:scale", "x:scale", "2:bogus"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _attackers(bad)
