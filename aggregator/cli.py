@@ -21,6 +21,7 @@ from edgetrain.sdk.wire import signing
 from .config import AggregatorConfig
 from .large_batch import LargeBatch
 from .progress import round_printer
+from .robust_strategy import AggregationRule, with_aggregation
 from .run_dir import prepare_run_dir
 from .server_optim import LargeBatchHyper
 from .service import Aggregator
@@ -34,6 +35,10 @@ def add_round_args(p: argparse.ArgumentParser) -> None:
                    help="rounds to run; steps for large-batch (default 10 rounds, 600 steps)")
     g.add_argument("--strategy", default="fedavg",
                    help="fedavg | fedprox | fedavgm | fedadam | fedyogi | fedadagrad | large-batch (default fedavg)")
+    g.add_argument("--aggregation", default="mean",
+                   help="how the round's updates combine (FL strategies): mean | median | trimmed-mean:beta=B | "
+                        "multi-krum:f=F[,m=M] | norm-bound:max=M (default mean; median, trimmed mean and Krum "
+                        "hold every update of a round in memory)")
     g.add_argument("--fraction", type=positive_float, default=1.0, help="C: share of live devices per round (default 1)")
     g.add_argument("--min-devices", type=positive_int, default=2, help="M: fewer updates → the round is retried (default 2)")
     g.add_argument("--round-timeout", type=positive_float, default=120.0, help="round deadline in seconds (default 120)")
@@ -144,9 +149,11 @@ def resolve_defaults(args: argparse.Namespace) -> None:
 
 
 def make_strategy_from_args(args: argparse.Namespace, shapes: list[tuple[int, ...]] | None = None):
+    rule = AggregationRule.parse(getattr(args, "aggregation", None) or "mean")
     if args.strategy == LARGE_BATCH:
+        if rule != AggregationRule():
+            raise ConfigError(f"--aggregation {rule} is for FL strategies; large-batch averages its gradients")
         if getattr(args, "local_steps", None) is not None:
-
             raise ConfigError("--local-steps is for FL strategies; a large-batch device takes one step per round")
 
         hyper = LargeBatchHyper(optimizer=args.lb_optimizer, base_lr=args.lr, momentum=args.momentum,
@@ -164,7 +171,7 @@ def make_strategy_from_args(args: argparse.Namespace, shapes: list[tuple[int, ..
         kwargs["server_lr"] = args.server_lr
     if args.server_momentum is not None:
         kwargs["server_momentum"] = args.server_momentum
-    return make_strategy(args.strategy, **kwargs)
+    return with_aggregation(make_strategy(args.strategy, **kwargs), rule)
 
 
 def aggregator_config(args: argparse.Namespace, out_dir: Path, fleet: str, resume: bool):
@@ -177,7 +184,8 @@ def aggregator_config(args: argparse.Namespace, out_dir: Path, fleet: str, resum
                             uplink_codec=args.codec, max_norm=args.max_norm, max_examples=args.max_examples,
                             eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
                             resync_every=args.resync_every, downlink_codec=args.downlink_codec,
-                            labels=dict(getattr(args, "labels", {}) or {}))
+                            labels={**(getattr(args, "labels", {}) or {}),
+                                    "aggregation": str(AggregationRule.parse(getattr(args, "aggregation", None) or "mean"))})
 
 
 def check_round_args(args: argparse.Namespace, fleet: str) -> None:

@@ -499,7 +499,7 @@ class Aggregator:
             retried=open_round.attempts > 1, total_examples=info.total_examples,
             devices_timed_out=len(ctx.pending_devices()),
             extra={"attempts": open_round.attempts, "capped": tally.capped, "capped_by": dict(tally.capped_by),
-                   "clipped": tally.clipped, "step_norm": info.step_norm,
+                   "clipped": tally.clipped, "step_norm": info.step_norm, **info.rule_metrics,
                    "device_cpu_s": tally.device_cpu_s, "replayed": tally.replayed,
                    **dict(zip(("inbox_dropped", "inbox_dropped_bytes"), self._inbox.take_dropped())),
                    **({"train_loss": tally.train_loss()} if tally.train_loss() is not None else {}),

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgetrain.sdk.attack import ATTACK_KINDS, Attack
 from edgetrain.sdk.cli_args import add_broker_args, broker_config, positive_int
 from edgetrain.sdk.config_file import add_config_arg
 from edgetrain.sdk.errors import ConfigError
@@ -28,6 +29,7 @@ from .cli import (LARGE_BATCH, add_round_args, add_run_dir_args, build_aggregato
                   signing_key_from_args, take_bundle_optimizer)
 from .local_broker import start_local_broker
 from .progress import round_printer
+from .robust_strategy import AggregationRule
 from .run_dir import prepare_run_dir
 
 _log = logging.getLogger(__name__)
@@ -54,10 +56,25 @@ def register(subparsers: Any) -> None:
     add_run_dir_args(p)
     p.add_argument("--fleet", default="sim", help="fleet name (default sim)")
     p.add_argument("--limit-examples", type=positive_int, help="each device uses at most N examples (CI-size runs)")
+    p.add_argument("--attackers", metavar="K:KIND", type=_attackers,
+                   help=f"TESTING: devices dev-000 … dev-(K-1) attack with KIND ({' | '.join(ATTACK_KINDS)}), "
+                        "e.g. 2:scale")
     p.add_argument("--device-threads", type=positive_int, default=1, help="intra-op threads per device (default 1)")
     add_round_args(p)
     p.set_defaults(func=run, min_devices=None)
     p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def _attackers(text: str) -> tuple[int, Attack]:
+    """``K:KIND`` → (K, the attack); argparse reports the ConfigError's message."""
+    count, sep, kind = text.partition(":")
+    if not sep or not count.strip().isdigit() or int(count) < 1:
+        raise argparse.ArgumentTypeError(f"expected K:KIND with K >= 1 and KIND one of {', '.join(ATTACK_KINDS)}, "
+                                         f"got {text!r}")
+    try:
+        return int(count), Attack(kind.strip())
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _device_runtime(runtime: str, index: int) -> str:
@@ -98,6 +115,8 @@ def _spawn_devices(args: argparse.Namespace, broker_url: str, bundle: Path, out:
                             ("--cert-file", args.cert_file), ("--key-file", args.key_file)):
             if value is not None:
                 cmd += [flag, str(value)]
+        if args.attackers is not None and i < args.attackers[0]:
+            cmd += ["--attack", args.attackers[1].kind]
         if args.signing_key is not None:  # devices obey only this run's aggregator
             cmd += ["--aggregator-key", str(public_key_path(args.signing_key))]
         log = open(out / "devices" / f"{device_id}.log", "ab")
@@ -146,8 +165,12 @@ def _summary_table(records: list, wall_s: float, unit: str) -> str:
 
 def _check_args(args: argparse.Namespace) -> None:
     """Fill the defaults that depend on other flags; refuse bad input."""
-    if args.min_devices is None:
-        args.min_devices = max(1, min(2, args.devices))
+    if args.min_devices is None:  # 2, or what the aggregation rule needs (Krum: 2f+3), within the fleet
+        needed = AggregationRule.parse(args.aggregation or "mean").min_updates()
+        args.min_devices = max(1, min(max(2, needed), args.devices))
+    if args.attackers is not None and args.attackers[0] > args.devices:
+        raise ConfigError(f"--attackers {args.attackers[0]}:{args.attackers[1].kind} is more than --devices "
+                          f"{args.devices}")
     if args.min_devices > args.devices:
         raise ConfigError(f"--min-devices {args.min_devices} is more than --devices {args.devices}: "
                           "no round could ever start")
@@ -158,7 +181,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ConfigError("--norm applies to the cnn only")
     check_round_args(args, args.fleet)
     args.labels = {"partition": args.partition, "devices": args.devices, "model": args.model, "norm": args.norm,
-                   "runtime": "bundle" if args.bundle else args.runtime, **({"label": args.label} if args.label else {})}
+                   "runtime": "bundle" if args.bundle else args.runtime,
+                   **({"attackers": f"{args.attackers[0]}:{args.attackers[1].kind}"} if args.attackers else {}), **({"label": args.label} if args.label else {})}
     if args.resume and args.out is None:
         raise ConfigError("--resume needs --out: the run directory to continue")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
@@ -41,6 +41,7 @@ class AggregateInfo:
     step_norm: float  # ‖w_new − w‖ actually applied by the server optimiser
     server_optimizer: str
     rounds_aggregated: int  # including this one
+    rule_metrics: Mapping[str, Any] = field(default_factory=dict)  # a robust rule's figures, for the round's metrics
 
 
 class Strategy(ABC):

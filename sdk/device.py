@@ -36,6 +36,7 @@ import numpy as np
 from . import __version__, topics, wire
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from .attack import Attack
 from .data import PartitionSpec, batch_indices, device_indices, load_split, partition_digest, to_model_input
 from .errors import ConfigError, EdgetrainError, TransportError, WireError
 from .device_metrics import (BENCH_ROUND_ID, EnergyProbe, GradientGroup, StepTimer, energy_values, memory_values,
@@ -61,6 +62,7 @@ class DeviceConfig:
     seed: int = 0
     max_chunk_bytes: int | None = None  # split update frames larger than this (broker limits)
     gradient_metrics_every: int = 10  # large batch: one metrics message per this many steps
+    attack: Attack | None = None  # an adversarial test device (sdk.attack); None: honest
 
     def __post_init__(self) -> None:
         topics.validate_name(self.fleet, "fleet")
@@ -86,8 +88,10 @@ class LocalData:
         idx = device_indices(train.labels, config.partition, config.seed, config.partition_index,
                              config.partition_count)[:limit]
         m = runtime.manifest
-        return cls(to_model_input(train.images[idx], m.input_mean, m.input_std), train.labels[idx].astype(np.int64),
-                   partition_digest([idx]))
+        labels = train.labels[idx].astype(np.int64)
+        if config.attack is not None:
+            labels = config.attack.poison_labels(labels, m.num_classes)
+        return cls(to_model_input(train.images[idx], m.input_mean, m.input_std), labels, partition_digest([idx]))
 
 
 class RoundInterrupted(Exception):
@@ -423,6 +427,10 @@ class Device:
     def _update(self, a: wire.Announcement, vector: np.ndarray, num_examples: int, metrics: dict,
                 measured: dict[str, float]) -> wire.Update:
         """The update frame's message; ``measured`` (plus the encode time) becomes the round's metrics."""
+        if self.config.attack is not None:  # a test adversary: the one place an update is poisoned
+            # Its own stream (the trailing 1), apart from the round's shuffle.
+            rng = np.random.default_rng([self.config.seed, self.config.partition_index, a.round_id, 1])
+            vector = self.config.attack.poison_update(vector, rng)
         started = time.perf_counter()
         spec, payload = self._encode(vector, a)
         self._measured = {**measured, "encode_ms": (time.perf_counter() - started) * 1e3}

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from . import topics, wire
+from .attack import ATTACK_KINDS, Attack
 from .broker_wait import wait_for_broker
 from .bundle import RUNTIMES, load_manifest
 from .cli_args import add_broker_args, broker_config, limit_threads, positive_float, positive_int
@@ -51,6 +52,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--wait-for-broker", type=positive_float, metavar="SECONDS",
                    help="wait up to SECONDS for a broker that is not up yet (a board that boots before its "
                         "network); default: fail at once")
+    p.add_argument("--attack", choices=ATTACK_KINDS,
+                   help="TESTING ONLY: act as an adversary that sends sign-flipped, scaled (x100) or random updates, "
+                        "or trains on flipped labels (to evaluate robust aggregation)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     m = p.add_argument_group("metrics", "per-round step time, CPU, memory, bytes and energy on "
                                         "edgetrain/<fleet>/metrics/<device>")
@@ -118,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
     config = DeviceConfig(fleet=args.fleet, device_id=args.device_id, state_dir=state_dir,
                           partition=PartitionSpec.parse(args.partition), partition_index=index,
                           partition_count=count, seed=args.seed, max_chunk_bytes=args.max_chunk_bytes,
-                          gradient_metrics_every=args.metrics_every_steps)
+                          gradient_metrics_every=args.metrics_every_steps,
+                          attack=Attack(args.attack) if args.attack else None)
     bench = read_bench_result(args.bench_result) if args.bench_result else None
     aggregator_key = wire.signing.load_public_key(args.aggregator_key) if args.aggregator_key else None
     energy, energy_unavailable = open_energy(args)  # before the slow loads: a named sensor that fails, fails now
