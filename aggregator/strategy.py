@@ -32,6 +32,19 @@ class RoundPlan:
 
 
 @dataclass(frozen=True)
+class PrivacySpent:
+    """What a differentially private round released and the privacy spent so far (``aggregator.dp``)."""
+
+    epsilon: float  # ε of the whole run so far at ``delta``
+    delta: float
+    noise_multiplier: float  # z charged by the accountant
+    clip_norm: float  # S this round
+    noise_stddev: float  # σ of the noise added to the sum of clipped updates
+    sampling_rate: float  # q: devices asked / live devices
+    updates_clipped: int  # updates whose norm exceeded S
+
+
+@dataclass(frozen=True)
 class AggregateInfo:
     """What one ``aggregate`` call combined (norms are L2, in parameter units)."""
 
@@ -41,6 +54,7 @@ class AggregateInfo:
     step_norm: float  # ‖w_new − w‖ actually applied by the server optimiser
     server_optimizer: str
     rounds_aggregated: int  # including this one
+    privacy: PrivacySpent | None = None  # set by a differentially private strategy
 
 
 class Strategy(ABC):
