@@ -73,6 +73,7 @@ def add_round_args(p: argparse.ArgumentParser) -> None:
     lb.add_argument("--warmup-steps", type=int, default=0, help="gradual warm-up to the scaled lr over K steps")
     lb.add_argument("--backup-devices", type=int, default=0,
                     help="ask K extra devices and step with the first gradients (Chen et al. 2016)")
+    add_dp_args(p)
     g.add_argument("--max-norm", type=positive_float, help="reject updates whose L2 norm exceeds this")
     g.add_argument("--max-examples", type=positive_int, help="cap the example count a device may claim")
     g.add_argument("--signing-key", type=Path, metavar="FILE.pem",
@@ -82,6 +83,45 @@ def add_round_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-examples", type=positive_int, help="evaluate on the first N test examples only")
     g.add_argument("--data-dir", type=Path, help="Fashion-MNIST IDX directory")
     g.add_argument("--threads", type=positive_int, help="intra-op threads for evaluation")
+
+
+def add_dp_args(p: argparse.ArgumentParser) -> None:
+    """DP-FedAvg (McMahan et al. 2018; ``aggregator.dp``): off unless --dp-noise-multiplier or --dp-clip is given."""
+    dp = p.add_argument_group("differential privacy (DP-FedAvg; needs the server extra's dp-accounting)")
+    dp.add_argument("--dp-clip", type=float, metavar="S", help="clip every update to L2 norm S (initial S if adaptive)")
+    dp.add_argument("--dp-noise-multiplier", type=float, metavar="Z",
+                    help="Gaussian noise N(0, (Z·S)²) on the sum of clipped updates")
+    dp.add_argument("--dp-delta", type=float, metavar="D", default=1e-5,
+                    help="report ε at this δ, per round in metrics and in the summary (default 1e-5)")
+    dp.add_argument("--dp-adaptive-clip", type=float, metavar="QUANTILE",
+                    help="adapt S to this quantile of the update norms (Andrew et al. 2021), e.g. 0.5")
+    dp.add_argument("--dp-clip-lr", type=float, default=0.2, help="adaptive clipping's learning rate (default 0.2)")
+    dp.add_argument("--dp-clip-count-stddev", type=float,
+                    help="noise on the adaptive clipped count (default: devices per round / 20)")
+
+
+def dp_config_from_args(args: argparse.Namespace):
+    """The run's ``DPConfig``, or None when no DP flag was given; ConfigError names what cannot hold."""
+    clip, noise = getattr(args, "dp_clip", None), getattr(args, "dp_noise_multiplier", None)
+    if clip is None and noise is None:
+        if getattr(args, "dp_adaptive_clip", None) is not None or getattr(args, "dp_clip_count_stddev", None):
+            raise ConfigError("--dp-adaptive-clip needs --dp-clip S (the initial bound) and --dp-noise-multiplier Z")
+        return None
+    if clip is None:
+        raise ConfigError("--dp-noise-multiplier needs --dp-clip S: noise without clipping bounds nothing")
+    if noise is None:
+        raise ConfigError("--dp-clip needs --dp-noise-multiplier Z: clipping alone is no privacy guarantee "
+                          "(for clipping alone use --max-norm)")
+    if args.strategy == LARGE_BATCH:
+        raise ConfigError("DP-FedAvg is for FL strategies; large-batch steps on gradients (that is DP-SGD)")
+    if getattr(args, "aggregation", None) not in (None, "mean"):
+        raise ConfigError(f"DP-FedAvg adds noise calibrated to a mean; --aggregation {args.aggregation} "
+                          "has another sensitivity; use one or the other")
+    from .dp import DPConfig  # lazy: dp-accounting comes with the server extra, not on a board
+
+    return DPConfig(clip_norm=clip, noise_multiplier=noise, delta=args.dp_delta,
+                    target_quantile=args.dp_adaptive_clip, clip_lr=args.dp_clip_lr,
+                    clip_count_stddev=args.dp_clip_count_stddev)
 
 
 def add_run_dir_args(p: argparse.ArgumentParser) -> None:
@@ -149,6 +189,18 @@ def resolve_defaults(args: argparse.Namespace) -> None:
 
 
 def make_strategy_from_args(args: argparse.Namespace, shapes: list[tuple[int, ...]] | None = None):
+    """The strategy the flags ask for: a robust rule around it (``--aggregation``), DP-FedAvg around that
+    (``--dp-*``; the two together are refused by the DP configuration)."""
+    dp_config = dp_config_from_args(args)
+    strategy = _base_strategy_from_args(args, shapes)
+    if dp_config is None:
+        return strategy
+    from .dp_strategy import DPFedAvg  # lazy: dp-accounting comes with the server extra, not on a board
+
+    return DPFedAvg(strategy, dp_config)
+
+
+def _base_strategy_from_args(args: argparse.Namespace, shapes: list[tuple[int, ...]] | None = None):
     rule = AggregationRule.parse(getattr(args, "aggregation", None) or "mean")
     if args.strategy == LARGE_BATCH:
         if rule != AggregationRule():

@@ -33,6 +33,7 @@ from .device_metrics import DeviceMetricsCollector
 from .downlink import Downlink, DownlinkPayload
 from .inbox import Inbox
 from .checkpoint import Checkpoint, load_latest, rng_from_state, rng_state, save_checkpoint
+from .privacy_metrics import privacy_extra, privacy_summary
 from .publish_retry import OutagePublisher
 from .results import INITIAL_ROUND, MetricsLog, RoundRecord, plot_run, training_rounds, write_summary
 from .round_state import OpenRound, Progress, RoundTally
@@ -506,7 +507,8 @@ class Aggregator:
                    # dense fp32 bytes over the bytes the accepted updates' payloads really took
                    "uplink_compression": (4 * self.params.size * len(ctx.reported_devices)
                                           / max(1, tally.accepted_payload_bytes)),
-                   **self.device_metrics.take(open_round.round_id, open_round.selected)})
+                   **self.device_metrics.take(open_round.round_id, open_round.selected),
+                   **privacy_extra(info.privacy)})
 
     def _record_initial_model(self) -> None:
         """Round 0 in ``metrics.jsonl``: the initial model's test accuracy, so the plots start there."""
@@ -554,7 +556,7 @@ class Aggregator:
         write_summary(self.config.out_dir, records, {
             "fleet": self.config.fleet, "strategy": self.strategy.name, "num_params": int(self.params.size),
             "codec": self.config.uplink_codec, "downlink_codec": self.config.downlink_codec, **self.config.labels,
-            **self.device_metrics.summary()})
+            **self.device_metrics.summary(), **privacy_summary(records)})
         if records:
             plot_run(self.config.out_dir)
         return training_rounds(records)

@@ -32,6 +32,19 @@ class RoundPlan:
 
 
 @dataclass(frozen=True)
+class PrivacySpent:
+    """What a differentially private round released and the privacy spent so far (``aggregator.dp``)."""
+
+    epsilon: float  # ε of the whole run so far at ``delta``
+    delta: float
+    noise_multiplier: float  # z charged by the accountant
+    clip_norm: float  # S this round
+    noise_stddev: float  # σ of the noise added to the sum of clipped updates
+    sampling_rate: float  # q: devices asked / live devices
+    updates_clipped: int  # updates whose norm exceeded S
+
+
+@dataclass(frozen=True)
 class AggregateInfo:
     """What one ``aggregate`` call combined (norms are L2, in parameter units)."""
 
@@ -42,6 +55,7 @@ class AggregateInfo:
     server_optimizer: str
     rounds_aggregated: int  # including this one
     rule_metrics: Mapping[str, Any] = field(default_factory=dict)  # a robust rule's figures, for the round's metrics
+    privacy: PrivacySpent | None = None  # set by a differentially private strategy
 
 
 class Strategy(ABC):
