@@ -45,10 +45,11 @@ class Identity:
 def parse_id_range(text: str) -> list[Identity]:
     """``dev-000..dev-499`` -> dev-000 … dev-499 (partition indices 0 … 499): the number's digits give the
     zero padding; ``dev-7`` alone is one identity."""
-    single = re.fullmatch(r"(?P<prefix>[A-Za-z0-9_.-]*?)(?P<n>\d+)", text)
-    if single:
-        return [Identity(text, int(single["n"]))]
     match = _RANGE.match(text)
+    single = None if ".." in text else re.fullmatch(r"[A-Za-z0-9_.-]*?(?P<n>\d+)", text)
+    if single:
+        topics.validate_name(text, "device id")
+        return [Identity(text, int(single["n"]))]
     if match is None:
         raise ConfigError(f"--ids {text!r}: expected PREFIX<first>..PREFIX<last>, e.g. dev-000..dev-499")
     first, last = int(match["first"]), int(match["last"])
