@@ -335,7 +335,10 @@ class SelectorTransport(MqttTransport):
         self._closing = True
         was_open = self._loop.call(lambda: self._client.socket() is not None) if self._loop.is_running else False
         if was_open:
-            self._loop.call(self._client.disconnect)
+            def disconnect() -> None:
+                self._socket_gone.clear()  # set by any earlier drop (a broker restart): wait for this close
+                self._client.disconnect()
+            self._loop.call(disconnect)
             if not self._loop.in_loop_thread():  # the loop writes the DISCONNECT, then closes the socket
                 self._socket_gone.wait(CLOSE_WAIT_S)
         self._connected = False
