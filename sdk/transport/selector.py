@@ -39,14 +39,14 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
-import paho.mqtt.client as mqtt
-
 from ..broker_config import BrokerConfig
 from ..errors import BrokerUnavailable, ConfigError, TransportError
 from .mqtt import MqttTransport
 
 _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+# paho's objects as this module sees them: only mqtt.py imports paho (tests/test_transport.py holds it to that)
+PahoClient = Any
 
 __all__ = ["SelectorLoop", "SelectorTransport"]
 
@@ -76,9 +76,9 @@ class SelectorLoop:
         self._calls: deque[Callable[[], None]] = deque()  # from any thread; run on the loop's
         self._timers: list[tuple[float, int, Callable[[], None]]] = []  # loop thread only
         self._timer_seq = itertools.count()
-        self._dirty: set[mqtt.Client] = set()  # clients whose write interest may have changed
+        self._dirty: set[PahoClient] = set()  # clients whose write interest may have changed
         self._dirty_lock = threading.Lock()
-        self._fds: dict[mqtt.Client, int] = {}  # registered socket per client (loop thread only)
+        self._fds: dict[PahoClient, int] = {}  # registered socket per client (loop thread only)
         self._waiting: deque[tuple[object, Callable[[], bool]]] = deque()  # connects waiting for a slot
         self._handshakes: dict[object, float] = {}  # owner -> when its CONNECT went out
         self._running = False
@@ -174,21 +174,21 @@ class SelectorLoop:
                 self._handshakes.pop(owner, None)
 
     # -- paho's socket callbacks -----------------------------------------------------------
-    def attach(self, client: mqtt.Client) -> None:
+    def attach(self, client: PahoClient) -> None:
         """Let this loop drive ``client``'s socket from now on."""
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_write_interest
         client.on_socket_unregister_write = self._on_write_interest
 
-    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    def _on_socket_open(self, client: PahoClient, userdata: Any, sock: Any) -> None:
         # connect/reconnect run on the loop's thread only, so the selector is never touched concurrently
         fd = sock.fileno()
         self._selector.register(fd, selectors.EVENT_READ, client)
         self._fds[client] = fd
         self._mark_dirty(client)
 
-    def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    def _on_socket_close(self, client: PahoClient, userdata: Any, sock: Any) -> None:
         fd = self._fds.pop(client, None)  # paho closes the socket right after: unregister by number now
         if fd is not None:
             try:
@@ -196,12 +196,12 @@ class SelectorLoop:
             except (KeyError, ValueError):
                 pass
 
-    def _on_write_interest(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+    def _on_write_interest(self, client: PahoClient, userdata: Any, sock: Any) -> None:
         self._mark_dirty(client)  # any thread (a publish); the loop recomputes from want_write()
         if not self.in_loop_thread():
             self._wake()
 
-    def _mark_dirty(self, client: mqtt.Client) -> None:
+    def _mark_dirty(self, client: PahoClient) -> None:
         with self._dirty_lock:
             self._dirty.add(client)
 
@@ -245,7 +245,7 @@ class SelectorLoop:
                 self.handshake_over(owner)
         self._update_interest()
 
-    def _drive(self, client: mqtt.Client, mask: int) -> None:
+    def _drive(self, client: PahoClient, mask: int) -> None:
         if mask & selectors.EVENT_READ:
             client.loop_read()
         if mask & selectors.EVENT_WRITE and client in self._fds:  # the read may have closed it
@@ -344,15 +344,15 @@ class SelectorTransport(MqttTransport):
         self._connected = False
 
     # -- paho callbacks (loop thread) ------------------------------------------------------
-    def _on_connect(self, client: mqtt.Client, userdata: object, flags: mqtt.ConnectFlags,
-                    reason: mqtt.ReasonCode, props: Any) -> None:
+    def _on_connect(self, client: PahoClient, userdata: object, flags: Any,
+                    reason: Any, props: Any) -> None:
         self._loop.handshake_over(self)
         if not reason.is_failure:
             self._attempts = 0
         super()._on_connect(client, userdata, flags, reason, props)
 
-    def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: mqtt.DisconnectFlags,
-                       reason: mqtt.ReasonCode, props: Any) -> None:
+    def _on_disconnect(self, client: PahoClient, userdata: object, flags: Any,
+                       reason: Any, props: Any) -> None:
         self._loop.handshake_over(self)
         super()._on_disconnect(client, userdata, flags, reason, props)
         self._socket_gone.set()
