@@ -31,6 +31,7 @@ from .local_broker import start_local_broker
 from .progress import round_printer
 from .robust_strategy import AggregationRule
 from .run_dir import prepare_run_dir
+from .simulate_hosts import spawn_device_hosts
 
 _log = logging.getLogger(__name__)
 _REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -60,6 +61,9 @@ def register(subparsers: Any) -> None:
                    help=f"TESTING: devices dev-000 … dev-(K-1) attack with KIND ({' | '.join(ATTACK_KINDS)}), "
                         "e.g. 2:scale")
     p.add_argument("--device-threads", type=positive_int, default=1, help="intra-op threads per device (default 1)")
+    p.add_argument("--device-processes", type=positive_int, metavar="P",
+                   help="run the devices as identities of P 'edgetrain device-host' processes (one runtime, one "
+                        "event loop each) instead of one process per device: how 1,000 devices fit on one machine")
     add_round_args(p)
     p.set_defaults(func=run, min_devices=None)
     p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -98,9 +102,13 @@ def _export_bundles(args: argparse.Namespace, out: Path) -> Path:
     return bundle
 
 
+def _device_env(args: argparse.Namespace) -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS=str(args.device_threads), PYTHONUNBUFFERED="1",
+                PYTHONPATH=os.pathsep.join(filter(None, [str(_REPO_ROOT), os.environ.get("PYTHONPATH")])))
+
+
 def _spawn_devices(args: argparse.Namespace, broker_url: str, bundle: Path, out: Path) -> list[subprocess.Popen]:
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.device_threads), PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(_REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    env = _device_env(args)
     (out / "devices").mkdir(parents=True, exist_ok=True)
     procs = []
     for i in range(args.devices):
@@ -125,10 +133,12 @@ def _spawn_devices(args: argparse.Namespace, broker_url: str, bundle: Path, out:
     return procs
 
 
-def _watch(procs: list[subprocess.Popen], needed: int, stop: threading.Event, out: Path) -> None:
+def _watch(procs: list[subprocess.Popen], needed: int, stop: threading.Event, out: Path,
+           devices_per_process: list[int] | None = None) -> None:
     """Stop the run if so many devices die that no round can reach its minimum."""
+    sizes = devices_per_process or [1] * len(procs)
     while not stop.wait(1.0):
-        alive = sum(p.poll() is None for p in procs)
+        alive = sum(n for p, n in zip(procs, sizes) if p.poll() is None)
         if alive < needed:
             logs = sorted((out / "devices").glob("*.log"))
             tail = logs[0].read_text(errors="replace").splitlines()[-5:] if logs else []
@@ -177,6 +187,8 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.bundle is not None:  # its optimizer settings are the defaults (a bad bundle fails here)
         for warning in take_bundle_optimizer(args, bundle_optimizer(args.bundle)):
             _log.warning(warning)
+    if args.device_processes is not None and (args.device_processes > args.devices or args.runtime == "mixed"):
+        raise ConfigError("--device-processes needs at most --devices processes and one runtime (not mixed)")
     if args.norm != "none" and args.model != "cnn":
         raise ConfigError("--norm applies to the cnn only")
     check_round_args(args, args.fleet)
@@ -211,10 +223,15 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     unit = "steps" if args.strategy == LARGE_BATCH else "rounds"
     try:
-        procs = _spawn_devices(args, args.broker, bundle, out)
+        sizes = None
+        if args.device_processes is None:
+            procs = _spawn_devices(args, args.broker, bundle, out)
+        else:
+            hosts = spawn_device_hosts(args, args.broker, bundle, out, _device_env(args))
+            procs, sizes = [p for p, _ in hosts], [n for _, n in hosts]
         print(f"simulate: {args.devices} devices ({args.partition}), {args.strategy}, {args.rounds} {unit}; "
               f"results in {out}", flush=True)
-        threading.Thread(target=_watch, args=(procs, args.min_devices, stop, out), daemon=True).start()
+        threading.Thread(target=_watch, args=(procs, args.min_devices, stop, out, sizes), daemon=True).start()
         aggregator = build_aggregator(args, broker_config(args), out, bundle, args.fleet, resume=args.resume)
         records = aggregator.run(stop, on_progress=round_printer("step" if args.strategy == LARGE_BATCH else "round"))
     finally:

@@ -13,12 +13,12 @@ from edgetrain.aggregator import centralized, report, simulate
 from edgetrain.aggregator import cli as aggregate_cli
 from edgetrain.device_bench import cli as bench_cli
 from edgetrain.export import cli as export_cli
-from edgetrain.sdk import device_cli
+from edgetrain.sdk import device_cli, device_host_cli
 from edgetrain.sdk.config_file import parse_with_config
 from edgetrain.sdk.errors import ConfigError, EdgetrainError
 
 # Each registers one subcommand; the order is the order shown in --help.
-COMMAND_MODULES = (export_cli, centralized, device_cli, aggregate_cli, simulate, report, bench_cli)
+COMMAND_MODULES = (export_cli, centralized, device_cli, device_host_cli, aggregate_cli, simulate, report, bench_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -46,7 +46,7 @@ from .model_sync import ModelReplica
 from .outbox import Outbox
 from .round_settings import RoundSettings
 from .runtime import Runtime, TrainConfig
-from .transport import Transport
+from .transport import Handler, Transport
 
 _log = logging.getLogger(__name__)
 
@@ -87,11 +87,18 @@ class LocalData:
         train = load_split("train", data_dir)
         idx = device_indices(train.labels, config.partition, config.seed, config.partition_index,
                              config.partition_count)[:limit]
+        return cls.from_indices(train.images, train.labels, idx, runtime, config.attack)
+
+    @classmethod
+    def from_indices(cls, images: np.ndarray, labels: np.ndarray, idx: np.ndarray, runtime: Runtime,
+                     attack: Attack | None = None) -> "LocalData":
+        """The partition ``idx`` (an index array) of a split already in memory: a device host loads the split
+        once and gives each identity its rows."""
         m = runtime.manifest
-        labels = train.labels[idx].astype(np.int64)
-        if config.attack is not None:
-            labels = config.attack.poison_labels(labels, m.num_classes)
-        return cls(to_model_input(train.images[idx], m.input_mean, m.input_std), labels, partition_digest([idx]))
+        own = labels[idx].astype(np.int64)
+        if attack is not None:  # a test attacker trains on flipped labels (sdk.attack)
+            own = attack.poison_labels(own, m.num_classes)
+        return cls(to_model_input(images[idx], m.input_mean, m.input_std), own, partition_digest([idx]))
 
 
 class RoundInterrupted(Exception):
@@ -191,9 +198,28 @@ class Device:
             _log.warning("could not publish status: %s", exc)
 
     def run(self, stop: threading.Event) -> None:
+        self.join(stop)
+        try:
+            # A transport that gave up for good (another process took this device id: ClientIdInUse) ends
+            # the loop, and run() raises its reason after saying goodbye.
+            while not stop.is_set() and self.transport.failure is None:
+                try:
+                    topic, payload = self._inbox.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                self.handle(topic, payload)
+        finally:
+            self.leave()
+        if self.transport.failure is not None:
+            raise self.transport.failure
+
+    def join(self, stop: threading.Event, deliver: Handler | None = None) -> None:
+        """Subscribe, connect, say "online": the start of ``run``. A device host (``sdk.device_host``) calls
+        it itself, with ``deliver`` putting this device's messages on the host's one queue, and then calls
+        ``handle`` for each of them and ``leave`` at the end, as ``run`` does."""
         self._stop = stop  # also checked between training steps: a long round must not delay a shutdown
         fleet, me = self.config.fleet, self.config.device_id
-        enqueue = lambda topic, payload: self._inbox.put((topic, payload))  # noqa: E731 (network thread)
+        enqueue = deliver or (lambda topic, payload: self._inbox.put((topic, payload)))  # network thread
         self.transport.subscribe(topics.announce_topic(fleet), enqueue)
         self.transport.subscribe(topics.ack_topic(fleet, me), enqueue)
         self.transport.connect()
@@ -208,25 +234,21 @@ class Device:
             _log.info("energy not measured: %s", self.energy_unavailable or "no power source given")
         if self.bench:  # retained: an aggregator started later still gets it
             self._send_metrics(BENCH_ROUND_ID, self.bench, retain=True)
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        """One message from the broker (see ``_handle_safely``); on the caller's thread."""
+        self._handle_safely(topic, payload)
+
+    def leave(self) -> None:
+        """Say "offline" and disconnect: the end of ``run``."""
         try:
-            # A transport that gave up for good (another process took this device id: ClientIdInUse) ends
-            # the loop, and run() raises its reason after saying goodbye.
-            while not stop.is_set() and self.transport.failure is None:
-                try:
-                    topic, payload = self._inbox.get(timeout=0.2)
-                except queue.Empty:
-                    continue
-                self._handle_safely(topic, payload)
-        finally:
-            try:
-                self.transport.publish(topics.status_topic(fleet, me), self._status(False), retain=True, timeout_s=2)
-            except TransportError as exc:
-                _log.warning("could not publish offline status: %s", exc)
-            self.transport.close()
-            if self.energy is not None:
-                self.energy.close()
-        if self.transport.failure is not None:
-            raise self.transport.failure
+            self.transport.publish(topics.status_topic(self.config.fleet, self.config.device_id),
+                                   self._status(False), retain=True, timeout_s=2)
+        except TransportError as exc:
+            _log.warning("could not publish offline status: %s", exc)
+        self.transport.close()
+        if self.energy is not None:
+            self.energy.close()
 
     def _handle_safely(self, topic: str, payload: bytes) -> None:
         """``_handle``, but no message ends the device: whatever one raises is logged, published in the

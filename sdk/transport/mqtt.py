@@ -159,20 +159,7 @@ class MqttTransport:
         self._closing = False
         self._connack.clear()
         self._closed_before_connack = None
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = self._session_expiry_s
-        clean = mqtt.MQTT_CLEAN_START_FIRST_ONLY if self._clean_start else False
-        try:
-            if self._mqtt5:
-                self._client.connect(self.config.host, self.config.port, self.config.keepalive_s,
-                                     clean_start=clean, properties=props)
-            else:  # MQTT 3.1.1: the clean_session flag given to paho's Client stands in for both
-                self._client.connect(self.config.host, self.config.port, self.config.keepalive_s)
-        except ssl.SSLError as exc:
-            raise BrokerUnavailable(f"TLS handshake with broker {url} failed: {exc}") from exc
-        except (OSError, ValueError) as exc:  # refused, DNS, unreachable, socket timeout
-            raise BrokerUnavailable(f"cannot reach broker {url}: {exc}") from exc
-        self._client.loop_start()
+        self._open_connection()
         if not self._connack.wait(timeout_s):
             self._stop_client()
             hint = ("; a broker that speaks only MQTT 3.1.1 may stay silent (add ?protocol=3.1.1 to the URL)"
@@ -187,12 +174,39 @@ class MqttTransport:
             self._stop_client()
             raise BrokerUnavailable(f"broker {url} refused the connection: {reason} "
                                     f"(reason code {reason.value:#04x})")
+        self._start_hook_runner()
+        while self._after_first_connect:
+            self._hooks.put(self._after_first_connect.pop(0))
+
+    def _open_connection(self) -> None:
+        """Open the socket, send CONNECT and start driving the connection (here: paho's network thread;
+        ``selector.SelectorTransport`` drives it from a shared event loop instead)."""
+        self._send_connect()
+        self._client.loop_start()
+
+    def _send_connect(self) -> None:
+        """paho's connect: the socket and the CONNECT packet; BrokerUnavailable names the URL and the cause."""
+        url = self.config.url
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self._session_expiry_s
+        clean = mqtt.MQTT_CLEAN_START_FIRST_ONLY if self._clean_start else False
+        try:
+            if self._mqtt5:
+                self._client.connect(self.config.host, self.config.port, self.config.keepalive_s,
+                                     clean_start=clean, properties=props)
+            else:  # MQTT 3.1.1: the clean_session flag given to paho's Client stands in for both
+                self._client.connect(self.config.host, self.config.port, self.config.keepalive_s)
+        except ssl.SSLError as exc:
+            raise BrokerUnavailable(f"TLS handshake with broker {url} failed: {exc}") from exc
+        except (OSError, ValueError) as exc:  # refused, DNS, unreachable, socket timeout
+            raise BrokerUnavailable(f"cannot reach broker {url}: {exc}") from exc
+
+    def _start_hook_runner(self) -> None:
+        """Where reconnect hooks run: one thread of this transport's own."""
         if self._hook_thread is None:
             self._hook_thread = threading.Thread(target=self._run_hooks, daemon=True,
                                                  name=f"edgetrain-hooks-{self.client_id}")
             self._hook_thread.start()
-        while self._after_first_connect:
-            self._hooks.put(self._after_first_connect.pop(0))
 
     def close(self) -> None:
         """Send a clean DISCONNECT (so no last will) and stop the threads."""
