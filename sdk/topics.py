@@ -181,3 +181,21 @@ def mosquitto_acl(aggregator_user: str = "aggregator") -> str:
         f"pattern write {ROOT}/+/metrics/%u",
         "",
     ])
+
+
+# -- aggregation workers (aggregator.worker): the coordinator's orders and the workers' partial sums ------
+# Not per-device topics: a device's ACL (its own update/status/metrics, the announcement, its acks) gives it
+# no access to them, so a device can neither forge an order nor a partial sum.
+def work_order_topic(fleet: str) -> str:
+    """Retained: the coordinator's current ``WorkOrder`` for its aggregation workers."""
+    return f"{_fleet_prefix(fleet)}/work/order"
+
+
+def partial_topic(fleet: str, worker: str) -> str:
+    """An aggregation worker's ``PartialSum`` reports to the coordinator."""
+    return f"{_fleet_prefix(fleet)}/work/partial/{validate_name(worker, 'worker')}"
+
+
+def partial_filter(fleet: str) -> str:
+    """Every aggregation worker's partial-sum topic in the fleet."""
+    return f"{_fleet_prefix(fleet)}/work/partial/+"
