@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import signal
@@ -62,6 +63,8 @@ def add_round_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--signing-key", type=Path, metavar="FILE.pem",
                    help="sign every announcement with this Ed25519 key (created, with FILE.pem.pub for the devices' "
                         "--aggregator-key, when missing; simulate: one per run directory by default)")
+    g.add_argument("--workers", type=positive_int, default=1,
+                   help="aggregation worker processes sharing the updates (default 1: one process; FedAvg family)")
     g.add_argument("--seed", type=int, default=0, help="selection seed (default 0)")
     g.add_argument("--eval-examples", type=positive_int, help="evaluate on the first N test examples only")
     g.add_argument("--data-dir", type=Path, help="Fashion-MNIST IDX directory")
@@ -208,6 +211,7 @@ def build_aggregator(args: argparse.Namespace, broker, out_dir: Path, bundle: Pa
     from edgetrain.sdk.runtime import load_runtime, runtime_available, select_bundle
     from edgetrain.sdk.transport import Transport
 
+    from .coordinator import Coordinator
     from .service import Aggregator
 
     config = aggregator_config(args, out_dir, fleet, resume)
@@ -226,8 +230,16 @@ def build_aggregator(args: argparse.Namespace, broker, out_dir: Path, bundle: Pa
     # One aggregator per fleet: it can retry the broker every 10 s at most (devices, many, back off to 60 s),
     # so a round resumes within seconds of the broker's return.
     transport = Transport(broker, client_id=f"edgetrain-aggregator-{fleet}", clean_start=False, reconnect_max_s=10.0)
-    return Aggregator(config, strategy, transport, runtime, read_initial_parameters(bundle, manifest), test_data,
-                      signing_key=signing_key_from_args(args))
+    service = Aggregator if getattr(args, "workers", 1) == 1 else functools.partial(Coordinator, num_workers=args.workers)
+    return service(config, strategy, transport, runtime, read_initial_parameters(bundle, manifest), test_data,
+                   signing_key=signing_key_from_args(args))
+
+
+def start_worker_pool(args: argparse.Namespace, broker, out_dir: Path, fleet: str):
+    """The aggregation worker processes of ``--workers K`` (K > 1), else None; stop it when the run ends."""
+    from .coordinator import WorkerPool
+
+    return WorkerPool(broker, fleet, args.workers, out_dir).start() if getattr(args, "workers", 1) > 1 else None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -239,7 +251,12 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    records = aggregator.run(stop, on_progress=round_printer("step" if args.strategy == LARGE_BATCH else "round"))
+    pool = start_worker_pool(args, broker_config(args), args.out, args.fleet)
+    try:
+        records = aggregator.run(stop, on_progress=round_printer("step" if args.strategy == LARGE_BATCH else "round"))
+    finally:
+        if pool is not None:
+            pool.stop()
     final = records[-1] if records else None
     if final is not None and final.accuracy is not None:
         print(f"final test accuracy {100 * final.accuracy:.2f}% after round {final.round_id}; results in {args.out}")

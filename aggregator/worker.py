@@ -44,7 +44,7 @@ import numpy as np
 from edgetrain.sdk import topics, wire
 from edgetrain.sdk.cli_args import add_broker_args, broker_config, positive_int
 from edgetrain.sdk.errors import ConfigError, EdgetrainError, TransportError, UpdateRejected, WireError
-from edgetrain.sdk.transport import MessageTransport, Transport
+from edgetrain.sdk.transport import MessageTransport, MqttTransport
 
 from .aggregation import WeightedMean
 from .inbox import Inbox
@@ -57,6 +57,8 @@ WORKERS_DIR = "workers"  # under the run directory: one journal per run id and w
 PROGRESS_EVERY_S = 0.1  # progress reports (accepted devices) are batched at most this often
 PARTIAL_PUBLISH_BOUND_S = 300.0  # a final partial waits out a broker outage this long
 INBOX_MAX_MESSAGES = 10_000
+MAX_EARLY_UPDATES = 1_000  # held (unacked) until the first order names the round; more are left to re-send
+MAX_EARLY_BYTES = 256 << 20
 INBOX_MAX_BYTES = 512 << 20
 
 
@@ -113,6 +115,8 @@ class AggregationWorker:
         self._journal: UpdateJournal | None = None
         self._seen_update_ids: set[str] = set()  # this run's accepted ids: a late redelivery is "held"
         self._last_progress = 0.0
+        self._early: list[tuple[str, wire.Update]] = []  # updates that came before the first order (bounded)
+        self._early_bytes = 0
 
     def start(self) -> None:
         for topic_filter in (topics.update_filter(self.fleet), topics.work_order_topic(self.fleet)):
@@ -183,6 +187,9 @@ class AggregationWorker:
         replayed = sum(self._accept(u.device_id, u, replayed=True) for u in self._journal.replay(order.round_id))
         if replayed:
             _log.info("%s: round %d: %d journaled update(s) replayed", self.name, order.round_id, replayed)
+        early, self._early, self._early_bytes = self._early, [], 0
+        for device, update in early:
+            self._accept(device, update, replayed=False)
 
     @staticmethod
     def _widen(current: _RoundPartial, order: wire.WorkOrder) -> None:
@@ -205,7 +212,14 @@ class AggregationWorker:
         if not isinstance(message, wire.Update):
             self._count_rejection("malformed", f"{type(message).__name__} on {device}'s update topic")
             return
-        if current is None or current.closed:
+        if current is None:  # e.g. a restart: the session's queued updates come before the retained order
+            if len(self._early) < MAX_EARLY_UPDATES and self._early_bytes + len(payload) <= MAX_EARLY_BYTES:
+                self._early.append((device, message))
+                self._early_bytes += len(payload)
+            else:
+                self._count_rejection("inbox_full", f"{device}'s {message.update_id}: no order yet, buffer full")
+            return
+        if current.closed:
             reason = REJECT_DUPLICATE if message.update_id in self._seen_update_ids else REJECT_LATE
             self._reject(device, message, UpdateRejected(reason, f"{self.name}: no round open for it"))
             return
@@ -308,7 +322,7 @@ def worker_client_id(fleet: str, index: int) -> str:
 
 
 def build_worker(broker, fleet: str, index: int, num_workers: int, run_dir: Path) -> AggregationWorker:
-    transport = Transport(broker, client_id=worker_client_id(fleet, index), clean_start=False, reconnect_max_s=10.0)
+    transport = MqttTransport(broker, client_id=worker_client_id(fleet, index), clean_start=False, reconnect_max_s=10.0)
     return AggregationWorker(fleet, index, num_workers, transport, run_dir)
 
 
