@@ -33,7 +33,7 @@ from .service import Aggregator, RunStopped, load_or_create_run_id
 from .worker import WORKERS_DIR, worker_name
 
 _log = logging.getLogger(__name__)
-RESTART_BACKOFF_S = 1.0
+SINGLE_THREAD_BLAS_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 @dataclass(frozen=True)
@@ -207,7 +207,9 @@ class WorkerPool:
         return cmd
 
     def _spawn(self, index: int) -> subprocess.Popen:
-        env = dict(os.environ)
+        # One BLAS thread per worker: the K processes are the parallelism. A multi-threaded BLAS in each made
+        # the norm's np.dot of a 25k-vector take 1.6-16 ms instead of 3 us on a busy 2-core machine.
+        env = {**os.environ, **SINGLE_THREAD_BLAS_ENV}
         if self.broker.password:  # by environment, never on a command line others can read
             env[PASSWORD_ENV] = self.broker.password
         log_dir = self.run_dir / WORKERS_DIR

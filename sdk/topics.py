@@ -23,6 +23,7 @@ The Mosquitto ACL that enforces the table (``mosquitto_acl()`` returns it)::
     topic read edgetrain/+/update/+
     topic read edgetrain/+/status/+
     topic read edgetrain/+/metrics/+
+    topic readwrite edgetrain/+/work/#
 
     # every other user is a device, named by its username (%u): its own topics only
     pattern read edgetrain/+/announce
@@ -172,6 +173,7 @@ def mosquitto_acl(aggregator_user: str = "aggregator") -> str:
         f"topic read {ROOT}/+/update/+",
         f"topic read {ROOT}/+/status/+",
         f"topic read {ROOT}/+/metrics/+",
+        f"topic readwrite {ROOT}/+/work/#",  # the coordinator's orders and its workers' partial sums
         "",
         "# every other user is a device, named by its username (%u): its own topics only",
         f"pattern read {ROOT}/+/announce",
