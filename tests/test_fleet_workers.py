@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pytest
 
 from edgetrain.aggregator.bridge import edge_bridge_config
 from edgetrain.aggregator.checkpoint import list_checkpoints, load_checkpoint
@@ -13,8 +14,8 @@ from edgetrain.aggregator.coordinator import WorkerPool
 from edgetrain.sdk import topics, wire
 from edgetrain.sdk.codecs import get_codec, parse_codec_spec
 from tests.fleet import (AggregatorThread, FleetAssets, Sniffer, broker_config, cleanup, fleet_assets,  # noqa: F401
-                         start_device_threads)
-from tests.mosquitto import MosquittoBroker
+                         metrics, spawn_cli, start_device_threads)
+from tests.mosquitto import MosquittoBroker, find_mosquitto
 
 LIMITS = (60, 120, 200, 90)
 
@@ -83,3 +84,20 @@ def test_fleet_split_over_two_bridged_edge_brokers_completes_rounds(broker_facto
     assert all(not r.devices_rejected for r in records)
     for record in records:  # every device's update reached the core through its edge's bridge
         assert sorted(_sniffed(sniffer, fleet, record.round_id, fleet_assets.num_params)) == sorted(names)
+
+
+@pytest.mark.broker
+def test_simulate_with_two_workers_runs_end_to_end(fleet_assets: FleetAssets, tmp_path: Path) -> None:
+    if find_mosquitto() is None:
+        pytest.skip("mosquitto not installed")
+    out = tmp_path / "run"
+    done = spawn_cli(["simulate", "--devices", "3", "--rounds", "2", "--workers", "2", "--limit-examples", "100",
+                      "--eval-examples", "100", "--data-dir", fleet_assets.data_dir, "--bundle", fleet_assets.bundle,
+                      "--out", out, "--round-timeout", "30", "--join-timeout", "60"], tmp_path / "simulate.log")
+    assert done.wait(120) == 0, done.log()[-3000:]
+    records = metrics(out)
+    assert [(r.round_id, r.devices_reported, r.total_examples) for r in records] == [(1, 3, 300), (2, 3, 300)]
+    assert "Traceback" not in done.log()
+    for i in range(2):  # both workers ran (and were stopped with the run)
+        log = (out / "workers" / f"worker-{i}.log").read_text()
+        assert "Traceback" not in log
