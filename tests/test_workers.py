@@ -21,7 +21,7 @@ from edgetrain.sdk import topics, wire
 from edgetrain.sdk.codecs import get_codec
 from edgetrain.sdk.errors import WireError
 
-from fleet import Sniffer, _subprocess_env, broker_config, cleanup, wait_for  # noqa: F401 (fixture)
+from tests.fleet import Sniffer, _subprocess_env, broker_config, cleanup, wait_for  # noqa: F401 (fixture)
 
 FLEET = "wk"
 RUN = "run1"
