@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import signal
@@ -19,6 +20,7 @@ from edgetrain.sdk.transport import MqttTransport
 from edgetrain.sdk.wire import signing
 
 from .config import AggregatorConfig
+from .coordinator import Coordinator, WorkerPool
 from .large_batch import LargeBatch
 from .progress import round_printer
 from .robust_strategy import AggregationRule, with_aggregation
@@ -79,6 +81,8 @@ def add_round_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--signing-key", type=Path, metavar="FILE.pem",
                    help="sign every announcement with this Ed25519 key (created, with FILE.pem.pub for the devices' "
                         "--aggregator-key, when missing; simulate: one per run directory by default)")
+    g.add_argument("--workers", type=positive_int, default=1,
+                   help="aggregation worker processes sharing the updates (default 1: one process; FedAvg family)")
     g.add_argument("--seed", type=int, default=0, help="selection seed (default 0)")
     g.add_argument("--eval-examples", type=positive_int, help="evaluate on the first N test examples only")
     g.add_argument("--data-dir", type=Path, help="Fashion-MNIST IDX directory")
@@ -280,8 +284,14 @@ def build_aggregator(args: argparse.Namespace, broker, out_dir: Path, bundle: Pa
     # One aggregator per fleet: it can retry the broker every 10 s at most (devices, many, back off to 60 s),
     # so a round resumes within seconds of the broker's return.
     transport = MqttTransport(broker, client_id=f"edgetrain-aggregator-{fleet}", clean_start=False, reconnect_max_s=10.0)
-    return Aggregator(config, strategy, transport, runtime, read_initial_parameters(bundle, manifest), test_data,
-                      signing_key=signing_key_from_args(args))
+    service = Aggregator if getattr(args, "workers", 1) == 1 else functools.partial(Coordinator, num_workers=args.workers)
+    return service(config, strategy, transport, runtime, read_initial_parameters(bundle, manifest), test_data,
+                   signing_key=signing_key_from_args(args))
+
+
+def start_worker_pool(args: argparse.Namespace, broker, out_dir: Path, fleet: str):
+    """The aggregation worker processes of ``--workers K`` (K > 1), else None; stop it when the run ends."""
+    return WorkerPool(broker, fleet, args.workers, out_dir).start() if getattr(args, "workers", 1) > 1 else None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -293,7 +303,12 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    records = aggregator.run(stop, on_progress=round_printer("step" if args.strategy == LARGE_BATCH else "round"))
+    pool = start_worker_pool(args, broker_config(args), args.out, args.fleet)
+    try:
+        records = aggregator.run(stop, on_progress=round_printer("step" if args.strategy == LARGE_BATCH else "round"))
+    finally:
+        if pool is not None:
+            pool.stop()
     final = records[-1] if records else None
     if final is not None and final.accuracy is not None:
         print(f"final test accuracy {100 * final.accuracy:.2f}% after round {final.round_id}; results in {args.out}")

@@ -26,7 +26,7 @@ from edgetrain.sdk.errors import ConfigError
 from edgetrain.sdk.wire.signing import public_key_path
 
 from .cli import (LARGE_BATCH, add_round_args, add_run_dir_args, build_aggregator, bundle_optimizer, check_round_args,
-                  signing_key_from_args, take_bundle_optimizer)
+                  signing_key_from_args, start_worker_pool, take_bundle_optimizer)
 from .local_broker import start_local_broker
 from .progress import round_printer
 from .robust_strategy import AggregationRule
@@ -216,6 +216,7 @@ def run(args: argparse.Namespace) -> int:
         args.broker = local.url
         print(f"simulate: {description}", flush=True)
     procs: list[subprocess.Popen] = []
+    pool = None
     stop = threading.Event()
     # SIGTERM/SIGINT end the run through the aggregator's stop (RunStopped), so the finally below still
     # stops every device process and the private broker.
@@ -233,9 +234,12 @@ def run(args: argparse.Namespace) -> int:
               f"results in {out}", flush=True)
         threading.Thread(target=_watch, args=(procs, args.min_devices, stop, out, sizes), daemon=True).start()
         aggregator = build_aggregator(args, broker_config(args), out, bundle, args.fleet, resume=args.resume)
+        pool = start_worker_pool(args, broker_config(args), out, args.fleet)
         records = aggregator.run(stop, on_progress=round_printer("step" if args.strategy == LARGE_BATCH else "round"))
     finally:
         stop.set()
+        if pool is not None:
+            pool.stop()
         _stop_devices(procs)
         if local is not None:
             local.stop()

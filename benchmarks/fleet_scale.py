@@ -1,4 +1,5 @@
-"""Fleet scale, part 1: 1,000 devices through one Mosquitto, as identities of a few device-host processes.
+"""Fleet scale (issue 14). Part 1: 1,000 devices through one Mosquitto, as identities of a few device-host
+processes; part 2 (``fleet_scale_workers.py``): synthetic updates through 1, 2 and 4 aggregation workers.
 
 Runs ``edgetrain simulate --devices N --fraction C --device-processes P --rounds R`` against a private
 Mosquitto this script starts, and prints: seconds per round (first and steady), peak RSS per process and
@@ -6,7 +7,8 @@ in total (aggregator + hosts + broker, sampled from /proc), broker connections (
 connected``), and, separately, how long a fleet of N idle identities takes to be whole again after a
 broker restart (the reconnect storm). Goals (printed, not asserted): <= 3 GB total RSS, <= 15 s per round.
 
-    .venv/bin/python benchmarks/fleet_scale.py [--devices 1000] [--fraction 0.1] [--rounds 5]
+    .venv/bin/python benchmarks/fleet_scale.py [--devices 1000] [--fraction 0.1] [--rounds 5] [--workers 1 2 4]
+    .venv/bin/python benchmarks/fleet_scale.py --workers-only | --skip-workers
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from edgetrain.aggregator.local_broker import LocalMosquitto
 from edgetrain.sdk.broker_config import BrokerConfig
 from edgetrain.sdk.transport import MqttTransport
 from edgetrain.sdk.transport.selector import SelectorLoop, SelectorTransport
+
+import fleet_scale_workers  # part 2, beside this script
 
 GOAL_RSS_BYTES = 3e9
 GOAL_ROUND_S = 15.0
@@ -142,12 +146,20 @@ def main() -> int:
     p.add_argument("--examples", type=int, default=60, help="examples per identity (60 x 1,000 = the training set)")
     p.add_argument("--model", default="cnn", choices=["cnn", "mlp"])
     p.add_argument("--skip-fleet", action="store_true", help="only the reconnect storm")
+    p.add_argument("--workers-only", action="store_true", help="run part 2 only (aggregation workers)")
+    p.add_argument("--skip-workers", action="store_true", help="run part 1 only")
+    fleet_scale_workers.add_args(p)
     args = p.parse_args()
+    if args.workers_only:
+        fleet_scale_workers.workers_part(args)
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         with LocalMosquitto(Path(tmp) / "broker", extra_config="sys_interval 1\n") as broker:
             if not args.skip_fleet:
                 run_fleet(args, broker, Path(tmp))
             reconnect_storm(args, broker)
+    if not args.skip_workers:
+        fleet_scale_workers.workers_part(args)
     return 0
 
 

@@ -23,6 +23,7 @@ The Mosquitto ACL that enforces the table (``mosquitto_acl()`` returns it)::
     topic read edgetrain/+/update/+
     topic read edgetrain/+/status/+
     topic read edgetrain/+/metrics/+
+    topic readwrite edgetrain/+/work/#
 
     # every other user is a device, named by its username (%u): its own topics only
     pattern read edgetrain/+/announce
@@ -172,6 +173,7 @@ def mosquitto_acl(aggregator_user: str = "aggregator") -> str:
         f"topic read {ROOT}/+/update/+",
         f"topic read {ROOT}/+/status/+",
         f"topic read {ROOT}/+/metrics/+",
+        f"topic readwrite {ROOT}/+/work/#",  # the coordinator's orders and its workers' partial sums
         "",
         "# every other user is a device, named by its username (%u): its own topics only",
         f"pattern read {ROOT}/+/announce",
@@ -181,3 +183,21 @@ def mosquitto_acl(aggregator_user: str = "aggregator") -> str:
         f"pattern write {ROOT}/+/metrics/%u",
         "",
     ])
+
+
+# -- aggregation workers (aggregator.worker): the coordinator's orders and the workers' partial sums ------
+# Not per-device topics: a device's ACL (its own update/status/metrics, the announcement, its acks) gives it
+# no access to them, so a device can neither forge an order nor a partial sum.
+def work_order_topic(fleet: str) -> str:
+    """Retained: the coordinator's current ``WorkOrder`` for its aggregation workers."""
+    return f"{_fleet_prefix(fleet)}/work/order"
+
+
+def partial_topic(fleet: str, worker: str) -> str:
+    """An aggregation worker's ``PartialSum`` reports to the coordinator."""
+    return f"{_fleet_prefix(fleet)}/work/partial/{validate_name(worker, 'worker')}"
+
+
+def partial_filter(fleet: str) -> str:
+    """Every aggregation worker's partial-sum topic in the fleet."""
+    return f"{_fleet_prefix(fleet)}/work/partial/+"

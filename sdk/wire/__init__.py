@@ -27,6 +27,7 @@ from .frame import (
     read_frame,
 )
 from .messages import PAYLOAD_KINDS, Ack, Announcement, DeviceMetrics, Message, Status, Update
+from .work import PartialSum, WorkOrder
 from . import signing
 
 __all__ = [
@@ -41,10 +42,12 @@ __all__ = [
     "DeviceMetrics",
     "Message",
     "MessageType",
+    "PartialSum",
     "RawFrame",
     "Reassembler",
     "Status",
     "Update",
+    "WorkOrder",
     "build_frame",
     "decode",
     "encode",

@@ -21,6 +21,7 @@ from ..codecs import get_codec, parse_codec_spec
 from ..errors import ConfigError, UnknownCodec, WireError
 from .checksum import crc32
 from .messages import Ack, Announcement, DeviceMetrics, Message, Status, Update, from_header, header_fields
+from .work import PartialSum, WorkOrder
 
 MAGIC = b"ET"
 # 2: typed round protocol (run id, task, RoundSettings, codec specs, base version, signature in the
@@ -39,6 +40,8 @@ class MessageType(enum.IntEnum):
     ACK = 3
     STATUS = 4
     DEVICE_METRICS = 5
+    WORK_ORDER = 6  # coordinator -> aggregation workers (sdk.wire.work)
+    PARTIAL_SUM = 7  # aggregation worker -> coordinator
     CHUNK = 16  # a slice of a larger frame (see sdk.wire.chunks)
 
 
@@ -48,6 +51,8 @@ _TYPE_OF_CLASS: dict[type, MessageType] = {
     Ack: MessageType.ACK,
     Status: MessageType.STATUS,
     DeviceMetrics: MessageType.DEVICE_METRICS,
+    WorkOrder: MessageType.WORK_ORDER,
+    PartialSum: MessageType.PARTIAL_SUM,
 }
 _CLASS_OF_TYPE: dict[int, type] = {int(t): cls for cls, t in _TYPE_OF_CLASS.items()}
 _KNOWN_TYPES = frozenset(int(t) for t in MessageType)
