@@ -42,6 +42,7 @@ from .errors import ConfigError, EdgetrainError, TransportError, WireError
 from .device_metrics import (BENCH_ROUND_ID, EnergyProbe, GradientGroup, StepTimer, energy_values, memory_values,
                              step_stats_ms)
 from .device_state import DeviceState
+from .host_share import HostShare
 from .model_sync import ModelReplica
 from .outbox import Outbox
 from .round_settings import RoundSettings
@@ -144,12 +145,14 @@ class Device:
     ``energy`` (device_bench's ``RoundEnergy``, or None with ``energy_unavailable`` saying why) measures
     each round's joules; ``bench`` (``sdk.device_metrics.bench_values``) is published once, retained.
     ``aggregator_key``: the aggregator's Ed25519 public key; when given, only announcements it signed
-    are obeyed.
+    are obeyed. ``share``: what a device host's identities share (``sdk.host_share``): announcement
+    frames decoded and verified once, model replicas by version; None on a board of its own.
     """
 
     def __init__(self, config: DeviceConfig, transport: Transport, runtime: Runtime, data: LocalData,
                  energy: EnergyProbe | None = None, energy_unavailable: str = "",
-                 bench: Mapping[str, float] | None = None, aggregator_key: Ed25519PublicKey | None = None) -> None:
+                 bench: Mapping[str, float] | None = None, aggregator_key: Ed25519PublicKey | None = None,
+                 share: HostShare | None = None) -> None:
         self.config = config
         self.transport = transport
         self.runtime = runtime
@@ -157,7 +160,8 @@ class Device:
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.outbox = Outbox(config.state_dir / "outbox")
         self.state = DeviceState(config.state_dir)
-        self.replica = ModelReplica(runtime.manifest.num_params)
+        self.share = share
+        self.replica = ModelReplica(runtime.manifest.num_params, share.models if share is not None else None)
         self.aggregator_key = aggregator_key
         self.run_id = self.state.run_id()  # the run this device serves; "" before its first
         self.skip_reason = ""  # why the last round was skipped or announcement refused (in status)
@@ -235,9 +239,11 @@ class Device:
         if self.bench:  # retained: an aggregator started later still gets it
             self._send_metrics(BENCH_ROUND_ID, self.bench, retain=True)
 
-    def handle(self, topic: str, payload: bytes) -> None:
-        """One message from the broker (see ``_handle_safely``); on the caller's thread."""
-        self._handle_safely(topic, payload)
+    def handle(self, topic: str, payload: bytes, superseded: bool = False) -> None:
+        """One message from the broker (see ``_handle_safely``); on the caller's thread. ``superseded``: a
+        newer announcement is already queued for this device (a device host knows), so this one only
+        brings the model along (the newer one may be a delta on it) and is not answered."""
+        self._handle_safely(topic, payload, superseded)
 
     def leave(self) -> None:
         """Say "offline" and disconnect: the end of ``run``."""
@@ -250,17 +256,17 @@ class Device:
         if self.energy is not None:
             self.energy.close()
 
-    def _handle_safely(self, topic: str, payload: bytes) -> None:
+    def _handle_safely(self, topic: str, payload: bytes, superseded: bool = False) -> None:
         """``_handle``, but no message ends the device: whatever one raises is logged, published in the
         status, and the device waits for the next message. Broad on purpose: a message comes from the
         network, and a defect it uncovers must cost that message, not the fleet."""
         try:
-            self._handle(topic, payload)
+            self._handle(topic, payload, superseded)
         except Exception as exc:  # noqa: BLE001 (see the docstring)
             _log.exception("message on %s could not be handled", topic)
             self._skip(None, f"message on {topic} could not be handled: {type(exc).__name__}: {exc}")
 
-    def _handle(self, topic: str, payload: bytes) -> None:
+    def _handle(self, topic: str, payload: bytes, superseded: bool = False) -> None:
         if not payload:  # a cleared retained announcement: the run is over
             if self._group.steps:  # a partial group of steps nobody will record: close its window
                 self._group.flush()
@@ -268,7 +274,7 @@ class Device:
                     self.energy.end()
             return
         try:
-            message = self._reassembler.feed(payload)
+            message = self._decode(topic, payload)
         except WireError as exc:
             if topic == topics.announce_topic(self.config.fleet):
                 self._skip(None, f"malformed announcement refused: {exc}")
@@ -276,9 +282,23 @@ class Device:
                 _log.warning("dropped a malformed frame on %s: %s", topic, exc)
             return
         if isinstance(message, wire.Announcement):
-            self._on_announcement(message)
+            self._on_announcement(message, answer=not superseded)
         elif isinstance(message, wire.Ack) and message.device_id == self.config.device_id:
             self._on_ack(message)
+
+    def _decode(self, topic: str, payload: bytes) -> wire.Message | None:
+        """The message ``payload`` completes; an announcement frame a host already decoded is not decoded again."""
+        if self.share is not None and topic == topics.announce_topic(self.config.fleet):
+            return self.share.frames.decode(payload, self._reassembler.feed)
+        return self._reassembler.feed(payload)
+
+    def _verify(self, a: wire.Announcement) -> None:
+        """BadSignature unless the aggregator's key signed ``a`` (checked once per frame on a host)."""
+        assert self.aggregator_key is not None
+        if self.share is not None:
+            self.share.frames.verify(a, self.aggregator_key)
+        else:
+            wire.signing.verify(a, self.aggregator_key)
 
     def _on_ack(self, ack: wire.Ack) -> None:
         for entry in self.outbox.pending():
@@ -296,17 +316,17 @@ class Device:
         self._publish_status()
 
     # -- one announcement ---------------------------------------------------------------------
-    def _on_announcement(self, a: wire.Announcement) -> None:
-        """Verify, adopt its run, sync the model, then answer if selected and not answered yet."""
+    def _on_announcement(self, a: wire.Announcement, answer: bool = True) -> None:
+        """Verify, adopt its run, sync the model, then answer if selected, not answered yet and ``answer``."""
         try:
             if self.aggregator_key is not None:
-                wire.signing.verify(a, self.aggregator_key)
+                self._verify(a)
             self._enter_run(a.run_id)
             synced = self._sync_model(a)
         except WireError as exc:  # forged, unsigned, or a payload that is no usable model: state unchanged
             self._skip(a, f"announcement refused: {exc}")
             return
-        if not synced or self.config.device_id not in a.selected:
+        if not synced or not answer or self.config.device_id not in a.selected:
             return
         if self._already_answered(a):  # normal after a reconnect or a retry: said at info level
             self._skip(a, f"already answered (model version {a.model_version}); skipped", logging.INFO)

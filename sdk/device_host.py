@@ -8,12 +8,18 @@ the training split (each identity's partition is cut from it once), and one ``Se
 drives every socket (``sdk.transport.selector``). Training is serialised: every identity's messages land on
 one queue, and one worker thread (the caller of ``run``) handles them in arrival order, so the rounds of
 the selected identities run one after another on the single runtime.
+
+Every identity receives its own copy of each announcement; ``sdk.host_share`` keeps one copy per host
+(the loop thread swaps an identity's copy for the kept one before queueing), decodes and verifies it once,
+and keeps one model vector per version for all replicas. An announcement still queued for an identity when
+a newer one arrives for it only brings the model along: answering a round already replaced is wasted work.
 """
 from __future__ import annotations
 
 import logging
 import queue
 import re
+import itertools
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +31,7 @@ from . import topics, wire
 from .data import PartitionSpec, load_split, partition
 from .device import Device, DeviceConfig, LocalData
 from .errors import ConfigError
+from .host_share import HostShare
 from .runtime import Runtime
 from .transport.selector import SelectorLoop, SelectorTransport
 from .broker_config import BrokerConfig
@@ -91,6 +98,7 @@ def build_devices(host: HostConfig, identities: Sequence[Identity], broker: Brok
                               f"range for --count {host.partition_count}")
     train = load_split("train", data_dir)
     parts = partition(train.labels, host.partition, host.partition_count, host.seed)  # once, not per identity
+    share = HostShare()
     devices = []
     for identity in identities:
         config = DeviceConfig(fleet=host.fleet, device_id=identity.device_id,
@@ -104,7 +112,8 @@ def build_devices(host: HostConfig, identities: Sequence[Identity], broker: Brok
         transport = SelectorTransport(broker, identity.device_id, loop,
                                       will=(topics.status_topic(host.fleet, identity.device_id), offline, True))
         devices.append(Device(config, transport, runtime, data, energy_unavailable="device host: identities "
-                              "share one processor, so no per-device energy", aggregator_key=aggregator_key))  # type: ignore[arg-type]
+                              "share one processor, so no per-device energy", aggregator_key=aggregator_key,  # type: ignore[arg-type]
+                              share=share))
     return devices
 
 
@@ -120,7 +129,9 @@ class DeviceHost:
                               "take each other's session over")
         self.devices = list(devices)
         self.loop = loop
-        self._inbox: queue.Queue[tuple[Device, str, bytes]] = queue.Queue()
+        self._inbox: queue.Queue[tuple[Device, str, bytes, int]] = queue.Queue()
+        self._arrivals = itertools.count(1)  # numbers announcements as they arrive (the loop's thread)
+        self._latest_announcement: dict[str, int] = {}  # device id -> number of its newest announcement
         self.joined: list[Device] = []
 
     @property
@@ -140,17 +151,26 @@ class DeviceHost:
             _log.info("%d device identities joined", len(self.joined))
             while not stop.is_set():
                 try:
-                    device, topic, payload = self._inbox.get(timeout=0.2)
+                    device, topic, payload, arrival = self._inbox.get(timeout=0.2)
                 except queue.Empty:
                     continue
                 if device.transport.failure is None:  # an identity taken over elsewhere stays silent
-                    device.handle(topic, payload)
+                    superseded = 0 < arrival < self._latest_announcement.get(device.config.device_id, 0)
+                    device.handle(topic, payload, superseded)
         finally:
             for device in self.joined:
                 device.leave()
             self.loop.stop()
 
     def _deliverer(self, device: Device):  # noqa: ANN202 (a Handler)
+        announce = topics.announce_topic(device.config.fleet)
+
         def deliver(topic: str, payload: bytes) -> None:  # the loop's thread: only queue
-            self._inbox.put((device, topic, payload))
+            arrival = 0  # not an announcement
+            if topic == announce:
+                if device.share is not None:
+                    payload = device.share.frames.intern(payload)  # this identity's copy is freed now
+                arrival = next(self._arrivals)
+                self._latest_announcement[device.config.device_id] = arrival
+            self._inbox.put((device, topic, payload, arrival))
         return deliver

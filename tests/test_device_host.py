@@ -144,3 +144,30 @@ def test_simulate_200_devices_in_2_processes_completes_2_rounds(fleet_assets: Fl
     for host in ("host-0", "host-1"):
         assert "Traceback" not in (out / "devices" / f"{host}.log").read_text()
     assert len(list((out / "devices").glob("dev-*/progress.json"))) >= 20  # the identities that trained
+
+
+def test_identities_of_a_host_keep_one_copy_of_the_announcement_and_of_the_model(
+        broker: MosquittoBroker, fleet_assets: FleetAssets, tmp_path: Path) -> None:
+    config = BrokerConfig.parse(broker.url)
+    ids = ("dev-0", "dev-1", "dev-2")
+    loop = SelectorLoop()
+    devices = build_devices(HostConfig(fleet="shared", state_root=tmp_path / "host", partition=PartitionSpec.parse("iid"),
+                                       partition_count=3, limit_examples=20),
+                            [Identity(i, n) for n, i in enumerate(ids)], config, loop, load_runtime(fleet_assets.bundle),
+                            fleet_assets.data_dir)
+    host = DeviceHost(devices, loop)
+    stop = threading.Event()
+    thread = threading.Thread(target=host.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        _updates_after_announcing(config, "shared", ids, fleet_assets)
+        wait_for(lambda: all(d.replica.version == 0 for d in devices), "every replica at version 0")
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not thread.is_alive()
+    share = devices[0].share
+    assert share is not None and all(d.share is share for d in devices)
+    assert share.frames.decoded == 1  # three identities received the frame; it was decoded once
+    assert all(d.replica.params is devices[0].replica.params for d in devices)
+    np.testing.assert_array_equal(devices[0].replica.params, fleet_assets.initial_params.astype(np.float32))

@@ -113,6 +113,8 @@ class ExecutorchRuntime(Runtime):
 
     def set_parameters(self, flat: np.ndarray) -> None:
         check_flat(flat, self.manifest)
+        if not flat.flags.writeable:  # a host's shared replica: torch warns on read-only memory, even to copy it
+            flat = flat.copy()
         with self._torch.no_grad():
             for spec, param in zip(self.manifest.params, self._params):
                 chunk = np.ascontiguousarray(flat[spec.offset:spec.offset + spec.size]).reshape(spec.shape)

@@ -45,6 +45,8 @@ class TorchRuntime(Runtime):
 
     def set_parameters(self, flat: np.ndarray) -> None:
         check_flat(flat, self.manifest)
+        if not flat.flags.writeable:  # a host's shared replica: torch warns on read-only memory, even to copy it
+            flat = flat.copy()
         with torch.no_grad():
             for spec, param in zip(self.manifest.params, self._params):
                 chunk = flat[spec.offset : spec.offset + spec.size].reshape(spec.shape)
