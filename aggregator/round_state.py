@@ -77,3 +77,4 @@ class OpenRound:
     ctx: ValidationContext
     tally: RoundTally = field(default_factory=RoundTally)
     attempts: int = 0
+    join_wait_s: float = 0.0  # the wait for enough devices online, before the round's clock started

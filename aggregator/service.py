@@ -373,8 +373,13 @@ class Aggregator:
 
     def run_round(self, round_id: int, on_progress: Callable[[Progress], None] | None = None) -> RoundRecord:
         """Collect, aggregate, evaluate, record and checkpoint one round."""
+        waiting = time.monotonic()
+        live = self._wait_for_devices()
+        # The clock starts once enough devices are online: waiting for a fleet that is still starting
+        # (round 1: imports, bundles, connects) is its start-up, recorded apart as ``join_wait_s``.
         started = time.monotonic()
-        open_round = self._open_round(round_id, started)
+        open_round = self._open_round(round_id, started, live)
+        open_round.join_wait_s = started - waiting
         self._collect(open_round, on_progress)
         self.params, info = self.strategy.aggregate(self.params)
         self.model_version += 1
@@ -384,8 +389,8 @@ class Aggregator:
             on_progress(Progress(round_id, self.config.rounds, record.devices_reported, record.devices_chosen, record))
         return record
 
-    def _open_round(self, round_id: int, started: float) -> OpenRound:
-        plan = self.strategy.configure_round(round_id, self._wait_for_devices(), self.rng)
+    def _open_round(self, round_id: int, started: float, live: list[str]) -> OpenRound:
+        plan = self.strategy.configure_round(round_id, live, self.rng)
         self.strategy.begin_round(self.params)
         selected = set(plan.selected)
         ctx = ValidationContext(round_id=round_id, model_version=self.model_version, selected=frozenset(selected),
@@ -499,7 +504,7 @@ class Aggregator:
             bytes_down=tally.bytes_down, round_wall_s=time.monotonic() - open_round.started_mono_s,
             retried=open_round.attempts > 1, total_examples=info.total_examples,
             devices_timed_out=len(ctx.pending_devices()),
-            extra={"attempts": open_round.attempts, "capped": tally.capped, "capped_by": dict(tally.capped_by),
+            extra={"attempts": open_round.attempts, "join_wait_s": open_round.join_wait_s, "capped": tally.capped, "capped_by": dict(tally.capped_by),
                    "clipped": tally.clipped, "step_norm": info.step_norm, **info.rule_metrics,
                    "device_cpu_s": tally.device_cpu_s, "replayed": tally.replayed,
                    **dict(zip(("inbox_dropped", "inbox_dropped_bytes"), self._inbox.take_dropped())),
