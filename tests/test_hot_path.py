@@ -147,3 +147,37 @@ def test_weighted_sum_error_is_bounded_on_adversarial_magnitudes_and_many_update
     for row in terms:
         naive += row
     assert (np.abs(naive - exact) <= bound).all()
+
+
+# ---- no payload copies: the frame's bytes are the payload's bytes ---------------------------------
+
+def test_update_payload_is_a_view_of_an_immutable_frame_not_a_copy() -> None:
+    from edgetrain.sdk import wire
+
+    vector = np.arange(1000, dtype=np.float32)
+    frame = wire.encode(_update(vector))
+    decoded = wire.decode(frame)
+    assert np.shares_memory(np.frombuffer(decoded.payload, np.uint8), np.frombuffer(frame, np.uint8))
+    assert bytes(decoded.payload) == get_codec("dense").encode(vector, None, {})[0]
+
+
+def test_payload_of_a_mutable_frame_is_copied_so_later_writes_cannot_change_it() -> None:
+    from edgetrain.sdk import wire
+
+    frame = bytearray(wire.encode(_update(np.ones(100, dtype=np.float32))))
+    decoded = wire.decode(frame)
+    before = bytes(decoded.payload)
+    frame[-40:-4] = bytes(36)  # inside the payload, after the checksum was verified
+    assert bytes(decoded.payload) == before
+
+
+def test_dense_validation_reads_the_frame_without_copying_the_payload() -> None:
+    from edgetrain.sdk import wire
+
+    vector = np.random.default_rng(5).standard_normal(4096).astype(np.float32)
+    frame = wire.encode(_update(vector))
+    valid = validate_update(wire.decode(frame), topic_device="dev-1", ctx=_ctx(vector.size))
+    assert np.shares_memory(valid.vector, np.frombuffer(frame, np.uint8))
+    assert not valid.vector.flags.writeable  # nobody can write through it into the frame
+    np.testing.assert_array_equal(valid.vector, vector)
+    np.testing.assert_array_equal(valid.accumulable(), vector.astype(np.float64))
