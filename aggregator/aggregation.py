@@ -26,6 +26,11 @@ import numpy as np
 from edgetrain.sdk.errors import ConfigError
 from edgetrain.sdk.optim import check_positive, check_sgd_hyper, check_unit_interval, sgd
 
+try:  # BLAS daxpy: acc += w·x in one fused pass, no temporary (scipy comes with the server extra)
+    from scipy.linalg.blas import daxpy as _daxpy
+except ImportError:  # pragma: no cover - a server without scipy: the same sums in two passes
+    _daxpy = None
+
 ServerState = dict[str, np.ndarray]
 
 
@@ -80,13 +85,26 @@ class WeightedMean:
         weight = float(weight)
         if not (math.isfinite(weight) and weight > 0):
             raise ConfigError(f"weight must be finite and > 0, got {weight}")
-        # Multiply straight into float64: a float32 product would lose the low bits before summing.
-        # A float64 input (``ValidatedUpdate.vector64``) skips numpy's slower mixed-type loop (70 us
-        # against 91 us at 215k entries); the product is the same either way: a float32 value is exact
-        # in float64 and w· rounds it once.
-        self._weighted_sum += np.multiply(array, weight, dtype=np.float64)
+        self._add_weighted(array, weight)
         self._total_weight += weight
         self._count += 1
+
+    def _add_weighted(self, array: np.ndarray, weight: float) -> None:
+        """Σw·x += weight·array in float64 (a float32 value is exact in float64, so only w· and + round).
+
+        BLAS daxpy does it in one pass with no temporary: 34 us against 70 us for numpy's
+        multiply-into-a-temporary then add at 215k entries (benchmarks/hot_path.py). Validation hands
+        the float64 copy it made for the norm (``ValidatedUpdate.accumulable``); another dtype is
+        widened here first. The error stays float64's: each add rounds at most twice (<= 2 ulp of the
+        term), measured against an exact sum in tests/test_hot_path.py.
+        """
+        if _daxpy is None or array.dtype != np.float64 or not array.flags.c_contiguous:
+            array = np.ascontiguousarray(array, dtype=np.float64)
+        if _daxpy is None:
+            self._weighted_sum += np.multiply(array, weight)
+            return
+        # The accumulator is float64 and contiguous, so daxpy updates it in place and returns it.
+        self._weighted_sum = _daxpy(array, self._weighted_sum, a=weight)
 
     def merge(self, other: "WeightedMean") -> None:
         """Fold another partial mean into this one (associative and commutative)."""

@@ -117,7 +117,7 @@ class ValidatedUpdate:
 
     device_id: str
     update_id: str
-    vector: np.ndarray  # float32, shape (num_params,)
+    vector: np.ndarray  # float32, shape (num_params,); may be a read-only view of the payload
     num_examples: int
     claimed_examples: int
     capped: bool
@@ -194,8 +194,10 @@ def _decode(update: Update, ctx: ValidationContext) -> np.ndarray:
     if ctx.allowed_codecs is not None and name not in ctx.allowed_codecs:
         raise _reject(REJECT_UNKNOWN_CODEC, update,
                       f"codec {name!r} is not accepted here (allowed: {', '.join(sorted(ctx.allowed_codecs))})")
+    # A codec with ``decode_view`` (dense) lends a read-only view of the payload instead of a copy.
+    decode = getattr(codec, "decode_view", codec.decode)
     try:
-        decoded = codec.decode(update.payload, ctx.num_params, params)
+        decoded = decode(update.payload, ctx.num_params, params)
     except (WireError, ConfigError) as exc:  # ConfigError: the spec's parameters are wrong for the codec
         raise _reject(REJECT_UNDECODABLE, update, str(exc)) from None
     vector = np.asarray(decoded)

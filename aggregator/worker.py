@@ -240,7 +240,7 @@ class AggregationWorker:
             except OSError as exc:  # not acked: the device re-sends it
                 self._count_rejection("not_durable", f"{device}'s {update.update_id}: journal ({exc})")
                 return False
-        current.mean.add(valid.vector, float(valid.num_examples))
+        current.mean.add(valid.accumulable(), float(valid.num_examples))
         current.ctx.mark_accepted(update)
         current.ids.append(update.update_id)
         current.devices.append(device)

@@ -4,8 +4,16 @@ For each codec an update of the cnn's size (215,370 parameters) is encoded once 
 codec and framed; the benchmark then times, per repeat, the three stages the aggregator runs on
 arrival (``sdk.wire.decode``, ``aggregator.validation.validate_update``, ``FedAvg.accumulate``)
 with ``perf_counter_ns``, and numpy's ``acc += x`` on a float32 vector of the same size measured
-in the same run. It prints the median per stage and the ratio ``(acc += x) / (whole path)``: 1.0
-would be the path running at the speed of one numpy add (issue 14's goal is >= 0.5 for dense).
+in the same run. It prints the median per stage and two ratios: ``ratio`` = (float32 ``acc += x``) /
+(whole path), and ``r64`` = (float64 ``acc64 += x``, the float32 update widened into a float64
+accumulator) / (whole path). 1.0 would be the path running at the speed of that one numpy add.
+
+Issue 14's goal (>= 0.5 for dense) uses ``ratio``, the float32 baseline: "numpy's ``acc += x`` on the
+same vector" is an add of the float32 vector the device sent into an accumulator of its own dtype, the
+cheapest pass that reads the update at all, so the goal is independent of how we choose to accumulate.
+``r64`` is printed because the aggregator keeps float64 sums (exactness over many updates): it is the
+ratio to the cheapest pass with that accumulator, so it shows how much of the gap is the path's own
+overhead rather than the accumulator's width (acc64 += x moves 2.5x the bytes of acc += x).
 
     python benchmarks/hot_path.py [--repeats 300] [--size 215370] [--codec SPEC ...]
 """
@@ -40,6 +48,7 @@ class StageTimes:
     validate_ns: float
     accumulate_ns: float
     numpy_add_ns: float
+    numpy_add64_ns: float
 
     @property
     def total_ns(self) -> float:
@@ -48,6 +57,10 @@ class StageTimes:
     @property
     def ratio_to_numpy(self) -> float:
         return self.numpy_add_ns / self.total_ns
+
+    @property
+    def ratio_to_numpy64(self) -> float:
+        return self.numpy_add64_ns / self.total_ns
 
 
 def make_frame(spec: str, vector: np.ndarray, update_id: str) -> bytes:
@@ -59,9 +72,9 @@ def make_frame(spec: str, vector: np.ndarray, update_id: str) -> bytes:
     return wire.encode(update)
 
 
-def numpy_add_ns(vector: np.ndarray, repeats: int) -> float:
-    """Median ns of ``acc += x`` on float32 vectors of ``vector``'s size."""
-    acc = np.zeros_like(vector)
+def numpy_add_ns(vector: np.ndarray, repeats: int, accumulator_dtype: type = np.float32) -> float:
+    """Median ns of ``acc += x`` with ``x`` = ``vector`` (float32) and ``acc`` of ``accumulator_dtype``."""
+    acc = np.zeros(vector.size, dtype=accumulator_dtype)
     samples = []
     for _ in range(repeats):
         start = time.perf_counter_ns()
@@ -91,7 +104,8 @@ def time_codec(spec: str, vector: np.ndarray, repeats: int) -> StageTimes:
         validate_ns.append(t2 - t1)
         accumulate_ns.append(t3 - t2)
     return StageTimes(spec, len(frame), statistics.median(decode_ns), statistics.median(validate_ns),
-                      statistics.median(accumulate_ns), numpy_add_ns(vector, repeats))
+                      statistics.median(accumulate_ns), numpy_add_ns(vector, repeats),
+                      numpy_add_ns(vector, repeats, np.float64))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,12 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     vector = (np.random.default_rng(args.seed).standard_normal(args.size) * 1e-2).astype(np.float32)
     print(f"hot path per update, {args.size} parameters, median of {args.repeats} (times in microseconds)")
     print(f"{'codec':34s} {'frame_B':>9s} {'decode':>8s} {'validate':>9s} {'accum':>8s} {'total':>8s} "
-          f"{'np_add':>7s} {'ratio':>6s}")
+          f"{'np_add':>7s} {'np_add64':>8s} {'ratio':>6s} {'r64':>6s}")
     for spec in args.codec or DEFAULT_CODECS:
         t = time_codec(spec, vector, args.repeats)
         print(f"{spec:34s} {t.payload_bytes:9d} {t.decode_ns / 1e3:8.1f} {t.validate_ns / 1e3:9.1f} "
               f"{t.accumulate_ns / 1e3:8.1f} {t.total_ns / 1e3:8.1f} {t.numpy_add_ns / 1e3:7.1f} "
-              f"{t.ratio_to_numpy:6.3f}")
+              f"{t.numpy_add64_ns / 1e3:8.1f} {t.ratio_to_numpy:6.3f} {t.ratio_to_numpy64:6.3f}")
     return 0
 
 

@@ -121,3 +121,63 @@ def test_unpack_within_bytes_round_trips_and_refuses_padding_bits(width: int, co
         corrupt[-1] |= 1  # the last bit is padding
         with pytest.raises(WireError, match="padding"):
             unpack_uint(bytes(corrupt), width, count)
+
+
+# ---- accumulation error: BLAS daxpy into float64 against the exact sum ---------------------------
+
+def test_weighted_sum_error_is_bounded_on_adversarial_magnitudes_and_many_updates() -> None:
+    """Σw·x over 400 updates whose entries span 1e-30..1e30 with both signs (so sums cancel): each
+    entry's error is within the recursive-summation bound n·eps64·Σ|w·x| of the exact sum. The products
+    w·x (integer w < 2**24, float32 x) are exact in float64, so math.fsum of them is the exact sum."""
+    rng = np.random.default_rng(11)
+    size, updates = 64, 400
+    mean = WeightedMean(size)
+    terms = np.empty((updates, size), dtype=np.float64)
+    for i in range(updates):
+        x = (rng.choice([-1.0, 1.0], size) * 10.0 ** rng.uniform(-30, 30, size)).astype(np.float32)
+        weight = int(rng.integers(1, 1 << 20))
+        mean.add(x if i % 2 else x.astype(np.float64), weight)  # both input dtypes take the same path
+        terms[i] = x.astype(np.float64) * weight
+    exact = np.array([math.fsum(terms[:, j]) for j in range(size)])
+    bound = updates * np.finfo(np.float64).eps * np.abs(terms).sum(axis=0)
+    error = np.abs(mean.weighted_sum - exact)
+    assert (error <= bound).all(), f"worst error/bound {float((error / bound).max()):.3g}"
+    # and no worse than the numpy two-pass float64 accumulation it replaced, in the same units
+    naive = np.zeros(size)
+    for row in terms:
+        naive += row
+    assert (np.abs(naive - exact) <= bound).all()
+
+
+# ---- no payload copies: the frame's bytes are the payload's bytes ---------------------------------
+
+def test_update_payload_is_a_view_of_an_immutable_frame_not_a_copy() -> None:
+    from edgetrain.sdk import wire
+
+    vector = np.arange(1000, dtype=np.float32)
+    frame = wire.encode(_update(vector))
+    decoded = wire.decode(frame)
+    assert np.shares_memory(np.frombuffer(decoded.payload, np.uint8), np.frombuffer(frame, np.uint8))
+    assert bytes(decoded.payload) == get_codec("dense").encode(vector, None, {})[0]
+
+
+def test_payload_of_a_mutable_frame_is_copied_so_later_writes_cannot_change_it() -> None:
+    from edgetrain.sdk import wire
+
+    frame = bytearray(wire.encode(_update(np.ones(100, dtype=np.float32))))
+    decoded = wire.decode(frame)
+    before = bytes(decoded.payload)
+    frame[-40:-4] = bytes(36)  # inside the payload, after the checksum was verified
+    assert bytes(decoded.payload) == before
+
+
+def test_dense_validation_reads_the_frame_without_copying_the_payload() -> None:
+    from edgetrain.sdk import wire
+
+    vector = np.random.default_rng(5).standard_normal(4096).astype(np.float32)
+    frame = wire.encode(_update(vector))
+    valid = validate_update(wire.decode(frame), topic_device="dev-1", ctx=_ctx(vector.size))
+    assert np.shares_memory(valid.vector, np.frombuffer(frame, np.uint8))
+    assert not valid.vector.flags.writeable  # nobody can write through it into the frame
+    np.testing.assert_array_equal(valid.vector, vector)
+    np.testing.assert_array_equal(valid.accumulable(), vector.astype(np.float64))

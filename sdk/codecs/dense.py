@@ -31,13 +31,20 @@ class DenseCodec(KnobParams):
         return vector.astype(_WIRE_DTYPE, copy=False).tobytes(), state
 
     def decode(self, data: bytes, size: int, params: Mapping[str, Any]) -> np.ndarray:
+        # astype copies: the result is writable and does not pin the frame's buffer.
+        return self.decode_view(data, size, params).astype(np.float32)
+
+    def decode_view(self, data: bytes | memoryview, size: int, params: Mapping[str, Any]) -> np.ndarray:
+        """The values as a read-only float32 view of ``data`` (no copy on a little-endian host): the
+        aggregator's validation reads them once, widening them for the norm, and keeps no other copy."""
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 0:
             raise WireError(f"dense codec: size must be a non-negative int, got {size!r}")
         expected = 4 * int(size)
         if len(data) != expected:
             raise WireError(f"dense codec: {len(data)} bytes for {size} float32 values (expected {expected})")
-        # astype copies: the result is writable and does not pin the frame's buffer.
-        return np.frombuffer(data, dtype=_WIRE_DTYPE).astype(np.float32)
+        view = np.frombuffer(data, dtype=_WIRE_DTYPE).astype(np.float32, copy=False)  # copies only if big-endian
+        view.flags.writeable = False
+        return view
 
     def __repr__(self) -> str:
         return "DenseCodec()"

@@ -64,7 +64,7 @@ class RawFrame:
 
     message_type: int
     header: dict[str, Any]
-    payload: bytes
+    payload: bytes | memoryview  # a read-only view into the frame when the frame is immutable bytes
 
 
 def _dump_header(header: Mapping[str, Any]) -> bytes:
@@ -133,7 +133,13 @@ def read_frame(frame: bytes | bytearray | memoryview) -> RawFrame:
         raise WireError(f"bad header: not UTF-8 JSON ({exc})") from None
     if not isinstance(header, dict):
         raise WireError(f"bad header: expected a JSON object, got {type(header).__name__}")
-    return RawFrame(int(message_type), header, bytes(view[header_end : size - _CRC.size]))
+    payload = view[header_end : size - _CRC.size]
+    # An immutable frame lends its bytes (no copy of a 0.86 MB update on the aggregator's hot path);
+    # a mutable one (bytearray, writable view) is copied, so writing to it later cannot change a
+    # message whose checksum was verified.
+    if not (view.readonly and isinstance(view.obj, bytes)):
+        payload = bytes(payload)
+    return RawFrame(int(message_type), header, payload)
 
 
 def _check_codec(message: Message) -> None:

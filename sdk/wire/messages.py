@@ -67,6 +67,11 @@ def _check_bytes(owner: object, name: str) -> None:
     value = getattr(owner, name)
     if not isinstance(value, (bytes, bytearray, memoryview)):
         raise _fail(owner, name, f"expected bytes, got {type(value).__name__}")
+    # A read-only byte view of immutable bytes (``frame.read_frame`` lends the frame's payload) is
+    # kept as it is: no copy, and nobody can change it. Anything mutable is copied.
+    if isinstance(value, memoryview) and value.readonly and isinstance(value.obj, bytes) and (
+            value.format == "B" and value.ndim == 1 and value.c_contiguous):
+        return
     if not isinstance(value, bytes):
         _set(owner, name, bytes(value))
 
@@ -176,7 +181,7 @@ class Announcement:
     payload_kind: str
     downlink_codec: CodecSpec
     base_version: int | None
-    payload: bytes
+    payload: bytes | memoryview  # read-only; a view into its frame once decoded
     signature: str = ""
 
     def __post_init__(self) -> None:
@@ -230,7 +235,7 @@ class Update:
     update_id: str
     num_examples: int
     codec: str
-    payload: bytes
+    payload: bytes | memoryview  # read-only; a view into its frame once decoded
     metrics: Mapping[str, float]
     run_id: str  # the run whose round this answers: an update for another run is never aggregated
 
