@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..errors import WireError
 from .messages import _as_float, _check_bytes, _check_count, _check_run_id, _check_str, _fail, _set
 
 MAX_SECAGG_DEVICES = 5_000  # device ids in one roster: keeps the JSON header under its 1 MiB bound
@@ -213,8 +212,3 @@ class SecAggUnmaskShares:
 SecAggMessage = (SecAggAdvertise | SecAggRoster | SecAggShares | SecAggShareDelivery | SecAggMaskedInput
                  | SecAggUnmaskRequest | SecAggUnmaskShares)
 
-
-def check_not_empty(message: object, name: str) -> None:
-    """Refuse an empty id list where the protocol needs at least one (raised as WireError)."""
-    if not getattr(message, name):
-        raise WireError(f"{type(message).__name__}.{name}: must not be empty")
