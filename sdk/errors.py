@@ -67,3 +67,13 @@ class UpdateRejected(EdgetrainError):
 
 class MeasurementUnavailable(EdgetrainError):
     """A benchmark figure (energy, temperature…) cannot be measured here; says why."""
+
+
+class SecAggAborted(EdgetrainError):
+    """A secure-aggregation round stopped for this party (``sdk.secagg``). ``reason`` is a short code
+    (``too_few_devices``, ``share_auth_failed``, ``too_few_shares``…), ``detail`` says what and who."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)

@@ -13,6 +13,8 @@ topic                       writer     reader    payload                        
 ``status/<device>``         device     aggr.     online / offline; the broker publishes    yes
                                                  "offline" as the device's last will
 ``metrics/<device>``        device     aggr.     latency, bytes, energy of a round         no
+``secagg/<device>``         device     aggr.     a secure-aggregation stage message        no
+``secagg-in/<device>``      aggregator device    a secure-aggregation stage message        no
 ==========================  =========  ========  ========================================  ======
 
 The Mosquitto ACL that enforces the table (``mosquitto_acl()`` returns it)::
@@ -23,6 +25,8 @@ The Mosquitto ACL that enforces the table (``mosquitto_acl()`` returns it)::
     topic read edgetrain/+/update/+
     topic read edgetrain/+/status/+
     topic read edgetrain/+/metrics/+
+    topic read edgetrain/+/secagg/+
+    topic write edgetrain/+/secagg-in/+
     topic readwrite edgetrain/+/work/#
 
     # every other user is a device, named by its username (%u): its own topics only
@@ -31,6 +35,8 @@ The Mosquitto ACL that enforces the table (``mosquitto_acl()`` returns it)::
     pattern write edgetrain/+/update/%u
     pattern readwrite edgetrain/+/status/%u
     pattern write edgetrain/+/metrics/%u
+    pattern write edgetrain/+/secagg/%u
+    pattern read edgetrain/+/secagg-in/%u
 
 With passwords, also set ``use_username_as_clientid true`` in mosquitto.conf (the generated local
 broker does): the client id becomes the username, so a client with its own credentials cannot log in
@@ -44,7 +50,8 @@ from .errors import ConfigError, WireError
 ROOT = "edgetrain"
 MAX_NAME_CHARS = 64
 # Per-device topic kinds; ``announce`` is fleet-wide and has no device part.
-DEVICE_KINDS = ("update", "ack", "status", "metrics")
+# ``secagg`` (device -> aggregator) and ``secagg-in`` (aggregator -> device): secure aggregation stages.
+DEVICE_KINDS = ("update", "ack", "status", "metrics", "secagg", "secagg-in")
 _FORBIDDEN_CHARS = {"/": "a slash", "+": "an MQTT wildcard '+'", "#": "an MQTT wildcard '#'",
                     "\x00": "a NUL character"}
 
@@ -173,6 +180,8 @@ def mosquitto_acl(aggregator_user: str = "aggregator") -> str:
         f"topic read {ROOT}/+/update/+",
         f"topic read {ROOT}/+/status/+",
         f"topic read {ROOT}/+/metrics/+",
+        f"topic read {ROOT}/+/secagg/+",
+        f"topic write {ROOT}/+/secagg-in/+",
         f"topic readwrite {ROOT}/+/work/#",  # the coordinator's orders and its workers' partial sums
         "",
         "# every other user is a device, named by its username (%u): its own topics only",
@@ -181,6 +190,8 @@ def mosquitto_acl(aggregator_user: str = "aggregator") -> str:
         f"pattern write {ROOT}/+/update/%u",
         f"pattern readwrite {ROOT}/+/status/%u",
         f"pattern write {ROOT}/+/metrics/%u",
+        f"pattern write {ROOT}/+/secagg/%u",
+        f"pattern read {ROOT}/+/secagg-in/%u",
         "",
     ])
 
@@ -201,3 +212,18 @@ def partial_topic(fleet: str, worker: str) -> str:
 def partial_filter(fleet: str) -> str:
     """Every aggregation worker's partial-sum topic in the fleet."""
     return f"{_fleet_prefix(fleet)}/work/partial/+"
+
+
+def secagg_topic(fleet: str, device: str) -> str:
+    """A device's secure-aggregation messages to the aggregator (``sdk.wire.secagg``)."""
+    return _device_topic(fleet, "secagg", device)
+
+
+def secagg_filter(fleet: str) -> str:
+    """Every device's secure-aggregation topic in the fleet."""
+    return _device_filter(fleet, "secagg")
+
+
+def secagg_inbox_topic(fleet: str, device: str) -> str:
+    """The aggregator's secure-aggregation messages to one device."""
+    return _device_topic(fleet, "secagg-in", device)

@@ -21,6 +21,8 @@ from ..codecs import get_codec, parse_codec_spec
 from ..errors import ConfigError, UnknownCodec, WireError
 from .checksum import crc32
 from .messages import Ack, Announcement, DeviceMetrics, Message, Status, Update, from_header, header_fields
+from .secagg import (SecAggAdvertise, SecAggMaskedInput, SecAggRoster, SecAggShareDelivery, SecAggShares,
+                     SecAggUnmaskRequest, SecAggUnmaskShares)
 from .work import PartialSum, WorkOrder
 
 MAGIC = b"ET"
@@ -43,6 +45,14 @@ class MessageType(enum.IntEnum):
     WORK_ORDER = 6  # coordinator -> aggregation workers (sdk.wire.work)
     PARTIAL_SUM = 7  # aggregation worker -> coordinator
     CHUNK = 16  # a slice of a larger frame (see sdk.wire.chunks)
+    # secure aggregation (sdk.wire.secagg), one per stage and direction
+    SECAGG_ADVERTISE = 20
+    SECAGG_ROSTER = 21
+    SECAGG_SHARES = 22
+    SECAGG_SHARE_DELIVERY = 23
+    SECAGG_MASKED_INPUT = 24
+    SECAGG_UNMASK_REQUEST = 25
+    SECAGG_UNMASK_SHARES = 26
 
 
 _TYPE_OF_CLASS: dict[type, MessageType] = {
@@ -53,6 +63,13 @@ _TYPE_OF_CLASS: dict[type, MessageType] = {
     DeviceMetrics: MessageType.DEVICE_METRICS,
     WorkOrder: MessageType.WORK_ORDER,
     PartialSum: MessageType.PARTIAL_SUM,
+    SecAggAdvertise: MessageType.SECAGG_ADVERTISE,
+    SecAggRoster: MessageType.SECAGG_ROSTER,
+    SecAggShares: MessageType.SECAGG_SHARES,
+    SecAggShareDelivery: MessageType.SECAGG_SHARE_DELIVERY,
+    SecAggMaskedInput: MessageType.SECAGG_MASKED_INPUT,
+    SecAggUnmaskRequest: MessageType.SECAGG_UNMASK_REQUEST,
+    SecAggUnmaskShares: MessageType.SECAGG_UNMASK_SHARES,
 }
 _CLASS_OF_TYPE: dict[int, type] = {int(t): cls for cls, t in _TYPE_OF_CLASS.items()}
 _KNOWN_TYPES = frozenset(int(t) for t in MessageType)
