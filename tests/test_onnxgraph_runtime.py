@@ -130,6 +130,18 @@ def test_sgd_steps_match_torch(bundles: dict[str, Path], model: str, config: Tra
         < TOLERANCE
 
 
+def test_plain_sgd_steps_in_place_bit_for_bit_as_the_sdk_kernel(bundles: dict[str, Path]) -> None:
+    from edgetrain.sdk.optim import SGD, SGDHyper
+
+    graph = load_runtime(bundles["cnn", "onnxgraph"])
+    start = graph.get_parameters()
+    x, y = _batch(16, seed=21)
+    expected = SGD(SGDHyper(lr=0.05), start).step(start, graph.gradient(x, y).gradient)
+    graph.train([(x, y)], TrainConfig(lr=0.05))
+    assert not np.array_equal(expected, start)
+    np.testing.assert_array_equal(graph.get_parameters(), expected)
+
+
 def test_evaluate_and_set_parameters_match_torch(bundles: dict[str, Path]) -> None:
     graph, reference = _pair(bundles, "cnn")
     rng = np.random.default_rng(11)

@@ -154,8 +154,13 @@ class OnnxGraphRuntime(Runtime):
 
     @contextmanager
     def _training(self, config: TrainConfig) -> Iterator[TrainStep]:
-        """The numpy SGD kernel (``edgetrain.sdk.optim``) over the graph's gradients; a fresh one per call."""
-        sgd = SGD(config.sgd_hyper(), self._flat)
+        """The numpy SGD kernel (``edgetrain.sdk.optim``) over the graph's gradients; a fresh one per call.
+        Plain SGD (no momentum, weight decay or proximal term) applies the kernel's rule in place instead."""
+        hyper = config.sgd_hyper()
+        if not (hyper.momentum or hyper.weight_decay or hyper.prox_mu):
+            yield self._plain_sgd_step(np.float32(hyper.lr))
+            return
+        sgd = SGD(hyper, self._flat)
 
         def step(x: np.ndarray, y: np.ndarray) -> float:
             loss = self._loss_and_gradient(x, y)
@@ -163,6 +168,19 @@ class OnnxGraphRuntime(Runtime):
             return loss
 
         yield step
+
+    def _plain_sgd_step(self, lr: np.float32) -> TrainStep:
+        """``w ← w − lr·g``, the SGD kernel's float32 rule for plain SGD, computed in place (the scaled
+        gradient overwrites the gradient buffer): the kernel is functional and allocates three
+        parameter-sized arrays a step, measured at ~0.2 ms of a ~2.5 ms cnn step."""
+
+        def step(x: np.ndarray, y: np.ndarray) -> float:
+            loss = self._loss_and_gradient(x, y)
+            np.multiply(self._gradient, lr, out=self._gradient)
+            np.subtract(self._flat, self._gradient, out=self._flat)  # in place: the bound inputs are views of it
+            return loss
+
+        return step
 
     def gradient(self, x: np.ndarray, y: np.ndarray) -> GradientResult:
         x, y = check_batch(x, y, self.manifest, nonempty_for="gradient")
