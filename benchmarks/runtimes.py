@@ -8,7 +8,9 @@ fresh interpreter (``--child``) that imports only what a device would: so import
 (VmHWM) are those of a board process, torch included only where the runtime needs it. One
 intra-op thread everywhere, as one device process per core would run. Batches are random inputs of
 the real shape; SGD lr 0.01 (momentum 0 uses ORT's optimizer model, momentum 0.9 its numpy path;
-onnxgraph always steps in numpy over the graph's gradients).
+onnxgraph always steps in numpy over the graph's gradients, which its IO binding writes in place; plain
+SGD in place, momentum through the SDK kernel). Figures move with the machine's load: compare rows from
+one sitting, and repeat for stable medians.
 """
 from __future__ import annotations
 

@@ -80,13 +80,35 @@ def _convolution_backward(grad_out: torch.Tensor, inputs: torch.Tensor, weight: 
         grad_input = F.conv_transpose2d(grad_out, weight, stride=stride, padding=padding, output_padding=restore,
                                         dilation=dilation)
     if output_mask[1]:
-        # correlate input with grad_out over the batch: batch and channel axes swap roles, and so do
-        # stride and dilation; rows the forward never reached fall outside the kernel and are cropped
-        grad_weight = F.conv2d(inputs.transpose(0, 1), grad_out.transpose(0, 1), stride=dilation, padding=padding,
-                               dilation=stride).transpose(0, 1)[:, :, :kernel[0], :kernel[1]]
+        grad_weight = _convolution_weight_gradient(grad_out, inputs, kernel, stride, padding, dilation)
     if output_mask[2]:
         grad_bias = grad_out.sum((0, 2, 3))
     return grad_input, grad_weight, grad_bias
+
+
+def _convolution_weight_gradient(grad_out: torch.Tensor, inputs: torch.Tensor, kernel: Sequence[int],
+                                 stride: Sequence[int], padding: Sequence[int],
+                                 dilation: Sequence[int]) -> torch.Tensor:
+    """The weight gradient as one Conv: ``inputs`` correlated with ``grad_out`` over the batch (batch
+    and channel axes swap roles, and so do stride and dilation). The trailing padding is cut to what
+    the kernel reaches, so the Conv computes exactly ``kernel`` rows and columns: with the forward's
+    symmetric padding it computed rows the forward never reached (6×6 for a 5×5 kernel at stride 2,
+    44 % more work) only to crop them."""
+    trailing = [(kernel[i] - 1) * dilation[i] + stride[i] * (grad_out.shape[2 + i] - 1) + 1
+                - inputs.shape[2 + i] - padding[i] for i in range(2)]
+    # F.pad's order is (left, right, top, bottom); ORT fuses a constant zero Pad into the Conv. Where
+    # the forward dropped input rows (a stride that does not divide them) the Conv overshoots: crop.
+    padded = F.pad(inputs.transpose(0, 1), (padding[1], max(trailing[1], 0), padding[0], max(trailing[0], 0)))
+    grad_weight = F.conv2d(padded, grad_out.transpose(0, 1), stride=dilation, dilation=stride).transpose(0, 1)
+    if min(trailing) < 0:
+        grad_weight = grad_weight[:, :, :kernel[0], :kernel[1]]
+    return grad_weight
+
+
+def _threshold_backward(grad_out: torch.Tensor, inputs: torch.Tensor, threshold: float) -> torch.Tensor:
+    """ReLU's backward as a multiplication by its 0/1 mask: torch's ``where(x <= t, 0, grad)`` becomes
+    ONNX Where, which onnxruntime runs ~7× slower than Greater, Cast and Mul (measured, 32×16×14×14)."""
+    return grad_out * (inputs > threshold).to(grad_out.dtype)
 
 
 def _mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -99,7 +121,8 @@ def _traced(function: Callable[..., tuple[torch.Tensor, ...]], example: Sequence
     inputs (x, y, p0, p1, …) — the exporter needs one named argument per dynamic-shape spec."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    decompositions = {torch.ops.aten.convolution_backward.default: _convolution_backward}
+    decompositions = {torch.ops.aten.convolution_backward.default: _convolution_backward,
+                      torch.ops.aten.threshold_backward.default: _threshold_backward}
     graph = make_fx(function, decomposition_table=decompositions, tracing_mode="symbolic")(*example)
     arguments = ", ".join(["x", "y", *(f"p{i}" for i in range(len(example) - 2))])
     namespace: dict[str, Any] = {}

@@ -90,6 +90,22 @@ def test_gradient_and_loss_match_torch(bundles: dict[str, Path], model: str, siz
     np.testing.assert_array_equal(graph.get_parameters(), reference.get_parameters())  # no step taken
 
 
+@pytest.mark.parametrize("kernel_size", [1, 3, 7])
+def test_convolution_gradients_match_torch_for_other_kernels(kernel_size: int, tmp_path: Path) -> None:
+    # the weight-gradient Conv pads to exactly the kernel: kernel 3 and 7 need 0 and 2 trailing rows,
+    # kernel 1 (no padding, stride 2 over 28 drops the last row) needs the overshoot cropped
+    from edgetrain.export.bundle_writer import export_bundle
+
+    config = {"channels": [4, 8], "kernel_size": kernel_size, "hidden": 16}
+    for runtime in ("torch", "onnxgraph"):
+        export_bundle("cnn", config, out_dir=tmp_path / runtime, runtime=runtime, seed=4)
+    graph, reference = load_runtime(tmp_path / "onnxgraph"), load_runtime(tmp_path / "torch")
+    x, y = _batch(9, seed=kernel_size)
+    got, expected = graph.gradient(x, y), reference.gradient(x, y)
+    assert got.loss == pytest.approx(expected.loss, rel=TOLERANCE)
+    assert _relative_error(got.gradient, expected.gradient) < TOLERANCE
+
+
 @pytest.mark.parametrize("config", [
     TrainConfig(lr=0.05),
     TrainConfig(lr=0.05, momentum=0.9, weight_decay=1e-3),
@@ -112,6 +128,18 @@ def test_sgd_steps_match_torch(bundles: dict[str, Path], model: str, config: Tra
     reference.train(batches[:1], config)
     assert _relative_error(graph.get_parameters() - start, reference.get_parameters().astype(np.float64) - start) \
         < TOLERANCE
+
+
+def test_plain_sgd_steps_in_place_bit_for_bit_as_the_sdk_kernel(bundles: dict[str, Path]) -> None:
+    from edgetrain.sdk.optim import SGD, SGDHyper
+
+    graph = load_runtime(bundles["cnn", "onnxgraph"])
+    start = graph.get_parameters()
+    x, y = _batch(16, seed=21)
+    expected = SGD(SGDHyper(lr=0.05), start).step(start, graph.gradient(x, y).gradient)
+    graph.train([(x, y)], TrainConfig(lr=0.05))
+    assert not np.array_equal(expected, start)
+    np.testing.assert_array_equal(graph.get_parameters(), expected)
 
 
 def test_evaluate_and_set_parameters_match_torch(bundles: dict[str, Path]) -> None:

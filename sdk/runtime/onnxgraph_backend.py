@@ -65,6 +65,9 @@ class OnnxGraphRuntime(Runtime):
         self._labels_name = str(info.get("labels_name", "y"))
         self._flat = np.zeros(manifest.num_params, dtype=np.float32)
         self._views = manifest.split(self._flat)  # the session's parameter feeds: views, no copies
+        # the train step writes its gradients here, through per-tensor views bound as its outputs
+        self._gradient = np.zeros(manifest.num_params, dtype=np.float32)
+        self._loss = np.zeros((), dtype=np.float32)
         self._threads = threads if threads is not None else _threads_from_environment()
         self._bundle_dir = bundle_dir
         self._open()
@@ -81,6 +84,24 @@ class OnnxGraphRuntime(Runtime):
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
             raise BundleError(f"{self._bundle_dir}: onnxruntime cannot load the onnxgraph bundle ({exc})") from exc
         self._check_signatures()
+        self._step_binding = self._bind_train_step()
+
+    def _bind_train_step(self) -> Any:
+        """An IO binding of the train step over our own memory: the parameters read in place from the
+        flat vector, the loss and the gradients written in place into ``_loss`` and ``_gradient`` (an
+        OrtValue over a CPU numpy array wraps its buffer). So a step allocates and copies nothing but
+        the batch's binding, where ``run`` allocated every gradient and we copied each into the flat one."""
+        session = self._sessions["train_step"]
+        binding = session.io_binding()
+        wrap = self._ort.OrtValue.ortvalue_from_numpy
+        for name, view in self._views.items():
+            binding.bind_ortvalue_input(name, wrap(view))
+        outputs = [output.name for output in session.get_outputs()]
+        binding.bind_ortvalue_output(outputs[0], wrap(self._loss))
+        for output, spec in zip(outputs[1:], self.manifest.params):
+            view = self._gradient[spec.offset:spec.offset + spec.size].reshape(spec.shape)
+            binding.bind_ortvalue_output(output, wrap(view))
+        return binding
 
     def _check_signatures(self) -> None:
         """The graphs take (x, y, *params in manifest order) and the train step returns one gradient
@@ -119,31 +140,52 @@ class OnnxGraphRuntime(Runtime):
     def _feeds(self, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
         return {self._input_name: x, self._labels_name: y, **self._views}
 
-    def _loss_and_gradient(self, x: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
-        loss, *grads = self._sessions["train_step"].run(None, self._feeds(x, y))
-        gradient = np.empty(self.manifest.num_params, dtype=np.float32)
-        for spec, grad in zip(self.manifest.params, grads):
-            if grad.size != spec.size:  # a graph that passed _check_signatures cannot do this; a bug can
-                raise RuntimeBackendError(f"gradient of {spec.name} has {grad.size} values, expected {spec.size}")
-            gradient[spec.offset:spec.offset + spec.size] = grad.reshape(-1)
-        return float(loss), gradient
+    def _loss_and_gradient(self, x: np.ndarray, y: np.ndarray) -> float:
+        """One run of the train step: the loss; the gradient is left in ``_gradient`` (overwritten by
+        the next run). A gradient shaped unlike its parameter makes ORT refuse the bound output."""
+        wrap = self._ort.OrtValue.ortvalue_from_numpy
+        self._step_binding.bind_ortvalue_input(self._input_name, wrap(x))
+        self._step_binding.bind_ortvalue_input(self._labels_name, wrap(y))
+        try:
+            self._sessions["train_step"].run_with_iobinding(self._step_binding)
+        except Exception as exc:  # ORT raises its own Fail/InvalidArgument types
+            raise RuntimeBackendError(f"the onnxgraph train step failed ({exc})") from exc
+        return float(self._loss)
 
     @contextmanager
     def _training(self, config: TrainConfig) -> Iterator[TrainStep]:
-        """The numpy SGD kernel (``edgetrain.sdk.optim``) over the graph's gradients; a fresh one per call."""
-        sgd = SGD(config.sgd_hyper(), self._flat)
+        """The numpy SGD kernel (``edgetrain.sdk.optim``) over the graph's gradients; a fresh one per call.
+        Plain SGD (no momentum, weight decay or proximal term) applies the kernel's rule in place instead."""
+        hyper = config.sgd_hyper()
+        if not (hyper.momentum or hyper.weight_decay or hyper.prox_mu):
+            yield self._plain_sgd_step(np.float32(hyper.lr))
+            return
+        sgd = SGD(hyper, self._flat)
 
         def step(x: np.ndarray, y: np.ndarray) -> float:
-            loss, gradient = self._loss_and_gradient(x, y)
-            self._flat[:] = sgd.step(self._flat, gradient)  # in place: the feeds are views of it
+            loss = self._loss_and_gradient(x, y)
+            self._flat[:] = sgd.step(self._flat, self._gradient)  # in place: the bound inputs are views of it
             return loss
 
         yield step
 
+    def _plain_sgd_step(self, lr: np.float32) -> TrainStep:
+        """``w ← w − lr·g``, the SGD kernel's float32 rule for plain SGD, computed in place (the scaled
+        gradient overwrites the gradient buffer): the kernel is functional and allocates three
+        parameter-sized arrays a step, measured at ~0.2 ms of a ~2.5 ms cnn step."""
+
+        def step(x: np.ndarray, y: np.ndarray) -> float:
+            loss = self._loss_and_gradient(x, y)
+            np.multiply(self._gradient, lr, out=self._gradient)
+            np.subtract(self._flat, self._gradient, out=self._flat)  # in place: the bound inputs are views of it
+            return loss
+
+        return step
+
     def gradient(self, x: np.ndarray, y: np.ndarray) -> GradientResult:
         x, y = check_batch(x, y, self.manifest, nonempty_for="gradient")
-        loss, gradient = self._loss_and_gradient(x, y)
-        return GradientResult(gradient=gradient, loss=loss, examples=len(y))
+        loss = self._loss_and_gradient(x, y)
+        return GradientResult(gradient=self._gradient.copy(), loss=loss, examples=len(y))
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> EvalResult:
         x, y = check_evaluation(x, y, self.manifest, batch_size)
