@@ -191,6 +191,9 @@ class Device:
         self._group = GradientGroup(config.gradient_metrics_every)
         # The newest train_continuous announcement that selected this device: trained again whenever idle.
         self._continuous: wire.Announcement | None = None
+        # Flow control for continuous rounds: the next update starts only once the aggregator acknowledged the
+        # last one, so a fleet faster than the server's steps cannot pile a backlog of ever staler updates up.
+        self._unacked: set[str] = set()
 
     # -- the loop ---------------------------------------------------------------------------
     def _status(self, online: bool, needs_resync: bool = False) -> bytes:
@@ -300,6 +303,7 @@ class Device:
             self._on_ack(message)
 
     def _on_ack(self, ack: wire.Ack) -> None:
+        self._unacked.discard(ack.update_id)
         for entry in self.outbox.pending():
             if entry.key.split("#")[0] == ack.update_id:
                 self.outbox.remove(entry.key)
@@ -330,6 +334,10 @@ class Device:
         if not synced or self.config.device_id not in a.selected:
             return
         if a.task == TASK_TRAIN_CONTINUOUS:  # trained by continue_work once the inbox is empty
+            if self._unacked and a.deadline_unix_s > self._answered_deadline and \
+                    self.state.last_done() == (a.round_id, a.model_version):  # announced again: an ack may be lost
+                self._answered_deadline = a.deadline_unix_s
+                self._resend_pending(a.round_id)
             self._continuous = a
             return
         if self._already_answered(a):  # normal after a reconnect or a retry: said at info level
@@ -342,13 +350,13 @@ class Device:
 
     def has_continuous_work(self) -> bool:
         """Whether a continuous round (FedBuff) wants another update from this device now."""
-        return self._continuous is not None
+        return self._continuous is not None and not self._unacked
 
     def continue_work(self) -> None:
         """One more update of the continuous round, from the newest model held (FedBuff: a device that
         finishes an update starts the next at once); a no-op without one. Called when the inbox is empty."""
         a = self._continuous
-        if a is None:
+        if a is None or self._unacked:
             return
         if self.replica.version != a.model_version:  # cannot happen after a sync; never train a mislabelled base
             self._continuous = None
@@ -371,6 +379,7 @@ class Device:
         self.replica.reset()
         self.run_id = run_id
         self._continuous = None
+        self._unacked.clear()
         self._awaiting_resync = self._reset_codec_on_resync = False
         self._gradient_stream = None
         self._answered_deadline = float("-inf")
@@ -437,6 +446,8 @@ class Device:
         # as done: a crash in between re-trains the round from the old state, losing no residual.
         self.state.save_codec_state(*self._pending_codec_state)
         self.state.mark_done(a.round_id, a.model_version)
+        if a.task == TASK_TRAIN_CONTINUOUS:
+            self._unacked.add(update.update_id)
         self._answered_deadline = a.deadline_unix_s
         self.rounds_trained += 1
         self._publish_metrics(a.round_id, gradient, len(frame))
