@@ -21,6 +21,8 @@ from edgetrain.sdk.wire import signing
 
 from .config import AggregatorConfig
 from .coordinator import Coordinator, WorkerPool
+from .fedbuff import DEFAULT_MAX_STALENESS, DEFAULT_STALENESS_WEIGHT, FedBuff
+from .fedbuff_service import BufferedAggregator
 from .large_batch import LargeBatch
 from .progress import round_printer
 from .robust_strategy import AggregationRule, with_aggregation
@@ -36,7 +38,8 @@ def add_round_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rounds", "--steps", type=positive_int, default=None,
                    help="rounds to run; steps for large-batch (default 10 rounds, 600 steps)")
     g.add_argument("--strategy", default="fedavg",
-                   help="fedavg | fedprox | fedavgm | fedadam | fedyogi | fedadagrad | large-batch (default fedavg)")
+                   help="fedavg | fedprox | fedavgm | fedadam | fedyogi | fedadagrad | fedbuff | large-batch "
+                        "(default fedavg)")
     g.add_argument("--aggregation", default="mean",
                    help="how the round's updates combine (FL strategies): mean | median | trimmed-mean:beta=B | "
                         "multi-krum:f=F[,m=M] | norm-bound:max=M (default mean; median, trimmed mean and Krum "
@@ -75,6 +78,7 @@ def add_round_args(p: argparse.ArgumentParser) -> None:
     lb.add_argument("--warmup-steps", type=int, default=0, help="gradual warm-up to the scaled lr over K steps")
     lb.add_argument("--backup-devices", type=int, default=0,
                     help="ask K extra devices and step with the first gradients (Chen et al. 2016)")
+    add_fedbuff_args(p)
     add_dp_args(p)
     g.add_argument("--max-norm", type=positive_float, help="reject updates whose L2 norm exceeds this")
     g.add_argument("--max-examples", type=positive_int, help="cap the example count a device may claim")
@@ -87,6 +91,30 @@ def add_round_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-examples", type=positive_int, help="evaluate on the first N test examples only")
     g.add_argument("--data-dir", type=Path, help="Fashion-MNIST IDX directory")
     g.add_argument("--threads", type=positive_int, help="intra-op threads for evaluation")
+
+
+def add_fedbuff_args(p: argparse.ArgumentParser) -> None:
+    """FedBuff (Nguyen et al. 2022; ``aggregator.fedbuff``): buffered asynchronous rounds."""
+    fb = p.add_argument_group("buffered asynchronous FL (--strategy fedbuff)")
+    fb.add_argument("--buffer", type=positive_int, metavar="K", help="step every K received updates (default 10)")
+    fb.add_argument("--max-staleness", type=int, metavar="S",
+                    help=f"reject (too_stale) updates trained from a model more than S versions old "
+                         f"(default {DEFAULT_MAX_STALENESS})")
+    fb.add_argument("--staleness-weight", metavar="poly:a=A|const",
+                    help=f"weight of an update s versions old: 1/(1+s)^A or 1 (default {DEFAULT_STALENESS_WEIGHT})")
+
+
+def _fedbuff_from_args(args: argparse.Namespace, rule: AggregationRule, kwargs: dict[str, Any]) -> FedBuff:
+    """``--strategy fedbuff``; refuses what it cannot combine with (robust rules, DP, workers)."""
+    if rule != AggregationRule():
+        raise ConfigError(f"--aggregation {rule} needs a whole synchronous round; fedbuff steps on a buffer")
+    if getattr(args, "workers", 1) != 1:
+        raise ConfigError("fedbuff runs in one aggregator process; drop --workers")
+    if args.server_momentum is not None:
+        raise ConfigError("fedbuff's server step is w + server_lr x buffered mean; --server-momentum does not apply")
+    return FedBuff(buffer_size=args.buffer if args.buffer is not None else 10,
+                   max_staleness=args.max_staleness if args.max_staleness is not None else DEFAULT_MAX_STALENESS,
+                   staleness_weight=args.staleness_weight or DEFAULT_STALENESS_WEIGHT, **kwargs)
 
 
 def add_dp_args(p: argparse.ArgumentParser) -> None:
@@ -118,6 +146,8 @@ def dp_config_from_args(args: argparse.Namespace):
                           "(for clipping alone use --max-norm)")
     if args.strategy == LARGE_BATCH:
         raise ConfigError("DP-FedAvg is for FL strategies; large-batch steps on gradients (that is DP-SGD)")
+    if args.strategy == FEDBUFF:
+        raise ConfigError("DP-FedAvg's accountant assumes synchronous rounds; it is not combined with fedbuff")
     if getattr(args, "aggregation", None) not in (None, "mean"):
         raise ConfigError(f"DP-FedAvg adds noise calibrated to a mean; --aggregation {args.aggregation} "
                           "has another sensitivity; use one or the other")
@@ -150,6 +180,7 @@ def register(subparsers: Any) -> None:
 
 
 LARGE_BATCH = "large-batch"
+FEDBUFF = "fedbuff"
 # The optimizer settings a run takes from the bundle's manifest when no flag or config gives them, and
 # the values used when the bundle has none either.
 FALLBACK_OPTIMIZER = {"lr": 0.05, "momentum": 0.9, "weight_decay": 0.0}
@@ -225,6 +256,10 @@ def _base_strategy_from_args(args: argparse.Namespace, shapes: list[tuple[int, .
         kwargs["mu"] = args.prox_mu
     if args.server_lr is not None:
         kwargs["server_lr"] = args.server_lr
+    if args.strategy == FEDBUFF:
+        return _fedbuff_from_args(args, rule, kwargs)
+    if any(getattr(args, name, None) is not None for name in ("buffer", "max_staleness", "staleness_weight")):
+        raise ConfigError("--buffer, --max-staleness and --staleness-weight are for --strategy fedbuff")
     if args.server_momentum is not None:
         kwargs["server_momentum"] = args.server_momentum
     return with_aggregation(make_strategy(args.strategy, **kwargs), rule)
@@ -285,6 +320,8 @@ def build_aggregator(args: argparse.Namespace, broker, out_dir: Path, bundle: Pa
     # so a round resumes within seconds of the broker's return.
     transport = MqttTransport(broker, client_id=f"edgetrain-aggregator-{fleet}", clean_start=False, reconnect_max_s=10.0)
     service = Aggregator if getattr(args, "workers", 1) == 1 else functools.partial(Coordinator, num_workers=args.workers)
+    if isinstance(strategy, FedBuff):
+        service = BufferedAggregator
     return service(config, strategy, transport, runtime, read_initial_parameters(bundle, manifest), test_data,
                    signing_key=signing_key_from_args(args))
 

@@ -279,7 +279,7 @@ class Aggregator:
             except OSError as exc:  # not acked: the device keeps it in its outbox and sends it again
                 self._count_rejection(tally, REJECT_NOT_DURABLE, f"{device}'s {update.update_id}: journal ({exc})")
                 return False
-        self.strategy.accumulate(valid.accumulable(), valid.num_examples, valid.device_id)
+        self.strategy.accumulate_stale(valid.accumulable(), valid.num_examples, valid.device_id, valid.staleness)
         ctx.mark_accepted(update)
         self._norms.add(valid.norm)
         ctx.clip_norm = self._norms.bound()  # adapts within the round too: round 1 is bounded after a few
@@ -393,15 +393,19 @@ class Aggregator:
         plan = self.strategy.configure_round(round_id, live, self.rng)
         self.strategy.begin_round(self.params)
         selected = set(plan.selected)
-        ctx = ValidationContext(round_id=round_id, model_version=self.model_version, selected=frozenset(selected),
-                                num_params=self.params.size, run_id=self.run_id, max_norm=self.config.max_norm,
-                                max_examples=self.config.max_examples, example_caps=self._example_caps(selected),
-                                clip_norm=self._norms.bound(), seen_update_ids=self.seen_update_ids,
-                                allowed_codecs=frozenset({self.uplink_codec.name}))  # the one the round announced
+        ctx = self._validation_context(round_id, selected)
         tally, self._idle_tally = self._idle_tally, RoundTally()  # what was rejected while no round was open
         open_round = OpenRound(round_id, started, plan, selected, ctx, tally)
         self._replay_journal(open_round)
         return open_round
+
+    def _validation_context(self, round_id: int, selected: set[str]) -> ValidationContext:
+        """What the round's updates are checked against (``aggregator.validation``)."""
+        return ValidationContext(round_id=round_id, model_version=self.model_version, selected=frozenset(selected),
+                                 num_params=self.params.size, run_id=self.run_id, max_norm=self.config.max_norm,
+                                 max_examples=self.config.max_examples, example_caps=self._example_caps(selected),
+                                 clip_norm=self._norms.bound(), seen_update_ids=self.seen_update_ids,
+                                 allowed_codecs=frozenset({self.uplink_codec.name}))  # the one the round announced
 
     def _example_caps(self, selected: set[str]) -> dict[str, tuple[int, str]]:
         """Each device's default example cap, from the partition sizes the fleet reported (update_caps)."""

@@ -22,6 +22,7 @@ from typing import Any
 from edgetrain.sdk.attack import ATTACK_KINDS, Attack
 from edgetrain.sdk.cli_args import add_broker_args, broker_config, positive_int
 from edgetrain.sdk.config_file import add_config_arg
+from edgetrain.sdk.device import check_slowdown
 from edgetrain.sdk.errors import ConfigError
 from edgetrain.sdk.wire.signing import public_key_path
 
@@ -60,6 +61,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--attackers", metavar="K:KIND", type=_attackers,
                    help=f"TESTING: devices dev-000 … dev-(K-1) attack with KIND ({' | '.join(ATTACK_KINDS)}), "
                         "e.g. 2:scale")
+    p.add_argument("--stragglers", metavar="K:F", type=_stragglers,
+                   help="TESTING: the last K devices train F times slower (device --slowdown F), e.g. 3:5")
     p.add_argument("--device-threads", type=positive_int, default=1, help="intra-op threads per device (default 1)")
     p.add_argument("--device-processes", type=positive_int, metavar="P",
                    help="run the devices as identities of P 'edgetrain device-host' processes (one runtime, one "
@@ -79,6 +82,22 @@ def _attackers(text: str) -> tuple[int, Attack]:
         return int(count), Attack(kind.strip())
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _stragglers(text: str) -> tuple[int, float]:
+    """``K:F`` → (K, F); argparse reports the problem."""
+    count, sep, factor = text.partition(":")
+    try:
+        if not sep or not count.strip().isdigit() or int(count) < 1:
+            raise ConfigError("K must be an integer >= 1")
+        return int(count), check_slowdown(float(factor))
+    except (ConfigError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"expected K:F (K devices F times slower, F >= 1), got {text!r}: {exc}") from None
+
+
+def _is_straggler(args: argparse.Namespace, index: int) -> bool:
+    """The last K devices are the stragglers (the first are attackers, so the two can be told apart)."""
+    return args.stragglers is not None and index >= args.devices - args.stragglers[0]
 
 
 def _device_runtime(runtime: str, index: int) -> str:
@@ -125,6 +144,8 @@ def _spawn_devices(args: argparse.Namespace, broker_url: str, bundle: Path, out:
                 cmd += [flag, str(value)]
         if args.attackers is not None and i < args.attackers[0]:
             cmd += ["--attack", args.attackers[1].kind]
+        if _is_straggler(args, i):
+            cmd += ["--slowdown", str(args.stragglers[1])]
         if args.signing_key is not None:  # devices obey only this run's aggregator
             cmd += ["--aggregator-key", str(public_key_path(args.signing_key))]
         log = open(out / "devices" / f"{device_id}.log", "ab")
@@ -181,6 +202,9 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.attackers is not None and args.attackers[0] > args.devices:
         raise ConfigError(f"--attackers {args.attackers[0]}:{args.attackers[1].kind} is more than --devices "
                           f"{args.devices}")
+    if args.stragglers is not None and (args.stragglers[0] > args.devices or args.device_processes is not None):
+        raise ConfigError(f"--stragglers {args.stragglers[0]}:{args.stragglers[1]:g} needs at most --devices "
+                          f"{args.devices} devices, each its own process (not --device-processes)")
     if args.min_devices > args.devices:
         raise ConfigError(f"--min-devices {args.min_devices} is more than --devices {args.devices}: "
                           "no round could ever start")
@@ -194,7 +218,8 @@ def _check_args(args: argparse.Namespace) -> None:
     check_round_args(args, args.fleet)
     args.labels = {"partition": args.partition, "devices": args.devices, "model": args.model, "norm": args.norm,
                    "runtime": "bundle" if args.bundle else args.runtime,
-                   **({"attackers": f"{args.attackers[0]}:{args.attackers[1].kind}"} if args.attackers else {}), **({"label": args.label} if args.label else {})}
+                   **({"attackers": f"{args.attackers[0]}:{args.attackers[1].kind}"} if args.attackers else {}),
+                   **({"stragglers": f"{args.stragglers[0]}:{args.stragglers[1]:g}"} if args.stragglers else {}), **({"label": args.label} if args.label else {})}
     if args.resume and args.out is None:
         raise ConfigError("--resume needs --out: the run directory to continue")
 

@@ -88,6 +88,15 @@ class Strategy(ABC):
     def accumulate(self, update_vector: np.ndarray, num_examples: int, device_id: str) -> None:
         """Fold one validated delta in as it arrives (streaming, O(model) memory)."""
 
+    def accumulate_stale(self, update_vector: np.ndarray, num_examples: int, device_id: str,
+                         staleness: int) -> None:
+        """``accumulate`` for an update trained from a model ``staleness`` versions old; only an
+        asynchronous strategy (``aggregator.fedbuff``) takes stale ones (validation sees to that)."""
+        if staleness != 0:
+            raise ConfigError(f"{self.name} aggregates synchronous rounds only; got an update {staleness} "
+                              "version(s) old")
+        self.accumulate(update_vector, num_examples, device_id)
+
     @abstractmethod
     def aggregate(self, params: np.ndarray) -> tuple[np.ndarray, AggregateInfo]:
         """Close the round: the new global parameters and what went into them."""

@@ -39,12 +39,13 @@ REJECT_NON_FINITE = "non_finite"  # NaN or Inf anywhere
 REJECT_NORM_TOO_LARGE = "norm_too_large"  # L2 norm above ctx.max_norm
 REJECT_BAD_METRICS = "bad_metrics"  # a metrics value NaN/Inf or out of range, or too many of them
 REJECT_WRONG_RUN = "wrong_run"  # answers a round of another run (its run id is not this run's)
+REJECT_TOO_STALE = "too_stale"  # FedBuff: trained from a model more than max_staleness versions old
 
 REJECT_REASONS: tuple[str, ...] = (
     REJECT_SPOOFED_SENDER, REJECT_UNKNOWN_DEVICE, REJECT_WRONG_ROUND, REJECT_LATE, REJECT_WRONG_MODEL_VERSION,
     REJECT_DUPLICATE, REJECT_BAD_EXAMPLE_COUNT, REJECT_UNKNOWN_CODEC, REJECT_UNDECODABLE,
     REJECT_WRONG_SHAPE, REJECT_NON_FINITE, REJECT_NORM_TOO_LARGE, REJECT_WRONG_RUN,
-    REJECT_BAD_METRICS,
+    REJECT_BAD_METRICS, REJECT_TOO_STALE,
 )
 
 # The figures an update carries (cpu_s, loss, latency_s…) are summed into the round's record and its
@@ -65,6 +66,11 @@ class ValidationContext:
     ``example_caps`` (device -> (cap, reason), ``update_caps.example_caps``) lowers a device's claimed
     count on top of ``max_examples``; an update whose norm exceeds ``clip_norm`` is scaled down to it
     (``max_norm`` rejects instead: the operator's hard limit).
+
+    ``max_staleness`` (FedBuff, buffered asynchronous FL): None for a synchronous round, which takes
+    updates from its own model version only, once per device. Set, an update trained from any of the last
+    ``max_staleness`` versions (its round being that version's) is valid, and a device may report more
+    than once; ``ValidatedUpdate.staleness`` says how many versions old it is.
     """
 
     round_id: int
@@ -79,9 +85,13 @@ class ValidationContext:
     clip_norm: float | None = None
     seen_update_ids: set[str] = field(default_factory=set)
     reported_devices: set[str] = field(default_factory=set)
+    max_staleness: int | None = None
 
     def __post_init__(self) -> None:
         self.selected = frozenset(self.selected)
+        if self.max_staleness is not None and (isinstance(self.max_staleness, bool)
+                                               or not isinstance(self.max_staleness, int) or self.max_staleness < 0):
+            raise ConfigError(f"max_staleness must be an integer >= 0 or None, got {self.max_staleness!r}")
         if self.allowed_codecs is not None:
             self.allowed_codecs = frozenset(self.allowed_codecs)
         if self.num_params < 1:
@@ -128,6 +138,7 @@ class ValidatedUpdate:
     # ``vector`` widened to float64 (exactly its values): validation makes it for the norm, and the
     # float64 accumulator takes it as it is instead of widening the vector a second time.
     vector64: np.ndarray | None = field(default=None, repr=False)
+    staleness: int = 0  # model versions between the update's base and the current one (FedBuff)
 
     def accumulable(self) -> np.ndarray:
         """The vector for ``Strategy.accumulate``: the float64 copy when there is one (same values)."""
@@ -155,21 +166,39 @@ def _check_header(update: Update, topic_device: str, ctx: ValidationContext) -> 
     # lost is one we hold (the device is acked "accepted"), not a late one.
     if update.update_id in ctx.seen_update_ids:
         raise _reject(REJECT_DUPLICATE, update, "update_id already accepted")
-    if update.round_id < ctx.round_id:
+    if ctx.max_staleness is not None:
+        _check_version_window(update, ctx)
+    elif update.round_id < ctx.round_id:
         raise _reject(REJECT_LATE, update, f"is for past round {update.round_id}, current is {ctx.round_id}")
     if update.round_id > ctx.round_id:
         raise _reject(REJECT_WRONG_ROUND, update, f"is for future round {update.round_id}, current is {ctx.round_id}")
     if update.device_id not in ctx.selected:
         raise _reject(REJECT_UNKNOWN_DEVICE, update, f"device was not selected for round {ctx.round_id}")
-    if update.model_version != ctx.model_version:
+    if update.model_version != ctx.model_version and ctx.max_staleness is None:
         raise _reject(REJECT_WRONG_MODEL_VERSION, update,
                       f"trained from model version {update.model_version}, round uses {ctx.model_version}")
-    if update.device_id in ctx.reported_devices:
+    if update.device_id in ctx.reported_devices and ctx.max_staleness is None:
         raise _reject(REJECT_DUPLICATE, update, f"device already reported for round {ctx.round_id}")
     count = update.num_examples
     if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
         raise _reject(REJECT_BAD_EXAMPLE_COUNT, update, f"num_examples must be a positive int, got {count!r}")
     _check_metrics(update)
+
+
+def _check_version_window(update: Update, ctx: ValidationContext) -> None:
+    """FedBuff: the update's base is one of the last ``max_staleness`` versions, announced in its round."""
+    assert ctx.max_staleness is not None
+    staleness = ctx.model_version - update.model_version
+    if staleness < 0:
+        raise _reject(REJECT_WRONG_MODEL_VERSION, update, f"trained from future model version "
+                                                          f"{update.model_version}, current is {ctx.model_version}")
+    if staleness > ctx.max_staleness:
+        raise _reject(REJECT_TOO_STALE, update, f"trained from model version {update.model_version}, "
+                                                f"{staleness} behind {ctx.model_version} (at most {ctx.max_staleness})")
+    # Rounds and versions advance together (one server step each): the base version fixes the round.
+    if update.round_id != ctx.round_id - staleness:
+        raise _reject(REJECT_LATE if update.round_id < ctx.round_id - staleness else REJECT_WRONG_ROUND, update,
+                      f"round {update.round_id} did not announce model version {update.model_version}")
 
 
 def _check_metrics(update: Update) -> None:
@@ -252,4 +281,5 @@ def validate_update(update: Update, *, topic_device: str, ctx: ValidationContext
         clipped=clipped,
         claimed_norm=norm,
         vector64=vector64,
+        staleness=0 if ctx.max_staleness is None else ctx.model_version - update.model_version,
     )

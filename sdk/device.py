@@ -11,7 +11,9 @@ Every device keeps a replica of the global model from every announcement, select
 (``sdk.model_sync``), so announcements can carry deltas. A round asks either for local training
 (Federated Learning: the update is the delta w_local − w_round) or for one mini-batch gradient
 (Large Batch Training: ``task == "gradient"``, on the device's next batch), with the announcement's
-typed ``RoundSettings``.
+typed ``RoundSettings``. A ``train_continuous`` announcement (FedBuff, Nguyen et al. 2022) asks for local
+training again and again: whenever its inbox is empty the device trains once more from the newest model it
+holds and sends that update, until a newer announcement, the deadline or the end of the run.
 
 Progress, codec state and outbox belong to one run (the announcement's ``run_id``); a new run starts
 them afresh. With the aggregator's public key configured, the device obeys only announcements that
@@ -45,11 +47,21 @@ from .device_state import DeviceState
 from .host_share import HostShare
 from .model_sync import ModelReplica
 from .outbox import Outbox
-from .round_settings import RoundSettings
+from .round_settings import TASK_TRAIN_CONTINUOUS, RoundSettings
 from .runtime import Runtime, TrainConfig
 from .transport import Handler, Transport
 
 _log = logging.getLogger(__name__)
+
+
+MAX_SLOWDOWN = 1000.0  # a straggler 1000x slower is already a dead device; more is a typo
+
+
+def check_slowdown(factor: float) -> float:
+    """``factor`` if it is a finite number in [1, MAX_SLOWDOWN], else ConfigError naming it."""
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 1.0 <= factor <= MAX_SLOWDOWN:
+        raise ConfigError(f"slowdown must be a number in [1, {MAX_SLOWDOWN:g}], got {factor!r}")
+    return float(factor)
 
 
 @dataclass(frozen=True)
@@ -64,8 +76,10 @@ class DeviceConfig:
     max_chunk_bytes: int | None = None  # split update frames larger than this (broker limits)
     gradient_metrics_every: int = 10  # large batch: one metrics message per this many steps
     attack: Attack | None = None  # an adversarial test device (sdk.attack); None: honest
+    slowdown: float = 1.0  # TESTING: every training step takes this many times longer (a straggler)
 
     def __post_init__(self) -> None:
+        check_slowdown(self.slowdown)
         topics.validate_name(self.fleet, "fleet")
         topics.validate_name(self.device_id, "device id")
         if not 0 <= self.partition_index < self.partition_count:
@@ -179,6 +193,11 @@ class Device:
         self.bench = dict(bench) if bench else None
         self._measured: dict[str, float] = {}  # the round's figures, filled by train_round / compute_gradient
         self._group = GradientGroup(config.gradient_metrics_every)
+        # The newest train_continuous announcement that selected this device: trained again whenever idle.
+        self._continuous: wire.Announcement | None = None
+        # Flow control for continuous rounds: the next update starts only once the aggregator acknowledged the
+        # last one, so a fleet faster than the server's steps cannot pile a backlog of ever staler updates up.
+        self._unacked: set[str] = set()
 
     # -- the loop ---------------------------------------------------------------------------
     def _status(self, online: bool, needs_resync: bool = False) -> bytes:
@@ -207,9 +226,11 @@ class Device:
             # A transport that gave up for good (another process took this device id: ClientIdInUse) ends
             # the loop, and run() raises its reason after saying goodbye.
             while not stop.is_set() and self.transport.failure is None:
-                try:
-                    topic, payload = self._inbox.get(timeout=0.2)
+                try:  # continuous training: messages first (a newer model, acks), then train again
+                    topic, payload = (self._inbox.get_nowait() if self.has_continuous_work()
+                                      else self._inbox.get(timeout=0.2))
                 except queue.Empty:
+                    self.continue_work()
                     continue
                 self.handle(topic, payload)
         finally:
@@ -268,6 +289,7 @@ class Device:
 
     def _handle(self, topic: str, payload: bytes, superseded: bool = False) -> None:
         if not payload:  # a cleared retained announcement: the run is over
+            self._continuous = None
             if self._group.steps:  # a partial group of steps nobody will record: close its window
                 self._group.flush()
                 if self.energy is not None:
@@ -301,6 +323,7 @@ class Device:
             wire.signing.verify(a, self.aggregator_key)
 
     def _on_ack(self, ack: wire.Ack) -> None:
+        self._unacked.discard(ack.update_id)
         for entry in self.outbox.pending():
             if entry.key.split("#")[0] == ack.update_id:
                 self.outbox.remove(entry.key)
@@ -326,13 +349,41 @@ class Device:
         except WireError as exc:  # forged, unsigned, or a payload that is no usable model: state unchanged
             self._skip(a, f"announcement refused: {exc}")
             return
+        if synced:  # an older continuous round no longer matches the model this device holds
+            self._continuous = None
         if not synced or not answer or self.config.device_id not in a.selected:
+            return
+        if a.task == TASK_TRAIN_CONTINUOUS:  # trained by continue_work once the inbox is empty
+            if self._unacked and a.deadline_unix_s > self._answered_deadline and \
+                    self.state.last_done() == (a.round_id, a.model_version):  # announced again: an ack may be lost
+                self._answered_deadline = a.deadline_unix_s
+                self._resend_pending(a.round_id)
+            self._continuous = a
             return
         if self._already_answered(a):  # normal after a reconnect or a retry: said at info level
             self._skip(a, f"already answered (model version {a.model_version}); skipped", logging.INFO)
             return
         if time.time() > a.deadline_unix_s:
             self._skip(a, "announcement arrived after its deadline; skipped")
+            return
+        self._answer(a)
+
+    def has_continuous_work(self) -> bool:
+        """Whether a continuous round (FedBuff) wants another update from this device now."""
+        return self._continuous is not None and not self._unacked
+
+    def continue_work(self) -> None:
+        """One more update of the continuous round, from the newest model held (FedBuff: a device that
+        finishes an update starts the next at once); a no-op without one. Called when the inbox is empty."""
+        a = self._continuous
+        if a is None or self._unacked:
+            return
+        if self.replica.version != a.model_version:  # cannot happen after a sync; never train a mislabelled base
+            self._continuous = None
+            return
+        if time.time() > a.deadline_unix_s:
+            self._continuous = None
+            self._skip(a, "continuous round past its deadline; waiting for the next announcement", logging.INFO)
             return
         self._answer(a)
 
@@ -347,6 +398,8 @@ class Device:
             self.outbox.remove(entry.key)
         self.replica.reset()
         self.run_id = run_id
+        self._continuous = None
+        self._unacked.clear()
         self._awaiting_resync = self._reset_codec_on_resync = False
         self._gradient_stream = None
         self._answered_deadline = float("-inf")
@@ -413,6 +466,8 @@ class Device:
         # as done: a crash in between re-trains the round from the old state, losing no residual.
         self.state.save_codec_state(*self._pending_codec_state)
         self.state.mark_done(a.round_id, a.model_version)
+        if a.task == TASK_TRAIN_CONTINUOUS:
+            self._unacked.add(update.update_id)
         self._answered_deadline = a.deadline_unix_s
         self.rounds_trained += 1
         self._publish_metrics(a.round_id, gradient, len(frame))
@@ -488,10 +543,12 @@ class Device:
         settings = a.settings
         config = TrainConfig(lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay,
                              nesterov=settings.nesterov, prox_mu=settings.prox_mu)
-        # Distinct, reproducible shuffles per (seed, device, round).
-        rng = np.random.default_rng([self.config.seed, self.config.partition_index, a.round_id])
+        # Distinct, reproducible shuffles per (seed, device, round); a continuous round trains many times from
+        # one announcement, each time on another shuffle.
+        rng = np.random.default_rng([self.config.seed, self.config.partition_index, a.round_id]
+                                    + ([self.rounds_trained] if a.task == TASK_TRAIN_CONTINUOUS else []))
         cpu = time.process_time()
-        timer = StepTimer(self._until_stopped(round_batches(self.data, settings, rng)))
+        timer = StepTimer(self._slowed(self._until_stopped(round_batches(self.data, settings, rng))))
         result = self.runtime.train(timer, config)
         timer.finish()
         cpu_s = time.process_time() - cpu
@@ -508,6 +565,16 @@ class Device:
             if self._stop.is_set():
                 raise RoundInterrupted("stop requested")
             yield batch
+
+    def _slowed(self, batches: Iterator[tuple[np.ndarray, np.ndarray]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``batches``, each step stretched to ``slowdown`` times its compute time by sleeping after it
+        (a straggler for tests and ``simulate --stragglers``); a stop request ends the sleep."""
+        extra = self.config.slowdown - 1.0
+        for batch in batches:
+            started = time.perf_counter()
+            yield batch  # the runtime computes the step, then asks for the next batch
+            if extra > 0:
+                self._stop.wait(extra * (time.perf_counter() - started))
 
     def compute_gradient(self, a: wire.Announcement) -> wire.Update:
         """One mini-batch gradient at the announced model (a large-batch worker never trains ahead)."""

@@ -16,7 +16,7 @@ from .bundle import RUNTIMES, load_manifest
 from .cli_args import add_broker_args, broker_config, limit_threads, positive_float, positive_int
 from .config_file import add_config_arg
 from .data import PartitionSpec
-from .device import Device, DeviceConfig, LocalData
+from .device import Device, DeviceConfig, LocalData, check_slowdown
 from .device_metrics import bench_values
 from .energy.power import SourceOptions
 from .energy.round_energy import open_round_energy
@@ -55,6 +55,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--attack", choices=ATTACK_KINDS,
                    help="TESTING ONLY: act as an adversary that sends sign-flipped, scaled (x100) or random updates, "
                         "or trains on flipped labels (to evaluate robust aggregation)")
+    p.add_argument("--slowdown", type=slowdown_factor, default=1.0, metavar="F",
+                   help="TESTING ONLY: make every training step take F times longer (a straggler; default 1)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     m = p.add_argument_group("metrics", "per-round step time, CPU, memory, bytes and energy on "
                                         "edgetrain/<fleet>/metrics/<device>")
@@ -70,6 +72,14 @@ def register(subparsers: Any) -> None:
     m.add_argument("--bench-result", type=Path,
                    help="a bench.json from 'edgetrain bench' to publish once (retained) at start")
     p.set_defaults(func=run)
+
+
+def slowdown_factor(text: str) -> float:
+    """``--slowdown F``: a number in [1, MAX_SLOWDOWN] (argparse reports the reason)."""
+    try:
+        return check_slowdown(float(text))
+    except (ValueError, ConfigError) as exc:
+        raise argparse.ArgumentTypeError(f"--slowdown {text!r}: {exc}") from None
 
 
 def open_energy(args: argparse.Namespace) -> tuple[Any, str]:
@@ -123,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
                           partition=PartitionSpec.parse(args.partition), partition_index=index,
                           partition_count=count, seed=args.seed, max_chunk_bytes=args.max_chunk_bytes,
                           gradient_metrics_every=args.metrics_every_steps,
-                          attack=Attack(args.attack) if args.attack else None)
+                          attack=Attack(args.attack) if args.attack else None, slowdown=args.slowdown)
     bench = read_bench_result(args.bench_result) if args.bench_result else None
     aggregator_key = wire.signing.load_public_key(args.aggregator_key) if args.aggregator_key else None
     energy, energy_unavailable = open_energy(args)  # before the slow loads: a named sensor that fails, fails now

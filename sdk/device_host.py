@@ -150,9 +150,13 @@ class DeviceHost:
                 self.joined.append(device)
             _log.info("%d device identities joined", len(self.joined))
             while not stop.is_set():
-                try:
-                    device, topic, payload, arrival = self._inbox.get(timeout=0.2)
+                busy = [d for d in self.joined if d.has_continuous_work() and d.transport.failure is None]
+                try:  # identities in a continuous (FedBuff) round train whenever no message is waiting
+                    device, topic, payload, arrival = (self._inbox.get_nowait() if busy
+                                                       else self._inbox.get(timeout=0.2))
                 except queue.Empty:
+                    if busy:  # one update each, in turn
+                        min(busy, key=lambda d: d.rounds_trained).continue_work()
                     continue
                 if device.transport.failure is None:  # an identity taken over elsewhere stays silent
                     superseded = 0 < arrival < self._latest_announcement.get(device.config.device_id, 0)

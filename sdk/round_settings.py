@@ -14,7 +14,11 @@ from typing import Any, Mapping
 from .errors import ConfigError
 from .optim import check_sgd_hyper
 
-TASKS = ("train", "gradient")  # local training (FL) | one mini-batch gradient (large batch)
+TASK_TRAIN, TASK_GRADIENT = "train", "gradient"  # local training (FL) | one mini-batch gradient (large batch)
+# Buffered asynchronous FL (FedBuff, Nguyen et al. 2022): the selected devices train again and again from the
+# newest model they hold until a newer announcement or its deadline; each result is one update.
+TASK_TRAIN_CONTINUOUS = "train_continuous"
+TASKS = (TASK_TRAIN, TASK_GRADIENT, TASK_TRAIN_CONTINUOUS)
 MAX_BATCH_SIZE = 1 << 20  # a batch this large is a typo or an attack, not a setting
 MAX_LOCAL_ITERATIONS = 1 << 20  # epochs or steps: bounds the work one announcement can ask for
 MAX_REAL_SETTING = 1e6  # lr, weight decay, prox mu: larger is a typo or an attack

@@ -187,16 +187,16 @@ class Gate:
 def make_device(broker: BrokerConfig, assets: FleetAssets, fleet: str, device_id: str, state_dir: Path, *,
                 index: int, count: int, limit: int | None = None,
                 gate: Gate | None = None, aggregator_key: object = None,
-                attack: object = None):  # -> sdk.device.Device
+                attack: object = None, slowdown: float = 1.0):  # -> sdk.device.Device
     """A ``Device`` with a real Transport and torch runtime; ``gate`` (if given) holds training;
     ``aggregator_key`` (an Ed25519 public key) makes it obey only announcements signed by its pair;
-    ``attack`` (an ``sdk.attack.Attack``) makes it an adversary."""
+    ``attack`` (an ``sdk.attack.Attack``) makes it an adversary; ``slowdown`` F > 1 a straggler."""
     from edgetrain.sdk.data import PartitionSpec
     from edgetrain.sdk.device import Device, DeviceConfig, LocalData
     from edgetrain.sdk.runtime import load_runtime
 
     config = DeviceConfig(fleet=fleet, device_id=device_id, state_dir=state_dir, partition=PartitionSpec.parse("iid"),
-                          partition_index=index, partition_count=count, attack=attack)
+                          partition_index=index, partition_count=count, attack=attack, slowdown=slowdown)
     runtime = load_runtime(assets.bundle)
     data = LocalData.load(config, runtime, assets.data_dir, limit=limit)
     offline = wire.encode(wire.Status(device_id=device_id, online=False, info={"reason": "connection lost"}))
@@ -242,12 +242,15 @@ class DeviceThread:
 def start_device_threads(broker: BrokerConfig, assets: FleetAssets, fleet: str, root: Path,
                          limits: Sequence[int | None], gate: Gate | None = None,
                          prefix: str = "dev", aggregator_key: object = None,
-                         attacks: Mapping[int, object] | None = None) -> list[DeviceThread]:
+                         attacks: Mapping[int, object] | None = None,
+                         slowdowns: Mapping[int, float] | None = None) -> list[DeviceThread]:
     """One device thread per entry of ``limits`` (its example cap), named ``<prefix>-<i>``; ``attacks``:
-    device index -> ``sdk.attack.Attack`` for the adversaries among them."""
+    device index -> ``sdk.attack.Attack`` for the adversaries among them; ``slowdowns``: device index ->
+    slowdown factor for the stragglers."""
     return [DeviceThread(make_device(broker, assets, fleet, f"{prefix}-{i}", root / f"{prefix}-{i}", index=i,
                                      count=len(limits), limit=limit, gate=gate, aggregator_key=aggregator_key,
-                                     attack=(attacks or {}).get(i))).start()
+                                     attack=(attacks or {}).get(i),
+                                     slowdown=(slowdowns or {}).get(i, 1.0))).start()
             for i, limit in enumerate(limits)]
 
 

@@ -110,6 +110,8 @@ CASES: list[tuple[str, dict[str, Any], str, dict[str, Any], Callable[[Validation
     (v.REJECT_NON_FINITE, dict(payload=_nan_payload), "dev-1", {}, _same),
     (v.REJECT_NON_FINITE, dict(payload=_inf_payload), "dev-1", {}, _same),
     (v.REJECT_NORM_TOO_LARGE, {}, "dev-1", dict(max_norm=0.5), _same),
+    # FedBuff: 3 versions behind, one more than max_staleness allows (round and version stay in step)
+    (v.REJECT_TOO_STALE, dict(round_id=4, model_version=0), "dev-1", dict(max_staleness=2), _same),
     # metrics are wire numbers too: checked before they are summed into the round's record
     (v.REJECT_BAD_METRICS, dict(metrics={"cpu_s": float("nan")}), "dev-1", {}, _same),
     (v.REJECT_BAD_METRICS, dict(metrics={"loss": float("inf")}), "dev-1", {}, _same),
