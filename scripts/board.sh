@@ -99,7 +99,16 @@ say "board python: $(on_board -c 'import platform, sys; print(platform.machine()
 # environment markers for the host (x86_64), so torch's x86-only CUDA requirements would be chased.
 # The pinned runtime comes without its dependencies; those (pure Python, or with aarch64 wheels)
 # are fetched beside it, and the emulated pip resolves the real set — markers evaluated on aarch64.
-WHEELS=$CACHE/wheels-$RUNTIME
+# The device core's requirements come from pyproject.toml (a new core dependency is fetched without an
+# edit here); the cache folder is named by a digest of them, so a changed list is fetched afresh.
+CORE_DEPS=$("$PY" - "$REPO/pyproject.toml" <<'PYEOF'
+import sys, tomllib
+deps = tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]
+print(" ".join(d.split(";")[0].replace(" ", "") for d in deps if ";" not in d))  # marker'd: not for 3.11
+PYEOF
+)
+read -r -a CORE_DEPS <<<"$CORE_DEPS"
+WHEELS=$CACHE/wheels-$RUNTIME-$(printf '%s\n' "${CORE_DEPS[@]}" "${PINNED[@]}" | sha256sum | cut -c1-12)
 if [ ! -f "$WHEELS/.edgetrain-complete" ]; then
     started=$(date +%s)
     say "downloading aarch64 wheels into $WHEELS (once)"
@@ -109,11 +118,11 @@ if [ ! -f "$WHEELS/.edgetrain-complete" ]; then
               --platform manylinux_2_28_aarch64 --platform manylinux_2_17_aarch64
               --platform manylinux2014_aarch64 --python-version 3.11 --implementation cp -d "$WHEELS")
     "${download[@]}" --no-deps "${PINNED[@]}"
+    "${download[@]}" "${CORE_DEPS[@]}"  # with their dependencies (cryptography brings cffi): none is x86-marked
     case "$RUNTIME" in
-        torch) "${download[@]}" numpy 'paho-mqtt>=2,<3' safetensors filelock 'typing-extensions>=4.10' \
-                   'sympy>=1.13.3' 'networkx>=2.5.1' jinja2 'fsspec>=0.8.5' ;;
-        onnxgraph) "${download[@]}" numpy 'paho-mqtt>=2,<3' safetensors coloredlogs flatbuffers packaging \
-                       protobuf sympy ;;
+        torch) "${download[@]}" filelock 'typing-extensions>=4.10' 'sympy>=1.13.3' 'networkx>=2.5.1' jinja2 \
+                   'fsspec>=0.8.5' ;;
+        onnxgraph) "${download[@]}" coloredlogs flatbuffers packaging protobuf sympy ;;
     esac
     touch "$WHEELS/.edgetrain-complete"
     say "wheels ready in $(elapsed "$started") s"
