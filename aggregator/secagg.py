@@ -29,7 +29,7 @@ from edgetrain.sdk.transport.base import Transport
 from edgetrain.sdk.wire import decode, encode
 from edgetrain.sdk.wire.secagg import (SHARE_CIPHERTEXT_BYTES, SecAggAdvertise, SecAggMaskedInput, SecAggMessage,
                                        SecAggRoster, SecAggShareDelivery, SecAggShares, SecAggUnmaskRequest,
-                                       SecAggUnmaskShares)
+                                       SecAggUnmaskShares, owned_payload)
 
 Outgoing = list[tuple[str, SecAggMessage]]
 
@@ -327,7 +327,7 @@ class SecAggServerSession:
             topic, payload = self._inbox.popleft()
             try:
                 device = topics.device_from_topic(topic, self.fleet, "secagg")
-                message = decode(payload)
+                message = owned_payload(decode(payload))
             except WireError as exc:
                 self.server.rejections[str(exc).split(":")[0].replace(" ", "_")] += 1
                 continue

@@ -25,6 +25,7 @@ from edgetrain.sdk.errors import ConfigError, EdgetrainError
 from edgetrain.sdk.secagg.device_round import check_summable_codec
 from edgetrain.sdk.secagg.quantize import FixedPoint
 from edgetrain.sdk.transport.base import Handler, Transport
+from edgetrain.sdk.wire.secagg import MAX_SECAGG_DEVICES
 
 from .secagg import SecAggParams, SecAggResult, SecAggServer, SecAggServerSession, Stage
 from .strategy import RoundPlan
@@ -54,7 +55,9 @@ class SecureAggregation:
                                            self.neighbours // 2 < self.threshold <= self.neighbours):
             raise ConfigError(f"--secagg-threshold must exceed half the {self.neighbours} neighbours and not exceed "
                               f"them (Bell et al.: t > k/2), got {self.threshold!r}")
-        FixedPoint(self.clip, self.value_bits, 1)  # ConfigError names a bad clip or bit count
+        # ConfigError names a bad clip or bit count, or a ring that a round of the most devices a roster can
+        # list would overflow: checked now, not at round 1.
+        FixedPoint(self.clip, self.value_bits, MAX_SECAGG_DEVICES)
         if not self.stage_timeout_s > 0:
             raise ConfigError(f"--secagg-stage-timeout must be > 0, got {self.stage_timeout_s!r}")
 

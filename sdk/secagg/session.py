@@ -16,6 +16,7 @@ from .. import topics
 from ..errors import SecAggAborted, WireError
 from ..transport.base import Transport
 from ..wire import decode, encode
+from ..wire.secagg import owned_payload
 from ..wire.secagg import SecAggRoster, SecAggShareDelivery, SecAggUnmaskRequest
 from .client import SecAggClient
 
@@ -57,7 +58,7 @@ class SecAggDeviceSession:
         while self._inbox and not self.aborted:
             worked = True
             try:
-                self._answer(decode(self._inbox.popleft()))
+                self._answer(owned_payload(decode(self._inbox.popleft())))
             except (SecAggAborted, WireError) as exc:
                 self.aborted = getattr(exc, "reason", "") or str(exc).split(":")[0]
                 _log.warning("device %s leaves the secure round: %s", self.client.device_id, exc)
