@@ -28,6 +28,7 @@ from .progress import round_printer
 from .robust_strategy import AggregationRule, with_aggregation
 from .run_dir import prepare_run_dir
 from .server_optim import LargeBatchHyper
+from .secure_rounds import add_secure_aggregation_args, secure_aggregation_from_args
 from .service import Aggregator
 from .strategy import make_strategy
 
@@ -80,6 +81,7 @@ def add_round_args(p: argparse.ArgumentParser) -> None:
                     help="ask K extra devices and step with the first gradients (Chen et al. 2016)")
     add_fedbuff_args(p)
     add_dp_args(p)
+    add_secure_aggregation_args(p)
     g.add_argument("--max-norm", type=positive_float, help="reject updates whose L2 norm exceeds this")
     g.add_argument("--max-examples", type=positive_int, help="cap the example count a device may claim")
     g.add_argument("--signing-key", type=Path, metavar="FILE.pem",
@@ -275,6 +277,7 @@ def aggregator_config(args: argparse.Namespace, out_dir: Path, fleet: str, resum
                             uplink_codec=args.codec, max_norm=args.max_norm, max_examples=args.max_examples,
                             eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
                             resync_every=args.resync_every, downlink_codec=args.downlink_codec,
+                            secure_aggregation=secure_aggregation_from_args(args),
                             labels={**(getattr(args, "labels", {}) or {}),
                                     "aggregation": str(AggregationRule.parse(getattr(args, "aggregation", None) or "mean"))})
 

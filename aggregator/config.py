@@ -9,6 +9,7 @@ from edgetrain.sdk import topics
 from edgetrain.sdk.codecs import check_codec_spec
 from edgetrain.sdk.errors import ConfigError
 
+from .secure_rounds import SecureAggregation
 from .update_caps import NormHistory, check_factor
 
 
@@ -34,6 +35,7 @@ class AggregatorConfig:
     downlink_codec: str = "dense"  # codec of the announced deltas
     broker_outage_s: float = 300.0  # how long an announcement waits out a broker outage before the run fails
     labels: Mapping[str, Any] = field(default_factory=dict)  # run settings for summary.json (report)
+    secure_aggregation: SecureAggregation | None = None  # SecAgg+ rounds (aggregator.secure_rounds); None: plain
     # Memory bounds under flooding (issue 12, defect 5): what overflows is dropped and counted.
     inbox_max_messages: int = 10_000
     inbox_max_bytes: int = 256 * 1024 * 1024

@@ -29,7 +29,7 @@ from edgetrain.sdk.transport.base import Transport
 from edgetrain.sdk.wire import decode, encode
 from edgetrain.sdk.wire.secagg import (SHARE_CIPHERTEXT_BYTES, SecAggAdvertise, SecAggMaskedInput, SecAggMessage,
                                        SecAggRoster, SecAggShareDelivery, SecAggShares, SecAggUnmaskRequest,
-                                       SecAggUnmaskShares)
+                                       SecAggUnmaskShares, owned_payload)
 
 Outgoing = list[tuple[str, SecAggMessage]]
 
@@ -62,6 +62,8 @@ class SecAggParams:
     fixed_point: FixedPoint
     num_params: int
     stage_timeout_s: float
+    # The advertise stage also covers the devices' local training in a real round (None: stage_timeout_s).
+    first_stage_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.threshold < 2 or self.neighbours < self.threshold:
@@ -69,7 +71,7 @@ class SecAggParams:
                               f"{self.threshold}, neighbours {self.neighbours}")
         if 2 * self.threshold <= self.neighbours:  # Bell et al.: t > k/2, else a server could collect both secrets
             raise ConfigError(f"threshold {self.threshold} must exceed half the {self.neighbours} neighbours")
-        if self.num_params < 1 or not self.stage_timeout_s > 0:
+        if self.num_params < 1 or not self.stage_timeout_s > 0 or not (self.first_stage_timeout_s or 1) > 0:
             raise ConfigError("secure aggregation needs num_params >= 1 and a stage timeout > 0")
 
 
@@ -92,7 +94,7 @@ class SecAggServer:
             raise ConfigError(f"the quantisation is sized for {self.params.fixed_point.max_devices} devices, "
                               f"{len(self.selected)} are selected: their sum could overflow")
         self._server_key = keys.new_private_key()
-        self._deadline = self.clock() + self.params.stage_timeout_s
+        self._deadline = self.clock() + (self.params.first_stage_timeout_s or self.params.stage_timeout_s)
         self._advertised: dict[str, SecAggAdvertise] = {}
         self._view: RosterView | None = None
         self._shares: dict[str, SecAggShares] = {}
@@ -325,7 +327,7 @@ class SecAggServerSession:
             topic, payload = self._inbox.popleft()
             try:
                 device = topics.device_from_topic(topic, self.fleet, "secagg")
-                message = decode(payload)
+                message = owned_payload(decode(payload))
             except WireError as exc:
                 self.server.rejections[str(exc).split(":")[0].replace(" ", "_")] += 1
                 continue

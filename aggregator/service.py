@@ -9,6 +9,7 @@ that already answered skip it), at most ``max_attempts`` times. Network callback
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -36,6 +37,7 @@ from .checkpoint import Checkpoint, load_latest, rng_from_state, rng_state, save
 from .privacy_metrics import privacy_extra, privacy_summary
 from .publish_retry import OutagePublisher
 from .results import INITIAL_ROUND, MetricsLog, RoundRecord, plot_run, training_rounds, write_summary
+from .secure_rounds import run_secure_round, secure_summary
 from .round_state import OpenRound, Progress, RoundTally
 from .strategy import AggregateInfo, RoundPlan, Strategy
 from .update_caps import CLIP_NORM_MEDIAN, NormHistory, example_caps
@@ -380,14 +382,45 @@ class Aggregator:
         started = time.monotonic()
         open_round = self._open_round(round_id, started, live)
         open_round.join_wait_s = started - waiting
-        self._collect(open_round, on_progress)
+        secure_extra = {}
+        if self.config.secure_aggregation is None:
+            self._collect(open_round, on_progress)
+        else:
+            secure_extra = self._collect_secure(open_round)
         self.params, info = self.strategy.aggregate(self.params)
         self.model_version += 1
         record = self._round_record(open_round, info, *self._evaluate(round_id))
+        if secure_extra:
+            record = dataclasses.replace(record, extra={**record.extra, **secure_extra})
         self._commit(round_id, record)
         if on_progress:
             on_progress(Progress(round_id, self.config.rounds, record.devices_reported, record.devices_chosen, record))
         return record
+
+    def _collect_secure(self, open_round: OpenRound) -> dict:
+        """A secure round (``aggregator.secure_rounds``): the strategy gets the survivors' mean, uniformly
+        weighted (one accumulate of the unmasked sum / n); the round's extra metrics come back."""
+        tally = open_round.tally
+
+        def announce(plan: RoundPlan, selected: tuple[str, ...]) -> int:
+            open_round.selected = set(selected)
+            return self._announce(plan, selected)[0]
+
+        def reselect(previous: tuple[str, ...]) -> tuple[str, ...]:
+            return tuple(sorted(self._choosable(self.live | set(previous))[: len(previous)]))
+
+        outcome = run_secure_round(
+            self.config.secure_aggregation, self.transport, self.config.fleet, self.run_id, open_round.plan,
+            self.params.size, self.config.round_timeout_s, self.config.max_attempts, announce,
+            lambda s: self._pump(lambda: False, time.monotonic() + s, tally, None), reselect)
+        survivors = outcome.result.survivors
+        self.strategy.accumulate(outcome.result.total / len(survivors), len(survivors), "secure-aggregate")
+        open_round.attempts = outcome.attempts
+        open_round.ctx.reported_devices.update(survivors)
+        tally.bytes_up += outcome.bytes_up
+        tally.bytes_down += outcome.bytes_down
+        tally.accepted_payload_bytes += 8 * self.params.size * len(survivors)  # uint64 per masked value
+        return outcome.extra()
 
     def _open_round(self, round_id: int, started: float, live: list[str]) -> OpenRound:
         plan = self.strategy.configure_round(round_id, live, self.rng)
@@ -565,7 +598,8 @@ class Aggregator:
         write_summary(self.config.out_dir, records, {
             "fleet": self.config.fleet, "strategy": self.strategy.name, "num_params": int(self.params.size),
             "codec": self.config.uplink_codec, "downlink_codec": self.config.downlink_codec, **self.config.labels,
-            **self.device_metrics.summary(), **privacy_summary(records)})
+            **self.device_metrics.summary(), **privacy_summary(records),
+            **secure_summary(self.config.secure_aggregation)})
         if records:
             plot_run(self.config.out_dir)
         return training_rounds(records)

@@ -148,6 +148,8 @@ def _spawn_devices(args: argparse.Namespace, broker_url: str, bundle: Path, out:
             cmd += ["--slowdown", str(args.stragglers[1])]
         if args.signing_key is not None:  # devices obey only this run's aggregator
             cmd += ["--aggregator-key", str(public_key_path(args.signing_key))]
+        if args.secure_aggregation:  # devices never send an update unmasked
+            cmd.append("--secure-aggregation")
         log = open(out / "devices" / f"{device_id}.log", "ab")
         procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
         log.close()

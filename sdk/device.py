@@ -49,6 +49,7 @@ from .model_sync import ModelReplica
 from .outbox import Outbox
 from .round_settings import TASK_TRAIN_CONTINUOUS, RoundSettings
 from .runtime import Runtime, TrainConfig
+from .secagg.device_round import SecureDeviceRound, check_summable_codec
 from .transport import Handler, Transport
 
 _log = logging.getLogger(__name__)
@@ -166,7 +167,7 @@ class Device:
     def __init__(self, config: DeviceConfig, transport: Transport, runtime: Runtime, data: LocalData,
                  energy: EnergyProbe | None = None, energy_unavailable: str = "",
                  bench: Mapping[str, float] | None = None, aggregator_key: Ed25519PublicKey | None = None,
-                 share: HostShare | None = None) -> None:
+                 share: HostShare | None = None, secure_only: bool = False) -> None:
         self.config = config
         self.transport = transport
         self.runtime = runtime
@@ -177,6 +178,10 @@ class Device:
         self.share = share
         self.replica = ModelReplica(runtime.manifest.num_params, share.models if share is not None else None)
         self.aggregator_key = aggregator_key
+        # --secure-aggregation: this device's update never leaves it unmasked (plain rounds are skipped).
+        self.secure_only = secure_only
+        self._secure_round: SecureDeviceRound | None = None
+        self._secure_announcement: wire.Announcement | None = None  # the announcement _secure_round answers
         self.run_id = self.state.run_id()  # the run this device serves; "" before its first
         self.skip_reason = ""  # why the last round was skipped or announcement refused (in status)
         self._awaiting_resync = False
@@ -247,6 +252,7 @@ class Device:
         enqueue = deliver or (lambda topic, payload: self._inbox.put((topic, payload)))  # network thread
         self.transport.subscribe(topics.announce_topic(fleet), enqueue)
         self.transport.subscribe(topics.ack_topic(fleet, me), enqueue)
+        self.transport.subscribe(topics.secagg_inbox_topic(fleet, me), enqueue)
         self.transport.connect()
         self.transport.attach_outbox(self.outbox)  # re-sends anything a previous run left unacknowledged
         self.transport.publish(topics.status_topic(fleet, me), self._status(True), retain=True)
@@ -294,6 +300,9 @@ class Device:
                 self._group.flush()
                 if self.energy is not None:
                     self.energy.end()
+            return
+        if topic == topics.secagg_inbox_topic(self.config.fleet, self.config.device_id):
+            self._on_secagg(payload)
             return
         try:
             message = self._decode(topic, payload)
@@ -439,6 +448,10 @@ class Device:
     def _answer(self, a: wire.Announcement) -> None:
         """Train (or take one gradient), then send the update; a failure skips the round, saying why."""
         gradient = a.task == "gradient"
+        refusal = self._secure_refusal(a, gradient)
+        if refusal:
+            self._skip(a, refusal)
+            return
         if self.energy is not None and not (gradient and self._group.steps):  # a group's window is open
             self.energy.begin()
         try:
@@ -453,7 +466,59 @@ class Device:
             else:
                 self._skip(a, f"cannot produce an update: {exc}")
             return
+        if a.settings.secure_aggregation:
+            self._start_secure_round(a, update)
+            return
         self._send_update(a, update, gradient)
+
+    # -- secure aggregation (sdk.secagg.device_round) ---------------------------------------------
+    def _secure_refusal(self, a: wire.Announcement, gradient: bool) -> str:
+        """Why this device will not answer ``a`` given secure aggregation ("" when it will)."""
+        open_one = self._secure_announcement if self._secure_round is not None else None
+        if open_one is not None and (open_one.round_id, open_one.deadline_unix_s) == (a.round_id, a.deadline_unix_s):
+            return "secure round already in progress (the announcement was seen again)"
+        if not a.settings.secure_aggregation:
+            return "plain round refused: this device sends its updates only under secure aggregation" \
+                if self.secure_only else ""
+        if gradient:
+            return "secure aggregation is for training rounds, not large-batch gradients"
+        try:
+            check_summable_codec(a.uplink_codec.name)
+        except ConfigError as exc:
+            return str(exc)
+        return ""
+
+    def _start_secure_round(self, a: wire.Announcement, update: wire.Update) -> None:
+        """Mask the values the update carries (decoded: a lossy codec's rounding included) and advertise."""
+        spec = a.uplink_codec.with_layout(self.runtime.manifest.shapes)
+        vector = spec.codec.decode(bytes(update.payload), self.runtime.manifest.num_params, spec.params)
+        self._secure_round = SecureDeviceRound(self.transport, self.config.fleet, self.config.device_id, a.run_id,
+                                               a.round_id, vector)
+        self._secure_announcement = a
+        self._secure_round.start()
+
+    def _on_secagg(self, payload: bytes) -> None:
+        secure = self._secure_round
+        if secure is None:
+            _log.warning("secure-aggregation message with no secure round open; dropped")
+            return
+        secure.receive(payload)
+        if not secure.finished:
+            return
+        self._secure_round = None
+        a = self._secure_announcement
+        if secure.session.aborted:
+            if self.energy is not None:
+                self.energy.end()  # close the round's window; nothing was summed
+            self._skip(a, f"secure aggregation aborted: {secure.session.aborted}")
+            return
+        # Done only now: a device that dies earlier is a dropout and trains the round again if it is re-announced.
+        self.state.save_codec_state(*self._pending_codec_state)
+        self.state.mark_done(a.round_id, a.model_version)
+        self._answered_deadline = a.deadline_unix_s
+        self.rounds_trained += 1
+        self._publish_metrics(a.round_id, False, 8 * self.runtime.manifest.num_params)
+        _log.info("round %d: masked update summed (secure aggregation)", a.round_id)
 
     def _send_update(self, a: wire.Announcement, update: wire.Update, gradient: bool) -> None:
         """Durable first (outbox, codec state, progress), then on the wire."""

@@ -49,6 +49,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-chunk-bytes", type=positive_int, help="split update frames larger than this")
     p.add_argument("--aggregator-key", type=Path, metavar="FILE.pub",
                    help="the aggregator's Ed25519 public key (PEM): obey only announcements it signed")
+    p.add_argument("--secure-aggregation", action="store_true",
+                   help="send updates only masked (SecAgg+): rounds the aggregator does not run securely are skipped")
     p.add_argument("--wait-for-broker", type=positive_float, metavar="SECONDS",
                    help="wait up to SECONDS for a broker that is not up yet (a board that boots before its "
                         "network); default: fail at once")
@@ -154,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
             energy.close()
         return 0
     device = Device(config, transport, runtime, data, energy=energy, energy_unavailable=energy_unavailable,
-                    bench=bench, aggregator_key=aggregator_key)
+                    bench=bench, aggregator_key=aggregator_key, secure_only=args.secure_aggregation)
     device.run(stop)  # raises ClientIdInUse when another process took this device id: the CLI exits 1
     logging.getLogger(__name__).info("stopped after training %d round(s)", device.rounds_trained)
     return 0

@@ -51,10 +51,14 @@ class RoundSettings:
     batch_size: int = 32  # B
     local_epochs: int = 1  # E
     local_steps: int | None = None  # exactly K steps instead of E epochs when set
+    # The round's updates travel masked (SecAgg+, ``sdk.secagg``): the device answers the secure-aggregation
+    # stages on its secagg topics instead of sending an Update the aggregator could read.
+    secure_aggregation: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.nesterov, bool):
-            raise ConfigError(f"round setting nesterov must be true or false, got {self.nesterov!r}")
+        for flag in ("nesterov", "secure_aggregation"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"round setting {flag} must be true or false, got {getattr(self, flag)!r}")
         # The optimiser's rules live in one place (sdk.optim); the frame adds upper bounds only.
         check_sgd_hyper(lr=self.lr, momentum=self.momentum, nesterov=self.nesterov, weight_decay=self.weight_decay,
                         prox_mu=self.prox_mu, names={name: f"round setting {name}" for name in

@@ -16,24 +16,34 @@ from .. import topics
 from ..errors import SecAggAborted, WireError
 from ..transport.base import Transport
 from ..wire import decode, encode
+from ..wire.secagg import owned_payload
 from ..wire.secagg import SecAggRoster, SecAggShareDelivery, SecAggUnmaskRequest
 from .client import SecAggClient
 
 _log = logging.getLogger(__name__)
+MAX_QUEUED_FRAMES = 64
 
 
 class SecAggDeviceSession:
     """``client`` over ``transport`` in ``fleet``; ``update`` gives the float vector to sum when it is needed."""
 
     def __init__(self, transport: Transport, fleet: str, client: SecAggClient,
-                 update: Callable[[], np.ndarray]) -> None:
+                 update: Callable[[], np.ndarray], subscribe: bool = True) -> None:
+        """``subscribe=False``: the owner already receives the inbox topic and hands frames to ``receive``
+        (a ``Device`` routes them off its own queue, so a device host's one thread serves every identity)."""
         self.transport, self.fleet, self.client, self._update = transport, fleet, client, update
-        self._inbox: deque[bytes] = deque()
+        # Bounded: a round has four server messages per device; a flood beyond that is dropped, not held.
+        self._inbox: deque[bytes] = deque(maxlen=MAX_QUEUED_FRAMES)
         self.aborted = ""
         self.stages_done: list[str] = []
-        transport.subscribe(topics.secagg_inbox_topic(fleet, client.device_id), self._on_message)
+        if subscribe:
+            transport.subscribe(topics.secagg_inbox_topic(fleet, client.device_id), self._on_message)
 
     def _on_message(self, topic: str, payload: bytes) -> None:
+        self._inbox.append(payload)
+
+    def receive(self, payload: bytes) -> None:
+        """Queue one frame that arrived on this device's secure-aggregation inbox topic."""
         self._inbox.append(payload)
 
     def _send(self, message: object) -> None:
@@ -48,7 +58,7 @@ class SecAggDeviceSession:
         while self._inbox and not self.aborted:
             worked = True
             try:
-                self._answer(decode(self._inbox.popleft()))
+                self._answer(owned_payload(decode(self._inbox.popleft())))
             except (SecAggAborted, WireError) as exc:
                 self.aborted = getattr(exc, "reason", "") or str(exc).split(":")[0]
                 _log.warning("device %s leaves the secure round: %s", self.client.device_id, exc)

@@ -10,7 +10,7 @@ Device -> aggregator on ``secagg/<device>``: ``SecAggAdvertise`` (two X25519 pub
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .messages import _as_float, _check_bytes, _check_count, _check_run_id, _check_str, _fail, _set
 
@@ -212,3 +212,12 @@ class SecAggUnmaskShares:
 SecAggMessage = (SecAggAdvertise | SecAggRoster | SecAggShares | SecAggShareDelivery | SecAggMaskedInput
                  | SecAggUnmaskRequest | SecAggUnmaskShares)
 
+
+
+def owned_payload(message: object) -> object:
+    """``message`` with its payload copied out of the frame it was decoded from (``decode`` lends a memoryview;
+    ``cryptography`` takes only bytes for keys, and a roster's keys must outlive the frame)."""
+    payload = getattr(message, "payload", None)
+    if isinstance(payload, memoryview):
+        return replace(message, payload=bytes(payload))
+    return message
