@@ -186,6 +186,6 @@ def test_signature_round_trips_through_the_wire_and_covers_every_field(fleet_ass
     for change in (dict(run_id="run-z"), dict(round_id=2), dict(model_version=1), dict(task="gradient"),
                    dict(selected=("dev-0", "dev-1")), dict(deadline_unix_s=4e9 + 1),
                    dict(settings=RoundSettings(lr=0.06, batch_size=8, local_steps=1)),
-                   dict(uplink_codec=CodecSpec("q8")), dict(payload=decoded.payload[:-4] + b"\0\0\0\0")):
+                   dict(uplink_codec=CodecSpec("q8")), dict(payload=bytes(decoded.payload)[:-4] + b"\0\0\0\0")):
         with pytest.raises(wire.signing.BadSignature):
             wire.signing.verify(dataclasses.replace(decoded, **change), key.public_key())  # type: ignore[arg-type]
