@@ -18,11 +18,15 @@ from edgetrain.sdk.errors import ConfigError
 from edgetrain.sdk.round_settings import RoundSettings
 from edgetrain.sdk.secagg import device_round
 from edgetrain.sdk.secagg.quantize import FixedPoint
-from tests.fleet import (AggregatorThread, FleetAssets, Sniffer, broker_config, cleanup, fleet_assets,  # noqa: F401
-                         metrics, round_args, start_device_threads)
+from edgetrain.sdk.wire.secagg import SecAggMaskedInput, SecAggShares
+from tests.fleet import (AggregatorThread, DeviceThread, FleetAssets, Sniffer, broker_config, cleanup,  # noqa: F401
+                         fleet_assets, metrics, round_args, start_device_threads, wait_for)
 from tests.mosquitto import MosquittoBroker
+from tests.test_secagg_protocol import CHI2_CRITICAL as _CHI2_CRITICAL, chi_square
 
 CLIP, BITS = 0.5, 20
+# The in-memory test's upper 1e-6 points, plus df 63 (scipy.stats.chi2.ppf(1 - 1e-6, 63)) for a 22-bit ring's top 6.
+CHI2_CRITICAL = {**_CHI2_CRITICAL, 63: 131.37}
 
 
 @pytest.fixture
@@ -42,16 +46,25 @@ def masked_vectors(monkeypatch: pytest.MonkeyPatch) -> dict[str, np.ndarray]:
 
 
 def _run_secure(broker: MosquittoBroker, assets: FleetAssets, tmp_path: Path, cleanup: list, fleet: str,
-                num_devices: int, *flags: str) -> tuple[AggregatorThread, list, Sniffer]:
+                num_devices: int, *flags: str, before_round: Callable[[list[DeviceThread]], None] | None = None,
+                during_round: Callable[[], None] | None = None) -> tuple[AggregatorThread, list, Sniffer]:
+    """One secure round of ``num_devices`` device threads; ``before_round(devices)`` runs before the aggregator
+    starts, ``during_round()`` on the test thread while the round runs. The sniffer records the update and
+    secure-aggregation topics (what the aggregator, or anyone reading the broker, sees) and the statuses."""
     config = broker_config(broker.url)
-    sniffer = Sniffer(config).subscribe(topics.update_filter(fleet)).connect()
+    sniffer = Sniffer(config).subscribe(topics.update_filter(fleet), topics.secagg_filter(fleet),
+                                        topics.status_filter(fleet)).connect()
     cleanup.append(sniffer.close)
     devices = start_device_threads(config, assets, fleet, tmp_path / "devices", [30] * num_devices)
     cleanup.extend(d.stop for d in devices)
+    if before_round is not None:
+        before_round(devices)
     aggregator = AggregatorThread(config, assets, fleet, tmp_path / "run", "--rounds", "1", "--min-devices", "3",
                                   "--secure-aggregation", "--secagg-clip", str(CLIP), "--secagg-bits", str(BITS),
                                   "--round-timeout", "60", "--join-timeout", "60", *flags).start()
     cleanup.append(aggregator.stop)
+    if during_round is not None:
+        during_round()
     records = aggregator.join(120)
     return aggregator, records, sniffer
 
@@ -94,6 +107,116 @@ def test_secure_round_survives_dropouts_before_and_after_masked_input(
     assert (extra["secagg_survivors"], extra["secagg_dropped"]) == (9, 1)
     assert records[-1].devices_reported == 9
     _check_mean(aggregator, fleet_assets, [masked_vectors[f"dev-{i}"] for i in range(9)])
+
+
+# -- the broker's view and tampering, against the real Mosquitto -----------------------------------------------
+def test_the_brokers_view_of_a_masked_input_is_uniform_bytes(
+        broker: MosquittoBroker, fleet_assets: FleetAssets, tmp_path: Path, cleanup: list[Callable[[], None]],
+        masked_vectors: dict[str, np.ndarray]) -> None:
+    """What crosses the broker on dev-0's topic (what the aggregator reads) is its masked input: uniform in the
+    ring, though dev-0's quantised update is far from it (the same statistic flags that)."""
+    aggregator, records, sniffer = _run_secure(broker, fleet_assets, tmp_path, cleanup, "secagg-view", 4)
+    assert records[-1].extra["secagg_survivors"] == 4
+    frames = [m for t, m in sniffer.decoded(SecAggMaskedInput) if t == topics.secagg_topic("secagg-view", "dev-0")]
+    assert len(frames) == 1
+    ring_bits = FixedPoint(CLIP, BITS, 4).ring_bits  # 22: the masked values are uniform in [0, 2^22)
+    values = np.frombuffer(bytes(frames[0].payload), dtype="<u8")
+    assert values.size == fleet_assets.num_params and int(values.max()) >> ring_bits == 0  # the bytes above: 0
+    assert chi_square(_byte_counts(values)) < CHI2_CRITICAL[255]
+    assert chi_square(np.bincount((values >> 16).astype(np.int64), minlength=1 << (ring_bits - 16))) \
+        < CHI2_CRITICAL[(1 << (ring_bits - 16)) - 1]
+    plain = FixedPoint(CLIP, BITS, 4).quantise(masked_vectors["dev-0"])  # what it would be without the masks
+    assert chi_square(_byte_counts(plain)) > 100 * CHI2_CRITICAL[255]
+
+
+def _byte_counts(values: np.ndarray) -> np.ndarray:
+    """How often each value 0..255 occurs among the two low bytes of ``values`` (the ring's two full bytes)."""
+    values = values.astype(np.uint64)
+    return np.bincount(np.concatenate([values & 0xFF, (values >> 8) & 0xFF]).astype(np.int64), minlength=256)
+
+
+def _held_topic(fleet: str, device: str) -> str:
+    """Where the interceptor parks a device's message: below its topic, so the aggregator's ``secagg/+`` misses it."""
+    return topics.secagg_topic(fleet, device) + "/held"
+
+
+def _intercept(devices: list[DeviceThread], device_id: str, kind: type) -> None:
+    """A man in the middle on ``device_id``'s link: its ``kind`` frame goes to the held topic instead of its own
+    (every other frame passes), for the attacker's raw client to alter and publish on the real topic."""
+    device = next(d.device for d in devices if d.device.config.device_id == device_id)
+    transport, fleet = device.transport, device.config.fleet
+    publish = transport.publish
+
+    def diverting(topic: str, payload: bytes, *args: object, **kwargs: object) -> None:
+        if topic == topics.secagg_topic(fleet, device_id) and isinstance(wire.decode(payload), kind):
+            topic = _held_topic(fleet, device_id)
+        publish(topic, payload, *args, **kwargs)
+
+    transport.publish = diverting  # type: ignore[method-assign]
+
+
+def _flip_byte(frame: bytes, index: int) -> bytes:
+    """``frame``'s message with payload byte ``index`` flipped, re-encoded (a valid frame: CRC redone)."""
+    message = wire.decode(frame)
+    payload = bytearray(bytes(message.payload))
+    payload[index] ^= 0x01
+    return wire.encode(type(message)(**wire.read_frame(frame).header, payload=bytes(payload)))
+
+
+def _tamper_and_forward(broker: MosquittoBroker, fleet: str, device_id: str, kind: type,
+                        index: Callable[[object], int]) -> Callable[[], None]:
+    """The attacker: a raw client that takes ``device_id``'s held ``kind`` frame off the broker, flips payload
+    byte ``index(message)`` and publishes it on the device's real topic, as if the device had sent it."""
+    attacker = Sniffer(broker_config(broker.url), client_id="mallory").subscribe(_held_topic(fleet, device_id))
+
+    def run() -> None:
+        try:
+            attacker.connect()
+            _, message = attacker.wait_for_message(kind, what=f"{device_id}'s {kind.__name__}", timeout_s=90)
+            _, frame = next((t, p) for t, p in attacker.snapshot() if isinstance(wire.decode(p), kind))
+            attacker.transport.publish(topics.secagg_topic(fleet, device_id), _flip_byte(frame, index(message)))
+        finally:
+            attacker.close()
+    return run
+
+
+def test_a_tampered_masked_input_on_the_broker_is_rejected_and_the_sum_is_of_the_others(
+        broker: MosquittoBroker, fleet_assets: FleetAssets, tmp_path: Path, cleanup: list[Callable[[], None]],
+        masked_vectors: dict[str, np.ndarray]) -> None:
+    fleet = "secagg-tamper-input"
+    attack = _tamper_and_forward(broker, fleet, "dev-2", SecAggMaskedInput, lambda m: len(m.payload) // 2)
+    aggregator, records, sniffer = _run_secure(
+        broker, fleet_assets, tmp_path, cleanup, fleet, 4, "--secagg-stage-timeout", "4",
+        before_round=lambda devices: _intercept(devices, "dev-2", SecAggMaskedInput), during_round=attack)
+    # The altered frame did cross the broker on dev-2's own topic, and only it: the genuine one never did.
+    on_topic = [m for t, m in sniffer.decoded(SecAggMaskedInput) if t == topics.secagg_topic(fleet, "dev-2")]
+    assert len(on_topic) == 1
+    extra = records[-1].extra
+    assert extra["secagg_rejected"] == {"masked_input_authentication_failed": 1}
+    assert (extra["secagg_survivors"], extra["secagg_dropped"]) == (3, 1)
+    _check_mean(aggregator, fleet_assets, [masked_vectors[d] for d in ("dev-0", "dev-1", "dev-3")])
+
+
+def test_a_tampered_share_on_the_broker_is_rejected_by_its_recipient_and_the_sum_is_of_the_others(
+        broker: MosquittoBroker, fleet_assets: FleetAssets, tmp_path: Path, cleanup: list[Callable[[], None]],
+        masked_vectors: dict[str, np.ndarray]) -> None:
+    # dev-1's ciphertext for its first neighbour gets one byte flipped: the aggregator cannot tell (it routes
+    # sealed boxes), the recipient's AEAD check fails, it leaves the round saying why, and counts as dropped.
+    fleet = "secagg-tamper-share"
+    attack = _tamper_and_forward(broker, fleet, "dev-1", SecAggShares, lambda m: 20)  # inside box 0
+    aggregator, records, sniffer = _run_secure(
+        broker, fleet_assets, tmp_path, cleanup, fleet, 4, "--secagg-stage-timeout", "4",
+        before_round=lambda devices: _intercept(devices, "dev-1", SecAggShares), during_round=attack)
+    _, shares = sniffer.wait_for_message(SecAggShares, lambda t, m: t == topics.secagg_topic(fleet, "dev-1"))
+    victim = shares.recipients[0]
+    wait_for(lambda: any("secure aggregation aborted: share_auth_failed" in m.skip_reason  # type: ignore[attr-defined]
+                         for t, m in sniffer.decoded(wire.Status) if t == topics.status_topic(fleet, victim)),
+             f"{victim}'s status to say why it left the round")
+    extra = records[-1].extra
+    assert (extra["secagg_survivors"], extra["secagg_dropped"]) == (3, 1)
+    others = [d for d in sorted(masked_vectors) if d != victim]
+    assert len(others) == 3
+    _check_mean(aggregator, fleet_assets, [masked_vectors[d] for d in others])
 
 
 @pytest.mark.parametrize("flags, why", [
