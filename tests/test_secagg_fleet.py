@@ -5,6 +5,7 @@ the masked input; refusals at start."""
 from __future__ import annotations
 
 import json
+import signal
 import threading
 from pathlib import Path
 from typing import Callable
@@ -14,13 +15,15 @@ import pytest
 
 from edgetrain.aggregator.cli import aggregator_config
 from edgetrain.sdk import topics, wire
+from edgetrain.sdk.attack import Attack
 from edgetrain.sdk.errors import ConfigError
 from edgetrain.sdk.round_settings import RoundSettings
 from edgetrain.sdk.secagg import device_round
 from edgetrain.sdk.secagg.quantize import FixedPoint
 from edgetrain.sdk.wire.secagg import SecAggMaskedInput, SecAggShares
 from tests.fleet import (AggregatorThread, DeviceThread, FleetAssets, Sniffer, broker_config, cleanup,  # noqa: F401
-                         fleet_assets, metrics, round_args, start_device_threads, wait_for)
+                         fleet_assets, make_device, metrics, round_args, spawn_device,
+                         start_device_threads, wait_for)
 from tests.mosquitto import MosquittoBroker
 from tests.test_secagg_protocol import CHI2_CRITICAL as _CHI2_CRITICAL, chi_square
 
@@ -217,6 +220,52 @@ def test_a_tampered_share_on_the_broker_is_rejected_by_its_recipient_and_the_sum
     others = [d for d in sorted(masked_vectors) if d != victim]
     assert len(others) == 3
     _check_mean(aggregator, fleet_assets, [masked_vectors[d] for d in others])
+
+
+# -- dropouts by real process kills ------------------------------------------------------------------------------
+def _random_update(index: int, round_id: int, num_params: int) -> np.ndarray:
+    """The update an ``edgetrain device --attack random --index INDEX`` (seed 0) sends in ``round_id``: known
+    here without reading it, so the sum over a killed process's masked input can be checked exactly."""
+    rng = np.random.default_rng([0, index, round_id, 1])  # sdk.device: the attacker's own stream
+    return Attack("random").poison_update(np.zeros(num_params, dtype=np.float32), rng).astype(np.float64)
+
+
+def test_secure_round_survives_sigkilled_device_processes_before_and_after_masked_input(
+        broker: MosquittoBroker, fleet_assets: FleetAssets, tmp_path: Path, cleanup: list[Callable[[], None]],
+        masked_vectors: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch) -> None:
+    """dev-7 and dev-8 are ``edgetrain device`` processes SIGKILLed after their masked inputs crossed the broker
+    (before unmasking), dev-9 one SIGKILLed after its shares (before its masked input); the stop hook parks each
+    at its stage first so the kill lands there. The sum is dev-0..dev-8's, dev-9's pairwise masks removed."""
+    fleet, count = "secagg-kill", 10
+    monkeypatch.setenv(device_round.STOP_AFTER_ENV, "dev-7=masked_input,dev-8=masked_input,dev-9=shares")
+    config = broker_config(broker.url)
+    sniffer = Sniffer(config).subscribe(topics.secagg_filter(fleet), topics.status_filter(fleet)).connect()
+    cleanup.append(sniffer.close)
+    threads = [DeviceThread(make_device(config, fleet_assets, fleet, f"dev-{i}", tmp_path / "devices" / f"dev-{i}",
+                                        index=i, count=count, limit=30)).start() for i in range(7)]
+    cleanup.extend(d.stop for d in threads)
+    # dev-7 and dev-8 send a seeded random update (--attack random) so the test knows what their masks hide.
+    processes = {i: spawn_device(broker.url, fleet_assets, fleet, f"dev-{i}", tmp_path / "devices", index=i,
+                                 count=count, limit=30, extra=["--attack", "random"] if i < 9 else [])
+                 for i in (7, 8, 9)}
+    cleanup.extend(p.kill for p in processes.values())
+    aggregator = AggregatorThread(config, fleet_assets, fleet, tmp_path / "run", "--rounds", "1", "--min-devices",
+                                  str(count), "--secure-aggregation", "--secagg-clip", str(CLIP), "--secagg-bits",
+                                  str(BITS), "--secagg-stage-timeout", "4", "--round-timeout", "90",
+                                  "--join-timeout", "120").start()
+    cleanup.append(aggregator.stop)
+    for i, kind in ((7, SecAggMaskedInput), (8, SecAggMaskedInput), (9, SecAggShares)):
+        sniffer.wait_for_message(kind, lambda t, m, i=i: t == topics.secagg_topic(fleet, f"dev-{i}"),
+                                 f"dev-{i}'s {kind.__name__} on the broker", timeout_s=180)
+        processes[i].signal(signal.SIGKILL)
+        assert processes[i].wait() == -signal.SIGKILL, processes[i].log()[-2000:]
+    sniffer.wait_online(fleet, ["dev-7", "dev-8", "dev-9"], online=False)  # the broker saw them die (their wills)
+    records = aggregator.join(240)
+    extra = records[-1].extra
+    assert (extra["secagg_survivors"], extra["secagg_dropped"]) == (9, 1)
+    assert records[-1].devices_reported == 9
+    killed = [_random_update(i, records[-1].round_id, fleet_assets.num_params) for i in (7, 8)]
+    _check_mean(aggregator, fleet_assets, [masked_vectors[f"dev-{i}"] for i in range(7)] + killed)
 
 
 @pytest.mark.parametrize("flags, why", [
