@@ -15,7 +15,8 @@ def next_power_of_two(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-_SMALL = 32  # butterflies below this width run as one small dense matmul (strided numpy loops are slow)
+_FACTOR_BITS = 4  # H_n is applied as Kronecker factors H_16 (measured best of 8, 16, 32 on 2**15 and 2**16)
+_FACTOR = 1 << _FACTOR_BITS
 
 
 @functools.lru_cache(maxsize=8)
@@ -43,36 +44,25 @@ def walsh_hadamard_unscaled(rows: np.ndarray) -> np.ndarray:
     """``H x`` for each row, without the 1/sqrt(n), as a new float32 array. On integer rows whose transform
     stays below 2**24 (8-bit codes in blocks up to 2**16) every sum is exact, rounding nothing.
 
-    The first log2(32) stages are one small matmul; the later ones go two at a time (radix 4) between
-    two buffers: each group of four quarters a, b, c, d becomes (a+b)+(c+d), (a-b)+(c-d), (a+b)-(c+d),
-    (a-b)-(c-d), half the numpy passes of one butterfly stage after another (~15 % faster on 2**16).
+    ``H_n`` is the Kronecker product ``H_16 ⊗ H_16 ⊗ … (⊗ H_r)``, so each factor is one small matmul along
+    one axis of the row viewed as a (16, 16, …) tensor: log16(n) BLAS passes instead of log2(n) numpy
+    butterfly stages over strided views (~1.8x faster than radix-4 butterflies at 2**16).
     """
     count, n = rows.shape
     if n & (n - 1):
         raise ValueError(f"Hadamard length {n} is not a power of two")
-    small = min(n, _SMALL)
-    x = (rows.astype(np.float32).reshape(-1, small) @ _hadamard_matrix(small)).reshape(count, n)
-    y = np.empty_like(x)
-    half = small
-    while half < n:
-        if 4 * half <= n:
-            quarters = x.reshape(count, n // (4 * half), 4, half)
-            out = y.reshape(quarters.shape)
-            a, b, c, d = (quarters[:, :, i] for i in range(4))
-            sum_ab, diff_ab, sum_cd, diff_cd = a + b, a - b, c + d, c - d
-            np.add(sum_ab, sum_cd, out=out[:, :, 0])
-            np.add(diff_ab, diff_cd, out=out[:, :, 1])
-            np.subtract(sum_ab, sum_cd, out=out[:, :, 2])
-            np.subtract(diff_ab, diff_cd, out=out[:, :, 3])
-            half *= 4
-        else:
-            pairs = x.reshape(count, n // (2 * half), 2, half)
-            out = y.reshape(pairs.shape)
-            np.add(pairs[:, :, 0], pairs[:, :, 1], out=out[:, :, 0])
-            np.subtract(pairs[:, :, 0], pairs[:, :, 1], out=out[:, :, 1])
-            half *= 2
-        x, y = y, x
-    return x
+    stages = n.bit_length() - 1
+    factors = [_FACTOR] * (stages // _FACTOR_BITS) + ([1 << stages % _FACTOR_BITS] if stages % _FACTOR_BITS else [])
+    x = rows.astype(np.float32)
+    done = 1
+    for k in factors:
+        after = n // (done * k)
+        if after == 1:  # the innermost axis: one matmul over all rows
+            x = x.reshape(-1, k) @ _hadamard_matrix(k)
+        else:  # an outer axis: H_k times each (k, after) slice
+            x = np.matmul(_hadamard_matrix(k), x.reshape(count * done, k, after))
+        done *= k
+    return x.reshape(count, n)
 
 
 def _sign_bytes(seed: int, stream: int, n: int) -> np.ndarray:
