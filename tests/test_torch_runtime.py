@@ -1,6 +1,8 @@
 """The torch runtime against plain torch autograd and the SGD / FedProx update rules."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -236,9 +238,6 @@ print(" ".join(sorted(set(sys.modules) - loaded)))
 def test_after_a_warm_up_the_first_training_imports_nothing(tmp_path: Path) -> None:
     """torch's first optimiser imports torch._dynamo (~1 CPU-second, seconds more on a loaded machine with ten
     device processes): the warm-up pays that while the device loads, not in round 1."""
-    import subprocess
-    import sys
-
     export_bundle("mlp", MLP_CONFIG, out_dir=tmp_path / "mlp", seed=SEED)
     probe = subprocess.run([sys.executable, "-c", _FIRST_ROUND_PROBE, str(tmp_path / "mlp")],
                            capture_output=True, text=True, timeout=300, check=True)
