@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .broker_config import BrokerConfig
 from .errors import ConfigError
+
+if TYPE_CHECKING:  # the runtime package only for the hint: this module is imported by every CLI
+    from .runtime import Runtime
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 PASSWORD_ENV = "EDGETRAIN_BROKER_PASSWORD"
@@ -58,3 +64,11 @@ def limit_threads(runtime, threads: int | None) -> None:
     """Cap the runtime's intra-op threads when asked (``Runtime.set_threads``)."""
     if threads is not None:
         runtime.set_threads(threads)
+
+
+def warm_up_runtime(runtime: "Runtime") -> None:
+    """``Runtime.warm_up`` (after ``limit_threads``: it runs on the capped threads), before the device says it
+    is online: round 1 then costs what a steady round does, not the backend's first-step start-up too."""
+    started = time.perf_counter()
+    runtime.warm_up()
+    logging.getLogger(__name__).info("runtime %s warmed up in %.2f s", runtime.name, time.perf_counter() - started)

@@ -13,7 +13,8 @@ from . import topics, wire
 from .attack import ATTACK_KINDS, Attack
 from .broker_wait import wait_for_broker
 from .bundle import RUNTIMES, load_manifest
-from .cli_args import add_broker_args, broker_config, limit_threads, positive_float, positive_int
+from .cli_args import (add_broker_args, broker_config, limit_threads, positive_float, positive_int,
+                       warm_up_runtime)
 from .config_file import add_config_arg
 from .data import PartitionSpec
 from .device import Device, DeviceConfig, LocalData, check_slowdown
@@ -144,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
     runtime = load_runtime(bundle, load_manifest(bundle))
     logging.getLogger(__name__).info("runtime %s (bundle %s)", runtime.name, bundle)
     limit_threads(runtime, args.threads)
+    warm_up_runtime(runtime)
     data = LocalData.load(config, runtime, args.data_dir, limit=args.limit_examples)
     offline = wire.encode(wire.Status(device_id=args.device_id, online=False, info={"reason": "connection lost"}))
     transport = MqttTransport(broker, client_id=args.device_id, will=(topics.status_topic(args.fleet, args.device_id),

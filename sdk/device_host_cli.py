@@ -18,7 +18,8 @@ from typing import Any
 from . import wire
 from .bundle import RUNTIMES, load_manifest
 from .broker_wait import wait_for_broker
-from .cli_args import add_broker_args, broker_config, limit_threads, positive_float, positive_int
+from .cli_args import (add_broker_args, broker_config, limit_threads, positive_float, positive_int,
+                       warm_up_runtime)
 from .config_file import add_config_arg
 from .data import PartitionSpec
 from .device_host import DeviceHost, HostConfig, build_devices, parse_id_range
@@ -86,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
     bundle = select_bundle(args.bundle, args.runtime)
     runtime = load_runtime(bundle, load_manifest(bundle))
     limit_threads(runtime, args.threads)
+    warm_up_runtime(runtime)
     loop = SelectorLoop(max_handshakes=args.max_handshakes)
     devices = build_devices(host, identities, broker, loop, runtime, args.data_dir, aggregator_key)
     if args.wait_for_broker is not None and not stop.is_set():

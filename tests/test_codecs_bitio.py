@@ -22,6 +22,7 @@ from edgetrain.sdk.codecs.bitio import (
     rice_encode,
     rice_parameter_for_density,
     unpack_uint,
+    unpack_uint8,
     unpack_varwidth,
 )
 from edgetrain.sdk.codecs.entropy import empirical_entropy_bits, index_set_bound_bits
@@ -145,3 +146,19 @@ def test_empirical_entropy() -> None:
     assert empirical_entropy_bits(np.array([0, 1, 2, 3] * 5)) == pytest.approx(2.0 * 20)
     assert empirical_entropy_bits(np.array([0, 0, 0, 1])) == pytest.approx(4 * (-(0.75 * math.log2(0.75)
                                                                                   + 0.25 * math.log2(0.25))))
+
+
+@pytest.mark.parametrize("width", range(1, 9))
+def test_unpack_uint8_inverts_pack_uint_and_refuses_dirty_padding(width: int) -> None:
+    count = 37  # not a multiple of any per-byte count: the last byte carries padding for widths < 8
+    values = np.random.default_rng(width).integers(0, 1 << width, count).astype(np.uint8)
+    packed = pack_uint(values, width)
+    got = unpack_uint8(packed, width, count)
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, values)
+    if width < 8:
+        dirty = packed[:-1] + bytes([packed[-1] | 1])  # the last bit is padding
+        with pytest.raises(WireError, match="padding"):
+            unpack_uint8(dirty, width, count)
+    with pytest.raises(WireError):
+        unpack_uint8(packed + b"\0", width, count)

@@ -1,6 +1,8 @@
 """The torch runtime against plain torch autograd and the SGD / FedProx update rules."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -192,3 +194,51 @@ def test_runtime_leaves_the_thread_count_alone(mlp_runtime: TorchRuntime) -> Non
     mlp_runtime.train([(x, y)], TrainConfig(lr=0.01))
     mlp_runtime.evaluate(x, y)
     assert torch.get_num_threads() == threads
+
+
+def test_warm_up_leaves_parameters_and_batchnorm_statistics_alone(tmp_path: Path) -> None:
+    export_bundle("cnn", {"norm": "batch", "channels": [8, 8], "hidden": 16}, out_dir=tmp_path / "b", seed=2)
+    runtime = load_runtime(tmp_path / "b")
+    params_before = runtime.get_parameters()
+    stats_before = {k: v.clone() for k, v in runtime.model.named_buffers()}
+    runtime.warm_up()
+    np.testing.assert_array_equal(runtime.get_parameters(), params_before)
+    for name, value in runtime.model.named_buffers():
+        assert torch.equal(value, stats_before[name]), name
+
+
+def test_training_after_a_warm_up_is_exactly_training_without_one(tmp_path: Path) -> None:
+    export_bundle("cnn", {"norm": "batch", "channels": [8, 8], "hidden": 16}, out_dir=tmp_path / "b", seed=2)
+    config = TrainConfig(lr=0.05, momentum=0.9)
+    batches = [_batch(s) for s in range(3)]
+    cold, warm = load_runtime(tmp_path / "b"), load_runtime(tmp_path / "b")
+    warm.warm_up()
+    cold_result, warm_result = cold.train(batches, config), warm.train(batches, config)
+    assert warm_result.mean_loss == cold_result.mean_loss
+    np.testing.assert_array_equal(warm.get_parameters(), cold.get_parameters())
+    for (name, a), (_, b) in zip(cold.model.named_buffers(), warm.model.named_buffers()):
+        assert torch.equal(a, b), name
+
+
+# Run in a fresh interpreter: in this one an earlier test has already imported whatever torch loads lazily.
+_FIRST_ROUND_PROBE = """
+import sys
+import numpy as np
+from edgetrain.sdk.runtime import TrainConfig, load_runtime
+runtime = load_runtime(sys.argv[1])
+runtime.warm_up()
+loaded = set(sys.modules)
+rng = np.random.default_rng(0)
+x, y = rng.standard_normal((4, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, 4).astype(np.int64)
+runtime.train([(x, y)], TrainConfig(lr=0.05, momentum=0.9))
+print(" ".join(sorted(set(sys.modules) - loaded)))
+"""
+
+
+def test_after_a_warm_up_the_first_training_imports_nothing(tmp_path: Path) -> None:
+    """torch's first optimiser imports torch._dynamo (~1 CPU-second, seconds more on a loaded machine with ten
+    device processes): the warm-up pays that while the device loads, not in round 1."""
+    export_bundle("mlp", MLP_CONFIG, out_dir=tmp_path / "mlp", seed=SEED)
+    probe = subprocess.run([sys.executable, "-c", _FIRST_ROUND_PROBE, str(tmp_path / "mlp")],
+                           capture_output=True, text=True, timeout=300, check=True)
+    assert probe.stdout.split() == []

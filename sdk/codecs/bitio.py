@@ -76,7 +76,7 @@ def unpack_uint(data: bytes | memoryview, width: int, count: int) -> np.ndarray:
     if width == 8:
         return raw.astype(np.uint64)
     if 8 % width == 0:
-        return _unpack_within_bytes(raw, width, count)
+        return _unpack_within_bytes(raw, width, count).astype(np.uint64)
     bits = np.unpackbits(raw)
     if bits[count * width :].any():
         raise WireError("packed field: non-zero padding bits")
@@ -87,13 +87,39 @@ def unpack_uint(data: bytes | memoryview, width: int, count: int) -> np.ndarray:
 
 def _unpack_within_bytes(raw: np.ndarray, width: int, count: int) -> np.ndarray:
     """Widths 1, 2, 4: each byte holds 8/width values, MSB first; shifts undo ``pack_uint``'s shifts
-    on uint8 (no per-bit array, no integer matmul: ~10x faster for the sketch's 2-bit codes)."""
-    shifts = np.arange(8 - width, -1, -width, dtype=np.uint8)
-    values = (raw[:, None] >> shifts) & np.uint8((1 << width) - 1)
+    on uint8 (no per-bit array, no integer matmul: ~10x faster for the sketch's 2-bit codes). uint8.
+    One contiguous pass per position in the byte, not one broadcast (bytes, 8/width) shift: ~4x faster."""
+    per_byte = 8 // width
+    mask = np.uint8((1 << width) - 1)
+    values = np.empty((raw.size, per_byte), dtype=np.uint8)
+    for position in range(per_byte):
+        np.bitwise_and(raw >> np.uint8(8 - width * (position + 1)), mask, out=values[:, position])
     values = values.reshape(-1)
     if values[count:].any():
         raise WireError("packed field: non-zero padding bits")
-    return values[:count].astype(np.uint64)
+    return values[:count]
+
+
+def unpack_uint8(data: bytes | memoryview, width: int, count: int) -> np.ndarray:
+    """``unpack_uint`` for widths 1..8, as uint8: a quantiser's codes stay one byte each (the uint64 of
+    ``unpack_uint`` is 8x the memory traffic for every later pass over them)."""
+    if not 1 <= width <= 8:
+        raise WireError(f"bit width {width} outside 1..8 for uint8 codes")
+    expected = packed_size(count, width)
+    if len(data) != expected:
+        raise WireError(f"packed field: {len(data)} bytes for {count} values of {width} bits (expected {expected})")
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if width == 8:
+        return raw.copy()
+    if 8 % width == 0:
+        return _unpack_within_bytes(raw, width, count)
+    bits = np.unpackbits(raw)
+    if bits[count * width :].any():
+        raise WireError("packed field: non-zero padding bits")
+    # Each value's ``width`` bits, left-padded to a byte and packed again: one vectorised pass, no matmul.
+    padded = np.zeros((count, 8), dtype=np.uint8)
+    padded[:, 8 - width :] = bits[: count * width].reshape(count, width)
+    return np.packbits(padded, axis=1).reshape(count)
 
 
 def _exact_dot(bits: np.ndarray, weights: np.ndarray) -> np.ndarray:

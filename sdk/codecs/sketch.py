@@ -12,6 +12,7 @@ regenerates mask and signs from the seed, inverts, and divides by ``keep``: E[de
 """
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar
@@ -19,9 +20,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..errors import WireError
-from .bitio import pack_uint, packed_size, unpack_uint
+from .bitio import pack_uint, packed_size, unpack_uint8
 from .entropy import PayloadBits, empirical_entropy_bits
-from .hadamard import next_power_of_two, random_signs, rotate, unrotate
+from .hadamard import flip_random_signs, next_power_of_two, random_signs, rotate, walsh_hadamard_unscaled
 from .params import KnobParams, Knob, check_size, check_vector, non_negative, read_params
 from .quant import check_ranges, decode_values, dequantize_blocks, encode_values, quantize_blocks
 
@@ -58,6 +59,18 @@ _SKETCH_TAG = 0x53  # 'S'
 
 def _power_of_two(value: int) -> bool:
     return value >= 1 and value & (value - 1) == 0
+
+
+def _unrotated_block_values(codes: np.ndarray, lo: np.ndarray, step: np.ndarray, keep: float) -> np.ndarray:
+    """``H (lo + step c) / (sqrt(n) keep)`` for each row of codes ``c`` (before ``D``'s signs), float32:
+    ``H c`` exactly, times one float32 factor per block; the first entry also carries ``lo n``, in float64."""
+    width = codes.shape[1]
+    transformed = walsh_hadamard_unscaled(codes)
+    factor = 1.0 / (math.sqrt(width) * keep)
+    first = (lo * width + step * transformed[:, 0].astype(np.float64)) * factor
+    transformed *= (step * factor).astype(np.float32)[:, None]
+    transformed[:, 0] = first
+    return transformed
 
 
 class SketchCodec(KnobParams):
@@ -104,7 +117,9 @@ class SketchCodec(KnobParams):
         for rows, start in parts:
             yield (rotate(rows, signs[start : start + rows.size]) if signs is not None else rows), start
 
-    def _parse(self, data: bytes, size: int) -> tuple[int, bool, float, int, np.ndarray, np.ndarray, np.ndarray]:
+    def _parse(self, data: bytes, size: int) -> tuple[int, bool, float, int, np.ndarray | None, int, np.ndarray,
+                                                      np.ndarray]:
+        """(block, rotate, keep, seed, kept positions or None when all are kept, how many, ranges, uint8 codes)."""
         if len(data) < _SKETCH_HEADER.size:
             raise WireError(f"sketch codec: {len(data)} bytes is shorter than its header")
         tag, bits, log_block, rotate_on, keep, seed = _SKETCH_HEADER.unpack_from(data)
@@ -112,41 +127,49 @@ class SketchCodec(KnobParams):
             raise WireError(f"sketch codec: bad header (tag {tag:#x}, bits {bits}, log2 block {log_block})")
         _check_keep(self.name, keep)
         block = 1 << log_block
-        kept_at = seeded_mask(seed, size, keep)
-        full, tail, padded = _segments(kept_at.size, block)
+        kept_at = seeded_mask(seed, size, keep) if keep < 1.0 else None  # all kept: no index array at all
+        kept_count = size if kept_at is None else kept_at.size
+        full, tail, padded = _segments(kept_count, block)
         segments = full + (1 if tail else 0)
         values = full * block + padded
         expected = _SKETCH_HEADER.size + 8 * segments + packed_size(values, bits)
         if len(data) != expected:
             raise WireError(f"sketch codec: {len(data)} bytes, header implies {expected}")
         ranges = np.frombuffer(data, dtype="<f4", count=2 * segments, offset=_SKETCH_HEADER.size).reshape(-1, 2)
-        codes = unpack_uint(memoryview(data)[_SKETCH_HEADER.size + 8 * segments :], bits, values)
-        return block, bool(rotate_on), keep, seed, kept_at, ranges.astype(np.float32), codes
+        codes = unpack_uint8(memoryview(data)[_SKETCH_HEADER.size + 8 * segments :], bits, values)
+        return block, bool(rotate_on), keep, seed, kept_at, kept_count, ranges.astype(np.float32), codes
 
     def decode(self, data: bytes, size: int, params: Mapping[str, Any]) -> np.ndarray:
+        """Codes -> values -> inverse rotation -> 1/keep, one float32 rounding per value where rotated: the
+        rotation is linear, so ``H (lo + step c) = lo H 1 + step H c`` with ``H 1 = n e_0``; ``H c`` of the
+        integer codes is exact in float32, then one scale per block and the sign flips of ``D``."""
         read_params(self.name, params, self._knobs)
         size = check_size(self.name, size)
-        block, rotate_on, keep, seed, kept_at, ranges, codes = self._parse(data, size)
+        block, rotate_on, keep, seed, kept_at, kept_count, ranges, codes = self._parse(data, size)
         check_ranges(self.name, ranges[:, 0], ranges[:, 1])
-        full, tail, padded = _segments(kept_at.size, block)
-        signs = random_signs(seed, _SIGN_STREAM, full * block + padded) if rotate_on else None
+        full, tail, padded = _segments(kept_count, block)
         kept = np.empty(full * block + padded, dtype=np.float32)
-        segments = [(0, full, block)] + ([(full * block, 1, padded)] if tail else [])
-        for start, rows, width in segments:
+        segments = [(0, 0, full, block)] + ([(full * block, full, 1, padded)] if tail else [])
+        for start, r0, rows, width in segments:
             if rows == 0:
                 continue
-            r0 = 0 if start == 0 else full
-            part = dequantize_blocks(codes[start : start + rows * width].reshape(rows, width),
-                                     ranges[r0 : r0 + rows, 0], ranges[r0 : r0 + rows, 1])
-            if signs is not None:
-                part = unrotate(part, signs[start : start + rows * width])
+            block_codes = codes[start : start + rows * width].reshape(rows, width)
+            lo, step = ranges[r0 : r0 + rows, 0].astype(np.float64), ranges[r0 : r0 + rows, 1].astype(np.float64)
+            if rotate_on:
+                part = _unrotated_block_values(block_codes, lo, step, keep)
+            else:  # float64 like the quantiser: lo + step c may cancel, and this path is not the hot one
+                part = (dequantize_blocks(block_codes, lo, step).astype(np.float64) / keep).astype(np.float32)
             kept[start : start + rows * width] = part.reshape(-1)
+        if rotate_on:
+            flip_random_signs(kept, seed, _SIGN_STREAM)
+        if kept_at is None:
+            return kept[:size]
         out = np.zeros(size, dtype=np.float32)
-        out[kept_at] = (kept[: kept_at.size].astype(np.float64) / keep).astype(np.float32)
+        out[kept_at] = kept[:kept_count]
         return out
 
     def account(self, data: bytes, size: int) -> PayloadBits:
-        _, _, _, _, _, ranges, codes = self._parse(data, size)
+        ranges, codes = self._parse(data, size)[-2:]
         bits = _SKETCH_HEADER.unpack_from(data)[1]
         header_bits = 8 * (_SKETCH_HEADER.size + 8 * len(ranges))
         # The mask is a seed: shared randomness, no index set is sent, so no index bound applies (0).

@@ -138,6 +138,11 @@ class Runtime(ABC):
         mean_loss = loss_sum / examples if examples else float("nan")
         return TrainResult(steps=steps, examples=examples, mean_loss=mean_loss, compute_s=compute_s)
 
+    def warm_up(self) -> None:
+        """Pay the backend's first-step costs (lazy imports, allocations, kernel selection) now, while the
+        device loads, rather than in its first round; the model must come out exactly as it went in.
+        Backends whose first step costs nothing worth moving keep this no-op."""
+
     @abstractmethod
     def _training(self, config: TrainConfig) -> ContextManager[TrainStep]:
         """The backend's primitive under ``train``: set up a fresh optimiser for one call (no state may

@@ -75,6 +75,30 @@ class TorchRuntime(Runtime):
 
         yield step
 
+    @contextmanager
+    def _buffers_kept(self) -> Iterator[None]:
+        """The model's buffers (BatchNorm running statistics) as they were before the block, whatever it does."""
+        saved_buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for buffer, saved in saved_buffers:
+                    buffer.copy_(saved)
+
+    def warm_up(self) -> None:
+        """One SGD step with momentum on a dummy batch, then parameters and buffers restored. torch's first
+        optimiser imports torch._dynamo (~800 modules, ~1 CPU-second; seconds of wall time when ten device
+        processes start together on two cores) and its first backward allocates: paid here, not in round 1."""
+        saved_params = self.get_parameters()
+        dummy_x = np.zeros((2, *self.manifest.input_shape), np.float32)
+        dummy_y = np.zeros(2, np.int64)
+        with self._buffers_kept():
+            try:
+                self.train([(dummy_x, dummy_y)], TrainConfig(lr=0.01, momentum=0.9))
+            finally:
+                self.set_parameters(saved_params)
+
     def gradient(self, x: np.ndarray, y: np.ndarray) -> GradientResult:
         """Mean-loss gradient in train mode (as a training step would see it), parameters untouched.
 
@@ -82,15 +106,10 @@ class TorchRuntime(Runtime):
         the model, or large-batch workers would drift apart from the averaged state.
         """
         x_t, y_t = _tensors(check_batch(x, y, self.manifest, nonempty_for="gradient"))
-        saved_buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
         self.model.train()
-        try:
+        with self._buffers_kept():
             loss = F.cross_entropy(self.model(x_t), y_t)
             grads = torch.autograd.grad(loss, self._params)
-        finally:
-            with torch.no_grad():
-                for buffer, saved in saved_buffers:
-                    buffer.copy_(saved)
         flat = torch.cat([g.reshape(-1) for g in grads]).numpy().astype(np.float32, copy=True)
         return GradientResult(gradient=flat, loss=float(loss.detach()), examples=len(y_t))
 

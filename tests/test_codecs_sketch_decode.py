@@ -1,0 +1,84 @@
+"""The sketch decoder against a float64 reference written straight from the format (Konečný et al. 2016):
+the fast decoder (integer codes transformed exactly, one rounding per value) must stay within float32
+rounding of it, for every bit width, mask, block and rotation setting."""
+from __future__ import annotations
+
+import math
+import struct
+
+import numpy as np
+import pytest
+
+from edgetrain.sdk.codecs import get_codec
+from edgetrain.sdk.codecs.hadamard import random_signs
+from edgetrain.sdk.codecs.sketch import seeded_mask
+
+_HEADER = struct.Struct("<BBBBdQ")  # tag, bits, log2(block), rotate, keep, seed (sdk/codecs/sketch.py)
+_F32_EPS = float(np.finfo(np.float32).eps)
+
+
+def _fwht64(rows: np.ndarray) -> np.ndarray:
+    """Orthonormal Walsh-Hadamard transform of each row, float64, textbook butterflies."""
+    x = rows.astype(np.float64).copy()
+    count, n = x.shape
+    half = 1
+    while half < n:
+        pairs = x.reshape(count, n // (2 * half), 2, half)
+        first, second = pairs[:, :, 0, :].copy(), pairs[:, :, 1, :].copy()
+        pairs[:, :, 0, :], pairs[:, :, 1, :] = first + second, first - second
+        half *= 2
+    return x / math.sqrt(n)
+
+
+def _reference_decode(payload: bytes, size: int) -> np.ndarray:
+    """The sketch payload decoded in float64 from the format's definition (rounded to float32 once)."""
+    _, bits, log_block, rotate_on, keep, seed = _HEADER.unpack_from(payload)
+    block = 1 << log_block
+    kept_at = seeded_mask(seed, size, keep)
+    full, tail = divmod(kept_at.size, block)
+    widths = [block] * full + ([1 << (tail - 1).bit_length() if tail > 1 else 1] if tail else [])
+    ranges = np.frombuffer(payload, "<f4", 2 * len(widths), _HEADER.size).reshape(-1, 2).astype(np.float64)
+    bitstream = np.unpackbits(np.frombuffer(payload, np.uint8, offset=_HEADER.size + 8 * len(widths)))
+    total = sum(widths)
+    codes = bitstream[: total * bits].reshape(total, bits) @ (1 << np.arange(bits - 1, -1, -1))
+    signs = (2 * np.random.default_rng([seed, 2]).integers(0, 2, total, dtype=np.int8) - 1).astype(np.float64)
+    values, start = [], 0
+    for (lo, step), width in zip(ranges, widths):
+        part = lo + codes[start : start + width] * step
+        if rotate_on:
+            part = _fwht64(part[None, :])[0] * signs[start : start + width]
+        values.append(part)
+        start += width
+    out = np.zeros(size)
+    out[kept_at] = np.concatenate(values)[: kept_at.size] / keep
+    return out
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("keep,block,rotate,size", [
+    (1.0, 1 << 16, True, 215_370),  # the default: three full blocks and a padded tail
+    (0.3, 1 << 10, True, 20_011),
+    (1.0, 16, True, 1),
+    (0.7, 64, False, 1_000),
+])
+def test_decode_is_within_float32_rounding_of_the_float64_reference(bits: int, keep: float, block: int,
+                                                                   rotate: bool, size: int) -> None:
+    rng = np.random.default_rng(bits)
+    vector = (rng.standard_normal(size) * rng.uniform(1e-4, 1e-1, size)).astype(np.float32)
+    params = {"bits": bits, "keep": keep, "block": block, "rotate": rotate, "seed": 1234 + bits}
+    codec = get_codec("sketch")
+    payload, _ = codec.encode(vector, None, params)
+    got = codec.decode(payload, size, params)
+    expected = _reference_decode(payload, size)
+    assert got.dtype == np.float32 and got.shape == (size,)
+    # A few float32 roundings per value; the floor covers values that cancel to ~0 in float64.
+    np.testing.assert_allclose(got, expected, rtol=4 * _F32_EPS, atol=4 * _F32_EPS * 1e-3 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 63, 1000, 229_376])
+@pytest.mark.parametrize("seed", [0, 1, 2**62 + 12345])
+def test_random_signs_are_the_int8_integer_stream_both_ends_agree_on(seed: int, n: int) -> None:
+    """The wire's sign convention: 2 * default_rng([seed, stream]).integers(0, 2, n, int8) - 1. An encoder
+    on another version draws them that way; a faster derivation must give exactly the same signs."""
+    expected = 2 * np.random.default_rng([seed, 2]).integers(0, 2, size=n, dtype=np.int8) - 1
+    np.testing.assert_array_equal(random_signs(seed, 2, n), expected.astype(np.float32))
