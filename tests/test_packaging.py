@@ -38,6 +38,17 @@ def test_the_wheel_installs_one_top_level_name(wheel: Path) -> None:
     assert "edgetrain = edgetrain.cli:main" in entry_points
 
 
+def test_the_wheel_holds_every_module_of_the_tree(wheel: Path) -> None:
+    """pyproject lists the packages by hand (package-dir maps the folders): a new sub-package left out of
+    that list would install fine in editable mode and be missing from every real install."""
+    names = set(zipfile.ZipFile(wheel).namelist())
+    roots = {"edgetrain": REPO / "edgetrain", **{f"edgetrain/{folder}": REPO / folder for folder in FOLDERS}}
+    missing = [f"{prefix}/{path.relative_to(root).as_posix()}" for prefix, root in roots.items()
+               for path in root.rglob("*.py") if "__pycache__" not in path.parts]
+    missing = [name for name in missing if name not in names]
+    assert missing == []
+
+
 def test_no_code_imports_the_folders_by_their_bare_names() -> None:
     offenders = []
     for path in REPO.rglob("*.py"):
