@@ -45,12 +45,7 @@ class BufferedAggregator(Aggregator):
         ctx, tally = open_round.ctx, open_round.tally
         while True:
             open_round.attempts += 1
-            bytes_down, deadline_mono = self._announce(open_round.plan, tuple(sorted(open_round.selected)))
-            tally.bytes_down += bytes_down
-            early, self._early = self._early, []
-            for device, update, size in early:
-                tally.bytes_up += size
-                self._on_update(device, update, tally, ctx)
+            deadline_mono = self._announce_round(open_round)
 
             def full() -> bool:
                 if on_progress:

@@ -476,16 +476,22 @@ class Aggregator:
             _log.warning("round %d: only %d update(s) by the deadline, %d needed; announcing again (attempt %d)",
                          open_round.round_id, len(ctx.reported_devices), minimum, open_round.attempts + 1)
 
+    def _announce_round(self, open_round: OpenRound) -> float:
+        """Announce the round to its selection, then handle the updates for it that arrived before it
+        opened (e.g. queued while we restarted); the monotonic deadline."""
+        bytes_down, deadline_mono = self._announce(open_round.plan, tuple(sorted(open_round.selected)))
+        open_round.tally.bytes_down += bytes_down
+        early, self._early = self._early, []
+        for device, update, size in early:
+            open_round.tally.bytes_up += size
+            self._on_update(device, update, open_round.tally, open_round.ctx)
+        return deadline_mono
+
     def _collect_attempt(self, open_round: OpenRound, on_progress: Callable[[Progress], None] | None) -> None:
         """One announcement of the round and the wait for its updates."""
         round_id, ctx, tally = open_round.round_id, open_round.ctx, open_round.tally
         minimum = self.strategy.min_devices
-        bytes_down, deadline_mono = self._announce(open_round.plan, tuple(sorted(open_round.selected)))
-        tally.bytes_down += bytes_down
-        early, self._early = self._early, []
-        for device, update, size in early:
-            tally.bytes_up += size
-            self._on_update(device, update, tally, ctx)
+        deadline_mono = self._announce_round(open_round)
 
         def round_done() -> bool:
             if on_progress:

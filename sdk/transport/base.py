@@ -18,7 +18,7 @@ import logging
 from typing import Callable, Protocol, runtime_checkable
 
 from ..broker_config import BrokerConfig
-from ..errors import ClientIdInUse, TransportError
+from ..errors import ClientIdInUse, PublishTimeout, TransportError
 from ..outbox import Outbox
 
 Handler = Callable[[str, bytes], None]  # (topic, payload)
@@ -82,3 +82,18 @@ def run_failure_hooks(hooks: list[FailureHook], failure: TransportError, log: lo
             hook(failure)
         except Exception:
             log.exception("failure hook %r raised", hook)
+
+
+def outbox_flush(transport: Transport, outbox: Outbox, timeout_s: float, log: logging.Logger) -> Callable[[], None]:
+    """The hook both transports run on (re)connect: re-publish the outbox's entries in order; a publish
+    that times out stops the flush (the next reconnect retries), a refused entry is skipped."""
+    def flush() -> None:
+        for entry in outbox.pending():
+            try:
+                transport.publish(entry.topic, entry.payload, timeout_s=timeout_s)
+            except PublishTimeout as exc:
+                log.warning("outbox flush stopped, will retry on reconnect: %s", exc)
+                return
+            except TransportError as exc:  # this entry is refused; the others may pass
+                log.warning("outbox entry %r not re-published: %s", entry.key, exc)
+    return flush

@@ -28,7 +28,7 @@ from typing import Callable
 from ..broker_config import BrokerConfig
 from ..errors import BrokerUnavailable, ConfigError, PublishTimeout, TransportError
 from ..outbox import Outbox
-from .base import FailureHook, Handler, client_id_in_use, run_failure_hooks
+from .base import FailureHook, Handler, client_id_in_use, outbox_flush, run_failure_hooks
 from .matching import check_filter, check_topic, topic_matches
 
 _log = logging.getLogger(__name__)
@@ -273,15 +273,7 @@ class MemoryTransport:
         self.broker._route(MemoryMessage(topic, bytes(payload), qos, retain, self.client_id))
 
     def attach_outbox(self, outbox: Outbox, timeout_s: float = 10.0) -> None:
-        def flush() -> None:
-            for entry in outbox.pending():
-                try:
-                    self.publish(entry.topic, entry.payload, timeout_s=timeout_s)
-                except PublishTimeout as exc:
-                    _log.warning("outbox flush stopped, will retry on reconnect: %s", exc)
-                    return
-                except TransportError as exc:  # this entry is refused; the others may pass
-                    _log.warning("outbox entry %r not re-published: %s", entry.key, exc)
+        flush = outbox_flush(self, outbox, timeout_s, _log)
         self.on_reconnect.append(flush)
         if self._connected:
             flush()

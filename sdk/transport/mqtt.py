@@ -49,7 +49,7 @@ from paho.mqtt.properties import Properties
 from ..broker_config import BrokerConfig
 from ..errors import BrokerUnavailable, ConfigError, PublishTimeout, TransportError
 from ..outbox import Outbox
-from .base import FailureHook, Handler, client_id_in_use, run_failure_hooks
+from .base import FailureHook, Handler, client_id_in_use, outbox_flush, run_failure_hooks
 from .matching import check_filter, topic_matches
 
 _log = logging.getLogger(__name__)
@@ -306,15 +306,7 @@ class MqttTransport:
     def attach_outbox(self, outbox: Outbox, timeout_s: float = 10.0) -> None:
         """Re-publish ``outbox``'s entries now (or once connected) and after every reconnect,
         on the hook thread; entries stay until the application removes them."""
-        def flush() -> None:
-            for entry in outbox.pending():
-                try:
-                    self.publish(entry.topic, entry.payload, timeout_s=timeout_s)
-                except PublishTimeout as exc:
-                    _log.warning("outbox flush stopped, will retry on reconnect: %s", exc)
-                    return
-                except TransportError as exc:  # this entry is refused; the others may pass
-                    _log.warning("outbox entry %r not re-published: %s", entry.key, exc)
+        flush = outbox_flush(self, outbox, timeout_s, _log)
         self.on_reconnect.append(flush)
         if self._connected:
             self._hooks.put(flush)
