@@ -4,7 +4,7 @@ A run directory is what ``aggregate`` / ``simulate`` write (``metrics.jsonl`` + 
 For each run: final and best accuracy; the rounds (or steps), cumulative uplink and downlink MB and
 wall time needed to first reach each target accuracy; per-device CPU seconds (an energy proxy) and
 joules where a power source reported them. Cumulative figures count every round up to and including
-the one that reached the target.
+the one that reached the target. Then one row per configuration across seeds (``report_groups``).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 
 from edgetrain.sdk.errors import ConfigError, DataError
 
+from .report_groups import group_runs, group_table
 from .results import BYTES_PER_MB, METRICS_FILE, SUMMARY_FILE, MetricsLog, RoundRecord, training_rounds
 
 DEFAULT_TARGETS = (0.85, 0.88)
@@ -196,9 +197,13 @@ def run(args: argparse.Namespace) -> int:
     runs = [load_run(d, targets) for d in args.runs]
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown_table([r for r, _ in runs], targets)
+    groups = group_table(group_runs(runs, targets), targets)
     plots = plot_runs(runs, args.out)
-    (args.out / "report.md").write_text("# edgetrain report\n\n" + table + "\n" +
+    (args.out / "report.md").write_text("# edgetrain report\n\n" + table + "\n## By configuration (mean ± 95 % CI "
+                                        "over seeds; deltas paired by seed)\n\n" + groups + "\n" +
                                         "".join(f"![{p.stem}]({p.name})\n" for p in plots))
     print(table, end="")
+    print()
+    print(groups, end="")
     print(f"report: {args.out / 'report.md'} and {len(plots)} plots")
     return 0
