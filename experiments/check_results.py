@@ -1,0 +1,137 @@
+"""Check that docs/results.md's tables are what ``edgetrain report`` computes from the kept runs.
+
+Convention: a table that comes from kept runs is preceded (blank lines allowed between) by one line
+
+    <!-- report: docs/results/runs/fl-*-ls19-* -->
+
+naming the kept run directories (paths or globs, relative to the repository root, space-separated).
+That table must equal, cell for cell, ``edgetrain report``'s table by configuration (mean ± 95 % CI
+over seeds, ``aggregator.report_groups``) of those runs. No training: only the kept metrics.jsonl and
+summary.json files are read. Tables without the line are listed as "not checked (no kept runs)".
+Exit status 1 on any mismatch, with the line and cell that differ.
+
+    python experiments/check_results.py [DOC] [--root DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgetrain.aggregator.report import DEFAULT_TARGETS, load_run
+from edgetrain.aggregator.report_groups import group_runs, group_table
+from edgetrain.sdk.errors import EdgetrainError
+
+MARKER = re.compile(r"^\s*<!--\s*report:\s*(?P<runs>.+?)\s*-->\s*$")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Table:
+    line: int  # 1-based line of the table's header row
+    rows: tuple[tuple[str, ...], ...]  # cells of every row, the separator row left out
+    run_patterns: tuple[str, ...]  # from the marker line; empty: no kept runs named
+
+
+def _cells(line: str) -> tuple[str, ...]:
+    return tuple(cell.strip() for cell in line.strip().strip("|").split("|"))
+
+
+def _is_separator(cells: tuple[str, ...]) -> bool:
+    return all(re.fullmatch(r":?-+:?", c) for c in cells)
+
+
+def find_tables(text: str) -> list[Table]:
+    """Every Markdown table in ``text`` and the run patterns of the marker line before it, if any."""
+    tables: list[Table] = []
+    lines = text.splitlines()
+    patterns: tuple[str, ...] = ()
+    index = 0
+    while index < len(lines):
+        line = lines[index]
+        marker = MARKER.match(line)
+        if marker:
+            patterns = tuple(marker.group("runs").split())
+        elif line.lstrip().startswith("|"):
+            start = index
+            while index < len(lines) and lines[index].lstrip().startswith("|"):
+                index += 1
+            rows = tuple(c for c in (_cells(x) for x in lines[start:index]) if not _is_separator(c))
+            tables.append(Table(start + 1, rows, patterns))
+            patterns = ()
+            continue
+        elif line.strip():  # a marker applies only to the table right after it
+            patterns = ()
+        index += 1
+    return tables
+
+
+def expected_rows(patterns: tuple[str, ...], root: Path) -> tuple[tuple[str, ...], ...]:
+    """``edgetrain report``'s by-configuration table of the runs the patterns name."""
+    run_dirs = sorted({d for p in patterns for d in root.glob(p) if d.is_dir()})
+    if not run_dirs:
+        raise EdgetrainError(f"no run directory matches {' '.join(patterns)!r} under {root}")
+    runs = [load_run(d, DEFAULT_TARGETS) for d in run_dirs]
+    text = group_table(group_runs(runs, DEFAULT_TARGETS), DEFAULT_TARGETS)
+    return tuple(c for c in (_cells(x) for x in text.splitlines()) if not _is_separator(c))
+
+
+def compare(table: Table, expected: tuple[tuple[str, ...], ...]) -> list[str]:
+    """One message per difference between the doc's rows and the recomputed ones."""
+    problems = []
+    if len(table.rows) != len(expected):
+        problems.append(f"{len(table.rows) - 1} rows in the doc, {len(expected) - 1} configurations in the runs")
+    header = expected[0] if expected else ()
+    for offset, (doc_row, run_row) in enumerate(zip(table.rows, expected)):
+        if len(doc_row) != len(run_row):
+            problems.append(f"row {offset}: {len(doc_row)} cells in the doc, {len(run_row)} recomputed")
+            continue
+        for column, (ours, theirs) in enumerate(zip(doc_row, run_row)):
+            if ours != theirs:
+                name = header[column] if column < len(header) else str(column)
+                problems.append(f"row {offset} ({run_row[0]!r}), column {name!r}: doc says {ours!r}, "
+                                f"the kept runs give {theirs!r}")
+    return problems
+
+
+def check(doc: Path, root: Path) -> tuple[list[str], list[str]]:
+    """(failures, notes) for every table of ``doc``."""
+    failures, notes = [], []
+    for table in find_tables(doc.read_text()):
+        where = f"{doc}:{table.line}"
+        if not table.run_patterns:
+            notes.append(f"{where}: not checked (no kept runs)")
+            continue
+        try:
+            expected = expected_rows(table.run_patterns, root)
+        except EdgetrainError as exc:
+            failures.append(f"{where}: {exc}")
+            continue
+        problems = compare(table, expected)
+        failures += [f"{where}: {p}" for p in problems]
+        if not problems:
+            notes.append(f"{where}: ok ({len(expected) - 1} configurations from {' '.join(table.run_patterns)})")
+    return failures, notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("doc", nargs="?", type=Path, default=ROOT / "docs" / "results.md")
+    parser.add_argument("--root", type=Path, default=ROOT, help="where the marker's run paths start")
+    args = parser.parse_args(argv)
+    failures, notes = check(args.doc, args.root)
+    for note in notes:
+        print(note)
+    for failure in failures:
+        print(f"MISMATCH {failure}", file=sys.stderr)
+    if failures:
+        print(f"check_results: {len(failures)} mismatch(es) in {args.doc}", file=sys.stderr)
+        return 1
+    print(f"check_results: every table with kept runs in {args.doc} matches them")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
