@@ -287,7 +287,7 @@ class ProcessHandle:
 
 
 def spawn_cli(args: Sequence[str], log_path: Path) -> ProcessHandle:
-    """``python -m sdk.cli ARGS`` with one intra-op thread, stdout+stderr to ``log_path``."""
+    """``python -m edgetrain ARGS`` with one intra-op thread, stdout+stderr to ``log_path``."""
     argv = [sys.executable, "-m", "edgetrain", *map(str, args)]
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
