@@ -11,7 +11,7 @@ from typing import Any
 from edgetrain.sdk.bundle import RUNTIMES, Manifest
 from edgetrain.sdk.errors import ConfigError
 
-# Mirrors export.models.MODELS (a test keeps them equal); listed here so --help needs no torch.
+# Mirrors edgetrain.sdk.models.MODELS (a test keeps them equal); listed here so --help needs no torch.
 MODEL_NAMES: tuple[str, ...] = ("mlp", "cnn")
 NORM_CHOICES: tuple[str, ...] = ("none", "batch", "group")
 

@@ -1,4 +1,4 @@
-"""The torch (eager) runtime: rebuilds the bundle's model from ``export.models`` and trains it.
+"""The torch (eager) runtime: rebuilds the bundle's model from ``edgetrain.sdk.models`` and trains it.
 
 Weights are read with safetensors' numpy loader (no pickle, no ``torch.load``). Thread count is the
 caller's business (``torch.set_num_threads``); nothing here changes it.
