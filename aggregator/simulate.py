@@ -201,9 +201,9 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.min_devices is None:  # 2, or what the aggregation rule needs (Krum: 2f+3), within the fleet
         needed = AggregationRule.parse(args.aggregation or "mean").min_updates()
         args.min_devices = max(1, min(max(2, needed), args.devices))
-    if args.attackers is not None and args.attackers[0] > args.devices:
-        raise ConfigError(f"--attackers {args.attackers[0]}:{args.attackers[1].kind} is more than --devices "
-                          f"{args.devices}")
+    if args.attackers is not None and (args.attackers[0] > args.devices or args.device_processes is not None):
+        raise ConfigError(f"--attackers {args.attackers[0]}:{args.attackers[1].kind} needs at most --devices "
+                          f"{args.devices} devices, each its own process (not --device-processes)")
     if args.stragglers is not None and (args.stragglers[0] > args.devices or args.device_processes is not None):
         raise ConfigError(f"--stragglers {args.stragglers[0]}:{args.stragglers[1]:g} needs at most --devices "
                           f"{args.devices} devices, each its own process (not --device-processes)")

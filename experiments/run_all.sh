@@ -26,6 +26,7 @@ for line in open(sys.argv[1]):
 for cfg in experiments/${1:-*}.toml; do
     name=$(basename "$cfg" .toml)
     case "$name" in
+    i17-*) continue ;;  # issue 17's tables: experiments/run_17.sh runs them with their per-run flags
     *-ls[0-9]*)  # the short-round FL runs: one per seed (SEEDS, default "0 1 2"), kept as NAME-sSEED
         for seed in ${SEEDS:-0 1 2}; do
             rm -rf "${RUNS:?}/$name-s$seed"
@@ -47,6 +48,6 @@ if [ -z "${1:-}" ] || [ "$1" = centralized ]; then
 fi
 short=("$KEEP"/*-ls[0-9]*)
 matrix=()
-for run in "$KEEP"/*; do [[ "$run" == *-ls[0-9]* ]] || matrix+=("$run"); done
+for run in "$KEEP"/*; do [[ "$run" == *-ls[0-9]* || "$(basename "$run")" == i17-* ]] || matrix+=("$run"); done
 if [ ${#matrix[@]} -gt 0 ]; then $EDGETRAIN report "${matrix[@]}" --out docs/results; fi
 if [ -e "${short[0]}" ]; then $EDGETRAIN report "${short[@]}" --out docs/results/short-rounds; fi

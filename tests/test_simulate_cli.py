@@ -52,6 +52,8 @@ def test_simulate_ci_size_runs_end_to_end(fleet_assets: FleetAssets, tmp_path: P
     (["--fleet", "a/b"], "fleet name 'a/b' contains a slash"),
     (["--strategy", "fedavg", "--server-lr", "0.1"], "server_lr"),
     (["--strategy", "large-batch", "--local-steps", "5"], "--local-steps is for FL strategies"),
+    # a device host has no attack flag: the attack would be silently ignored
+    (["--devices", "4", "--device-processes", "2", "--attackers", "1:scale"], "each its own process"),
 ])
 def test_simulate_bad_input_exits_2_before_starting_anything(flags: list[str], message: str, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch,
