@@ -18,13 +18,7 @@ RUNS=${RUNS:-runs/experiments}
 KEEP=docs/results/runs
 SEEDS=${SEEDS:-0 1 2}
 mkdir -p "$RUNS" "$KEEP"
-keep() {
-    mkdir -p "$KEEP/$1" && cp "$RUNS/$1/summary.json" "$KEEP/$1/"
-    .venv/bin/python -c 'import json, sys
-for line in open(sys.argv[1]):
-    record = json.loads(line); record.get("extra", {}).pop("devices", None); print(json.dumps(record))' \
-        "$RUNS/$1/metrics.jsonl" > "$KEEP/$1/metrics.jsonl"
-}
+source experiments/keep_run.sh  # keep NAME: the run without its per-device breakdown
 # one_run CONFIG NAME LABEL [FLAG…]: three seeds of one configuration, kept as NAME-sSEED
 one_run() {
     local cfg=$1 name=$2 label=$3; shift 3

@@ -13,15 +13,7 @@ EDGETRAIN=${EDGETRAIN:-.venv/bin/python -m edgetrain}
 RUNS=${RUNS:-runs/experiments}
 KEEP=docs/results/runs
 mkdir -p "$RUNS" "$KEEP"
-# Keep summary.json and metrics.jsonl without the per-device breakdown of each round (a tenth the size;
-# the report reads only the fleet-wide figures).
-keep() {
-    mkdir -p "$KEEP/$1" && cp "$RUNS/$1/summary.json" "$KEEP/$1/"
-    .venv/bin/python -c 'import json, sys
-for line in open(sys.argv[1]):
-    record = json.loads(line); record.get("extra", {}).pop("devices", None); print(json.dumps(record))' \
-        "$RUNS/$1/metrics.jsonl" > "$KEEP/$1/metrics.jsonl"
-}
+source experiments/keep_run.sh  # keep NAME: the run without its per-device breakdown
 
 for cfg in experiments/${1:-*}.toml; do
     name=$(basename "$cfg" .toml)
