@@ -46,7 +46,9 @@ def test_bad_config_names_the_problem(tmp_path: Path, text: str, needle: str) ->
 @pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.toml")), ids=lambda p: p.stem)
 def test_every_shipped_experiment_config_is_valid(path: Path) -> None:
     args = parse_args(["simulate", "--config", str(path)])
-    assert args.label and args.strategy in ("fedavg", "large-batch") and args.devices == 10
+    assert args.strategy in ("fedavg", "fedbuff", "large-batch")
+    if not path.stem.startswith("i17-"):  # issue 17's: experiments/run_17.sh labels each run and adds its flags
+        assert args.label and args.devices == 10
 
 
 def test_centralized_baseline_is_a_run_directory(fleet_assets: FleetAssets, tmp_path: Path) -> None:
