@@ -21,21 +21,18 @@ from typing import Any, BinaryIO, Iterator
 _TEMP_SUFFIX = ".tmp"
 
 
-def fsync_directory(directory: Path | str) -> None:
-    """Make renames and deletions inside ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
+def _fsync_path(path: Path | str) -> None:
+    """fsync a file or a directory by its path (a directory's fsync makes renames inside it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_directory(directory: Path | str) -> None:
+    """Make renames and deletions inside ``directory`` durable."""
+    _fsync_path(directory)
 
 
 def _reserve_temp(target: Path) -> Path:
@@ -61,7 +58,7 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
     temp = _reserve_temp(target)
     try:
         yield temp
-        _fsync_file(temp)
+        _fsync_path(temp)
         os.replace(temp, target)
     except BaseException:
         temp.unlink(missing_ok=True)
