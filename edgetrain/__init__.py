@@ -4,9 +4,6 @@ The installed distribution holds everything under this one name: ``edgetrain.sdk
 board), ``edgetrain.aggregator`` (the server), ``edgetrain.export`` (host-side bundles),
 ``edgetrain.device_bench`` (per-device measurement) and ``edgetrain.cli`` (the command above them all).
 """
-from importlib.metadata import PackageNotFoundError, version
+from edgetrain.sdk import __version__  # the installed distribution's version, read in one place
 
-try:
-    __version__ = version("edgetrain")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
+__all__ = ["__version__"]
