@@ -279,8 +279,26 @@ def aggregator_config(args: argparse.Namespace, out_dir: Path, fleet: str, resum
                             eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
                             resync_every=args.resync_every, downlink_codec=args.downlink_codec,
                             secure_aggregation=secure_aggregation_from_args(args),
-                            labels={**(getattr(args, "labels", {}) or {}),
+                            labels={**(getattr(args, "labels", {}) or {}), **run_settings(args),
                                     "aggregation": str(AggregationRule.parse(getattr(args, "aggregation", None) or "mean"))})
+
+
+# The flags that shape a run's result, recorded in summary.json so that ``edgetrain report`` groups runs by
+# configuration (every setting but the seed) rather than by label text; those of the other method are left out.
+_RECORDED_FL = ("local_epochs", "local_steps", "fraction", "server_lr", "server_momentum", "prox_mu")
+_RECORDED_LB = ("fraction", "lb_optimizer", "nesterov", "weight_decay", "warmup_steps", "scale_lr", "backup_devices")
+_RECORDED_BOTH = ("seed", "batch_size", "lr", "momentum", "eval_every", "resync_every", "limit_examples")
+
+
+def run_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The result-shaping settings of ``args`` (after ``resolve_defaults``), None ones left out."""
+    names = _RECORDED_BOTH + (_RECORDED_LB if args.strategy == LARGE_BATCH else _RECORDED_FL)
+    if args.strategy == LARGE_BATCH or args.strategy != "fedprox":
+        names = tuple(n for n in names if n != "prox_mu")  # a default that only FedProx reads
+    if args.strategy != LARGE_BATCH and getattr(args, "local_steps", None) is not None:
+        names = tuple(n for n in names if n != "local_epochs")  # K steps replace E epochs
+    values = {name: getattr(args, name, None) for name in names}
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def check_round_args(args: argparse.Namespace, fleet: str) -> None:

@@ -31,6 +31,7 @@ class Milestone:
     uplink_mb: float
     downlink_mb: float
     wall_s: float
+    examples: int | None = None  # examples processed up to it; None where the run did not record them
 
 
 @dataclass(frozen=True)
@@ -46,18 +47,58 @@ class RunReport:
     device_cpu_s: float | None  # summed over devices and rounds, where devices reported it
     energy_j: float | None
     milestones: Mapping[float, Milestone | None]
+    metrics_mb: float = 0.0  # the devices' metrics and status frames, on the uplink beside the updates
+    examples_processed: int | None = None  # None where the run did not record them (runs before the field)
+    frame_ratio: float | None = None  # dense fp32 updates / uplink frames; None without num_params
+    frame_ratio_with_metrics: float | None = None  # the same with the metrics and status frames counted
+
+
+def metrics_bytes(record: RoundRecord) -> int:
+    """A round's metrics and status frames: the typed field, else (older runs) ``extra.metrics_bytes``,
+    which counted the metrics messages only."""
+    if record.metrics_bytes_up:
+        return record.metrics_bytes_up
+    legacy = record.extra.get("metrics_bytes")
+    return int(legacy) if isinstance(legacy, int) and not isinstance(legacy, bool) and legacy > 0 else 0
+
+
+def frame_ratios(records: Sequence[RoundRecord], num_params: Any) -> tuple[float | None, float | None]:
+    """(dense / uplink frames, dense / (uplink frames + metrics frames)) over the whole run, where dense is
+    what the accepted updates would have taken as fp32 vectors: 4 bytes x num_params x updates."""
+    if isinstance(num_params, bool) or not isinstance(num_params, int) or num_params <= 0:
+        return None, None
+    dense = 4 * num_params * sum(r.devices_reported for r in training_rounds(records))
+    up = sum(r.bytes_up for r in records)
+    with_metrics = up + sum(metrics_bytes(r) for r in records)
+    return (dense / up if up else None), (dense / with_metrics if with_metrics else None)
 
 
 def milestone(records: Sequence[RoundRecord], target: float) -> Milestone | None:
     """The first round whose test accuracy is >= ``target`` and what it cost to get there."""
     up = down = wall = 0.0
+    examples = 0
+    recorded = any(r.examples_processed for r in records)
     for r in records:
         up += r.bytes_up / BYTES_PER_MB
         down += r.bytes_down / BYTES_PER_MB
         wall += r.round_wall_s
+        examples += r.examples_processed
         if r.accuracy is not None and math.isfinite(r.accuracy) and r.accuracy >= target:
-            return Milestone(r.round_id, up, down, wall)
+            return Milestone(r.round_id, up, down, wall, examples if recorded else None)
     return None
+
+
+def examples_curve(records: Sequence[RoundRecord]) -> list[tuple[int, float]]:
+    """(cumulative examples processed, test accuracy) at every evaluation: LB and FL compared at the same
+    number of examples; empty where the run did not record them."""
+    if not any(r.examples_processed for r in records):
+        return []
+    examples, points = 0, []
+    for r in records:
+        examples += r.examples_processed
+        if r.accuracy is not None and math.isfinite(r.accuracy):
+            points.append((examples, r.accuracy))
+    return points
 
 
 def _sum_extra(records: Sequence[RoundRecord], key: str) -> float | None:
@@ -80,6 +121,8 @@ def load_run(run_dir: Path | str, targets: Sequence[float] = DEFAULT_TARGETS) ->
         except (json.JSONDecodeError, AttributeError) as exc:
             raise DataError(f"{summary_path}: unreadable ({exc})") from exc
     evaluated = [r.accuracy for r in records if r.accuracy is not None and math.isfinite(r.accuracy)]
+    ratio, ratio_with_metrics = frame_ratios(records, settings.get("num_params"))
+    processed = sum(r.examples_processed for r in records)
     report = RunReport(
         name=str(settings.get("label") or run_dir.name), settings=settings, rounds=len(training_rounds(records)),
         final_accuracy=evaluated[-1] if evaluated else None, best_accuracy=max(evaluated) if evaluated else None,
@@ -87,7 +130,9 @@ def load_run(run_dir: Path | str, targets: Sequence[float] = DEFAULT_TARGETS) ->
         downlink_mb=sum(r.bytes_down for r in records) / BYTES_PER_MB,
         wall_s=sum(r.round_wall_s for r in records),
         device_cpu_s=_sum_extra(records, "device_cpu_s"), energy_j=_sum_extra(records, "device_energy_j"),
-        milestones={t: milestone(records, t) for t in targets})
+        milestones={t: milestone(records, t) for t in targets},
+        metrics_mb=sum(metrics_bytes(r) for r in records) / BYTES_PER_MB, examples_processed=processed or None,
+        frame_ratio=ratio, frame_ratio_with_metrics=ratio_with_metrics)
     return report, records
 
 
@@ -123,8 +168,27 @@ def markdown_table(reports: Sequence[RunReport], targets: Sequence[float] = DEFA
 RUN_MARKERS = ("o", "s", "^", "D", "v", "P")  # one per block of ten runs (the colours repeat every ten)
 
 
+PLOT_ACCURACY_VS_EXAMPLES = "accuracy_vs_examples.png"
+
+
+def _curve(plot: str, records: Sequence[RoundRecord]) -> list[tuple[float, float]]:
+    """(x, accuracy) at each evaluation for one of ``plot_runs``' plots."""
+    if plot == PLOT_ACCURACY_VS_EXAMPLES:
+        return [(float(x), y) for x, y in examples_curve(records)]
+    up = wall = 0.0
+    points = []
+    for r in records:
+        up += r.bytes_up / BYTES_PER_MB
+        wall += r.round_wall_s
+        if r.accuracy is not None and math.isfinite(r.accuracy):
+            points.append(({"accuracy_vs_round.png": r.round_id, "accuracy_vs_uplink_mb.png": up}.get(plot, wall),
+                           r.accuracy))
+    return points
+
+
 def plot_runs(runs: Sequence[tuple[RunReport, list[RoundRecord]]], out_dir: Path) -> list[Path]:
-    """Accuracy vs round/step, vs cumulative uplink MB (log axis) and vs wall time, all runs overlaid."""
+    """Accuracy vs round/step, vs cumulative uplink MB (log axis), vs wall time and vs examples processed
+    (where the runs recorded them), all runs overlaid."""
     import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -133,7 +197,10 @@ def plot_runs(runs: Sequence[tuple[RunReport, list[RoundRecord]]], out_dir: Path
     outputs = []
     for name, xlabel, log in (("accuracy_vs_round.png", "round / step", False),
                               ("accuracy_vs_uplink_mb.png", "cumulative uplink MB (log)", True),
-                              ("accuracy_vs_wall_s.png", "wall time (s)", False)):
+                              ("accuracy_vs_wall_s.png", "wall time (s)", False),
+                              (PLOT_ACCURACY_VS_EXAMPLES, "examples processed (all devices)", False)):
+        if name == PLOT_ACCURACY_VS_EXAMPLES and not any(examples_curve(records) for _, records in runs):
+            continue  # runs from before the examples were recorded: no such plot rather than an empty one
         figure = Figure(figsize=(12, 6), dpi=100)
         FigureCanvasAgg(figure)
         axes = figure.add_subplot(1, 1, 1)
@@ -141,17 +208,10 @@ def plot_runs(runs: Sequence[tuple[RunReport, list[RoundRecord]]], out_dir: Path
         # a dark and a light shade of one hue, which read as one run on a plot with many.
         colors = matplotlib.colormaps["tab10"]
         for index, (report, records) in enumerate(runs):
-            up = wall = 0.0
-            xs, ys = [], []
-            for r in records:
-                up += r.bytes_up / BYTES_PER_MB
-                wall += r.round_wall_s
-                if r.accuracy is not None and math.isfinite(r.accuracy):
-                    x = {"accuracy_vs_round.png": r.round_id, "accuracy_vs_uplink_mb.png": up}.get(name, wall)
-                    if log and x <= 0:  # round 0 (nothing sent yet) has no place on a log axis
-                        continue
-                    xs.append(x)
-                    ys.append(r.accuracy)
+            points = [(x, y) for x, y in _curve(name, records) if not (log and x <= 0)]  # no 0 on a log axis
+            if not points:  # e.g. a run that did not record the examples it processed
+                continue
+            xs, ys = zip(*points)
             # large batch dashed, so the two methods read apart even where colours are close
             style = "--" if report.settings.get("strategy") == "large-batch" else "-"
             axes.plot(xs, ys, style, marker=RUN_MARKERS[(index // 10) % len(RUN_MARKERS)], markersize=4,

@@ -4,7 +4,10 @@ Runs whose recorded settings (``summary.json`` ``extra``, plus the number of rou
 but the seed form one group. Per group: mean ± 95 % Student-t confidence interval over seeds of final
 and best accuracy, the paired delta against the dense run of the same settings (paired by seed: the
 seed moves data order and selection, so the difference per seed removes most of the seed noise), and
-the mean time and bytes (uplink and downlink, whole frames) to each target accuracy.
+the mean time, bytes (uplink and downlink, whole frames) and examples processed to each target accuracy.
+Compression is shown three ways: the payload ratio (dense fp32 / update payloads, what the codec achieves),
+and dense fp32 / uplink frames without and with the devices' metrics and status frames (what the network
+carries).
 """
 from __future__ import annotations
 
@@ -49,6 +52,7 @@ class TargetCost:
     wall_s: float | None
     uplink_mb: float | None
     downlink_mb: float | None
+    examples: float | None = None  # mean examples processed to reach it, over the seeds that recorded them
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,10 @@ class GroupReport:
     final_delta_vs_dense: Interval | None  # accuracy points (fraction), paired by seed; None without a pair
     best_delta_vs_dense: Interval | None
     payload_ratio: float | None  # mean of extra.uplink_compression over rounds, then over seeds
+    frame_ratio: float | None  # dense fp32 / uplink frames per run, mean over seeds
+    frame_ratio_with_metrics: float | None  # the same with the devices' metrics and status frames
     uplink_mb: float
+    metrics_mb: float
     downlink_mb: float
     wall_s: float
     to_target: Mapping[float, TargetCost]
@@ -144,10 +151,16 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _mean_of(reports: Sequence[RunReport], field: str) -> float | None:
+    """The mean of one figure over the runs that have it."""
+    return _mean([getattr(r, field) for r in reports if getattr(r, field) is not None])
+
+
 def _target_cost(reports: Sequence[RunReport], target: float) -> TargetCost:
     reached = [m for m in (r.milestones.get(target) for r in reports) if m is not None]
     return TargetCost(len(reached), _mean([m.wall_s for m in reached]), _mean([m.uplink_mb for m in reached]),
-                      _mean([m.downlink_mb for m in reached]))
+                      _mean([m.downlink_mb for m in reached]),
+                      _mean([float(m.examples) for m in reached if m.examples is not None]))
 
 
 def group_runs(runs: Sequence[tuple[RunReport, Sequence[RoundRecord]]],
@@ -174,7 +187,9 @@ def group_runs(runs: Sequence[tuple[RunReport, Sequence[RoundRecord]]],
             final_accuracy=_interval_of(reports, "final_accuracy"), best_accuracy=_interval_of(reports, "best_accuracy"),
             final_delta_vs_dense=None if is_dense else _paired_delta(reports, dense_runs, "final_accuracy"),
             best_delta_vs_dense=None if is_dense else _paired_delta(reports, dense_runs, "best_accuracy"),
-            payload_ratio=_mean(ratios), uplink_mb=_mean([r.uplink_mb for r in reports]) or 0.0,
+            payload_ratio=_mean(ratios), frame_ratio=_mean_of(reports, "frame_ratio"),
+            frame_ratio_with_metrics=_mean_of(reports, "frame_ratio_with_metrics"),
+            uplink_mb=_mean([r.uplink_mb for r in reports]) or 0.0, metrics_mb=_mean_of(reports, "metrics_mb") or 0.0,
             downlink_mb=_mean([r.downlink_mb for r in reports]) or 0.0, wall_s=_mean([r.wall_s for r in reports]) or 0.0,
             to_target={t: _target_cost(reports, t) for t in targets}))
     return groups
@@ -192,24 +207,29 @@ def _num(x: float | None, digits: int) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def _ratio(x: float | None) -> str:
+    return "–" if x is None else f"{x:.0f}×"
+
+
 def group_table(groups: Sequence[GroupReport], targets: Sequence[float]) -> str:
     """One row per configuration; accuracies in %, "±" the 95 % CI half-width, deltas in points."""
     head = ["configuration", "codec", "downlink codec", "data", "rounds", "seeds", "final acc %", "best acc %",
-            "Δ final vs dense (pt)", "Δ best vs dense (pt)", "payload ratio", "up MB", "down MB", "wall s"]
+            "Δ final vs dense (pt)", "Δ best vs dense (pt)", "payload ratio", "ratio in frames",
+            "ratio in frames + metrics", "up MB", "metrics MB", "down MB", "wall s"]
     for t in targets:
         p = f"{100 * t:g}%"
-        head += [f"seeds reaching {p}", f"wall s to {p}", f"up MB to {p}", f"down MB to {p}"]
+        head += [f"seeds reaching {p}", f"wall s to {p}", f"up MB to {p}", f"down MB to {p}", f"examples to {p}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
-        ratio = "–" if g.payload_ratio is None else f"{g.payload_ratio:.0f}×"
         row = [g.name, str(g.settings.get("codec", "–")), str(g.settings.get("downlink_codec", "–")),
                str(g.settings.get("partition", "–")), str(g.rounds), str(len(g.seeds)),
                _pct_interval(g.final_accuracy), _pct_interval(g.best_accuracy),
                _pct_interval(g.final_delta_vs_dense, signed=True), _pct_interval(g.best_delta_vs_dense, signed=True),
-               ratio, _num(g.uplink_mb, 2), _num(g.downlink_mb, 2), _num(g.wall_s, 1)]
+               _ratio(g.payload_ratio), _ratio(g.frame_ratio), _ratio(g.frame_ratio_with_metrics),
+               _num(g.uplink_mb, 2), _num(g.metrics_mb, 2), _num(g.downlink_mb, 2), _num(g.wall_s, 1)]
         for t in targets:
             cost = g.to_target[t]
             row += [f"{cost.seeds_reached}/{len(g.seeds)}", _num(cost.wall_s, 1), _num(cost.uplink_mb, 2),
-                    _num(cost.downlink_mb, 2)]
+                    _num(cost.downlink_mb, 2), _num(cost.examples, 0)]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"

@@ -50,17 +50,22 @@ class RoundRecord:
     devices_reported: int  # accepted updates
     devices_rejected: Mapping[str, int]  # reject reason -> count
     rejected_detail: tuple[str, ...]  # one human-readable line per rejection
-    bytes_up: int  # device -> aggregator payload bytes this round (accepted and rejected)
-    bytes_down: int  # aggregator -> devices bytes this round
+    bytes_up: int  # device -> aggregator update frames this round, chunk and frame headers included (accepted and rejected)
+    bytes_down: int  # aggregator -> devices frames this round: the announcement once per live device, plus acks
     round_wall_s: float
     retried: bool = False  # the round had to be re-run (too few updates the first time)
     total_examples: int = 0  # examples behind the accepted updates (after capping)
     devices_timed_out: int = 0
+    # Examples the accepted updates trained on, from the round's settings: E epochs x the device's examples,
+    # K steps x B, or one batch of B for a large-batch step (nominal: a short last batch counts whole).
+    examples_processed: int = 0
+    # Device -> aggregator instrumentation frames (metrics and status messages): not in bytes_up, on the network.
+    metrics_bytes_up: int = 0
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("round_id", "model_version", "devices_chosen", "devices_reported", "bytes_up",
-                     "bytes_down", "total_examples", "devices_timed_out"):
+                     "bytes_down", "total_examples", "devices_timed_out", "examples_processed", "metrics_bytes_up"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"RoundRecord.{name} must be an int >= 0, got {value!r}")
@@ -175,6 +180,8 @@ def write_summary(run_dir: Path | str, records: Iterable[RoundRecord], extra: Ma
         "total_bytes_down": sum(r.bytes_down for r in records),
         "total_wall_s": sum(r.round_wall_s for r in records),
         "total_examples": sum(r.total_examples for r in records),
+        "total_examples_processed": sum(r.examples_processed for r in records),
+        "total_metrics_bytes_up": sum(r.metrics_bytes_up for r in records),
         "updates_accepted": sum(r.devices_reported for r in records),
         "updates_rejected": rejections,
         "rounds_retried": sum(1 for r in records if r.retried),

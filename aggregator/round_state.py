@@ -5,6 +5,8 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
+from edgetrain.sdk.round_settings import RoundSettings
+
 from .results import RoundRecord
 from .strategy import RoundPlan
 from .validation import ValidationContext
@@ -19,6 +21,15 @@ class Progress:
     reported: int
     chosen: int
     record: RoundRecord | None = None  # set once the round closed
+
+
+def examples_processed(settings: RoundSettings, claimed_examples: int) -> int:
+    """Examples one accepted update trained on, from the round's settings: K steps x B when ``local_steps``
+    is set, else E epochs x the examples it claims (a large-batch step claims its one batch, E = 1).
+    Nominal: an epoch's short last batch counts whole. LB and FL are compared at equal examples with it."""
+    if settings.local_steps is not None:
+        return settings.local_steps * settings.batch_size
+    return settings.local_epochs * max(0, int(claimed_examples))
 
 
 MAX_DETAIL_LINES = 100  # a flood of rejections must not grow a round's record (or memory) without bound
@@ -37,6 +48,9 @@ class RoundTally:
     capped_by: Counter = field(default_factory=Counter)  # update_caps.CAP_* -> updates
     clipped: int = 0  # updates whose norm was scaled down to the adaptive bound
     accepted_payload_bytes: int = 0
+    metrics_bytes_up: int = 0  # the devices' metrics and status frames (instrumentation, not bytes_up)
+    examples_processed: int = 0  # nominal examples behind the accepted updates (``examples_processed``)
+    settings: RoundSettings | None = None  # the round's device settings, once it is opened
     device_cpu_s: float = 0.0
     train_loss_sum: float = 0.0  # Σ examples · training loss the devices reported with accepted updates
     train_loss_examples: int = 0

@@ -38,7 +38,7 @@ from .privacy_metrics import privacy_extra, privacy_summary
 from .publish_retry import OutagePublisher
 from .results import INITIAL_ROUND, MetricsLog, RoundRecord, plot_run, training_rounds, write_summary
 from .secure_rounds import run_secure_round, secure_summary
-from .round_state import OpenRound, Progress, RoundTally
+from .round_state import OpenRound, Progress, RoundTally, examples_processed
 from .strategy import AggregateInfo, RoundPlan, Strategy
 from .update_caps import CLIP_NORM_MEDIAN, NormHistory, example_caps
 from .update_journal import UpdateJournal
@@ -206,12 +206,14 @@ class Aggregator:
         except EdgetrainError:
             _log.warning("message on unexpected topic %r ignored", topic)
             return
+        if kind in ("status", "metrics"):  # instrumentation: on the network, but not counted in bytes_up
+            (self._idle_tally if tally is None else tally).metrics_bytes_up += len(payload)
         if kind == "status":
             self._on_status(device, payload)
             return
         if kind in ("update", "metrics"):
             self._silent.discard(device)  # a device that missed a deadline is back
-        if kind == "metrics":  # instrumentation: not counted in bytes_up, never fails the round
+        if kind == "metrics":  # never fails the round
             self.device_metrics.receive(device, payload, self.next_round)
             return
         if tally is not None:
@@ -287,6 +289,8 @@ class Aggregator:
         ctx.clip_norm = self._norms.bound()  # adapts within the round too: round 1 is bounded after a few
         if tally is not None:
             tally.accepted_payload_bytes += len(update.payload)
+            if tally.settings is not None:
+                tally.examples_processed += examples_processed(tally.settings, valid.claimed_examples)
             tally.device_cpu_s += float(update.metrics.get("cpu_s", 0.0))
             tally.add_train_loss(update.metrics.get("train_loss"), valid.num_examples)
             self._tally_caps(device, valid, tally)
@@ -428,6 +432,7 @@ class Aggregator:
         selected = set(plan.selected)
         ctx = self._validation_context(round_id, selected)
         tally, self._idle_tally = self._idle_tally, RoundTally()  # what was rejected while no round was open
+        tally.settings = plan.settings
         open_round = OpenRound(round_id, started, plan, selected, ctx, tally)
         self._replay_journal(open_round)
         return open_round
@@ -546,7 +551,8 @@ class Aggregator:
             devices_rejected=dict(tally.rejected), rejected_detail=tally.detail_lines(), bytes_up=tally.bytes_up,
             bytes_down=tally.bytes_down, round_wall_s=time.monotonic() - open_round.started_mono_s,
             retried=open_round.attempts > 1, total_examples=info.total_examples,
-            devices_timed_out=len(ctx.pending_devices()),
+            devices_timed_out=len(ctx.pending_devices()), examples_processed=tally.examples_processed,
+            metrics_bytes_up=tally.metrics_bytes_up,
             extra={"attempts": open_round.attempts, "join_wait_s": open_round.join_wait_s, "capped": tally.capped, "capped_by": dict(tally.capped_by),
                    "clipped": tally.clipped, "step_norm": info.step_norm, **info.rule_metrics,
                    "device_cpu_s": tally.device_cpu_s, "replayed": tally.replayed,

@@ -24,14 +24,21 @@ def test_simulate_ci_size_runs_end_to_end(fleet_assets: FleetAssets, tmp_path: P
     out = tmp_path / "run"
     done = spawn_cli(["simulate", "--devices", "3", "--rounds", "2", "--limit-examples", "100", "--eval-examples",
                       "100", "--data-dir", fleet_assets.data_dir, "--bundle", fleet_assets.bundle, "--out", out,
-                      "--round-timeout", "30", "--join-timeout", "60"], tmp_path / "simulate.log")
+                      "--round-timeout", "30", "--join-timeout", "60", "--local-steps", "2", "--seed", "4"],
+                     tmp_path / "simulate.log")
     assert done.wait(90) == 0, done.log()[-3000:]
 
     records = metrics(out)
     assert [r.round_id for r in records] == [1, 2]
     assert all((r.devices_chosen, r.devices_reported, r.total_examples) == (3, 3, 300) for r in records)
+    assert all(r.examples_processed == 3 * 2 * 32 for r in records)  # 3 devices x K=2 steps x B=32
+    assert sum(r.metrics_bytes_up for r in records) > 0  # the devices' status and metrics frames
     summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["num_rounds"] == 2 and summary["updates_accepted"] == 6
+    assert summary["total_examples_processed"] == 2 * 3 * 2 * 32
+    settings = summary["extra"]  # what report groups by: every result-shaping flag, the seed apart
+    assert (settings["seed"], settings["local_steps"], settings["batch_size"], settings["limit_examples"]) == (4, 2, 32, 100)
+    assert "local_epochs" not in settings  # K steps replace E epochs
     assert summary["final_accuracy"] == records[-1].accuracy
     for name in (PLOT_ACCURACY_VS_ROUND, PLOT_ACCURACY_VS_UPLINK):
         assert (out / name).read_bytes().startswith(PNG_MAGIC)
