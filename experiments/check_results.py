@@ -8,9 +8,11 @@ naming the kept run directories (paths or globs, relative to the repository root
 That table must equal, cell for cell, ``edgetrain report``'s table by configuration (mean ± 95 % CI
 over seeds, ``aggregator.report_groups``) of those runs. No training: only the kept metrics.jsonl and
 summary.json files are read. Tables without the line are listed as "not checked (no kept runs)".
-Exit status 1 on any mismatch, with the line and cell that differ.
+Exit status 1 on any mismatch, with the line and cell that differ. ``--write`` regenerates every marked
+table in place from its kept runs instead (after ``experiments/run_all.sh``, or when the report gains a
+column), then checks again.
 
-    python experiments/check_results.py [DOC] [--root DIR]
+    python experiments/check_results.py [DOC] [--root DIR] [--write]
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @dataclass(frozen=True)
 class Table:
     line: int  # 1-based line of the table's header row
+    end: int  # 1-based line after its last row
     rows: tuple[tuple[str, ...], ...]  # cells of every row, the separator row left out
     run_patterns: tuple[str, ...]  # from the marker line; empty: no kept runs named
 
@@ -59,7 +62,7 @@ def find_tables(text: str) -> list[Table]:
             while index < len(lines) and lines[index].lstrip().startswith("|"):
                 index += 1
             rows = tuple(c for c in (_cells(x) for x in lines[start:index]) if not _is_separator(c))
-            tables.append(Table(start + 1, rows, patterns))
+            tables.append(Table(start + 1, index + 1, rows, patterns))
             patterns = ()
             continue
         elif line.strip():  # a marker applies only to the table right after it
@@ -68,14 +71,28 @@ def find_tables(text: str) -> list[Table]:
     return tables
 
 
-def expected_rows(patterns: tuple[str, ...], root: Path) -> tuple[tuple[str, ...], ...]:
-    """``edgetrain report``'s by-configuration table of the runs the patterns name."""
+def expected_table(patterns: tuple[str, ...], root: Path) -> str:
+    """``edgetrain report``'s by-configuration table (Markdown) of the runs the patterns name."""
     run_dirs = sorted({d for p in patterns for d in root.glob(p) if d.is_dir()})
     if not run_dirs:
         raise EdgetrainError(f"no run directory matches {' '.join(patterns)!r} under {root}")
     runs = [load_run(d, DEFAULT_TARGETS) for d in run_dirs]
-    text = group_table(group_runs(runs, DEFAULT_TARGETS), DEFAULT_TARGETS)
+    return group_table(group_runs(runs, DEFAULT_TARGETS), DEFAULT_TARGETS)
+
+
+def expected_rows(patterns: tuple[str, ...], root: Path) -> tuple[tuple[str, ...], ...]:
+    """The cells of ``expected_table``'s rows, the separator row left out."""
+    text = expected_table(patterns, root)
     return tuple(c for c in (_cells(x) for x in text.splitlines()) if not _is_separator(c))
+
+
+def regenerate(text: str, root: Path) -> str:
+    """``text`` with every marked table replaced by the one its kept runs give now."""
+    lines = text.splitlines(keepends=True)
+    for table in reversed(find_tables(text)):  # from the end: earlier line numbers stay valid
+        if table.run_patterns:
+            lines[table.line - 1:table.end - 1] = [expected_table(table.run_patterns, root)]
+    return "".join(lines)
 
 
 def compare(table: Table, expected: tuple[tuple[str, ...], ...]) -> list[str]:
@@ -120,7 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("doc", nargs="?", type=Path, default=ROOT / "docs" / "results.md")
     parser.add_argument("--root", type=Path, default=ROOT, help="where the marker's run paths start")
+    parser.add_argument("--write", action="store_true", help="regenerate the marked tables from the kept runs first")
     args = parser.parse_args(argv)
+    if args.write:
+        try:
+            args.doc.write_text(regenerate(args.doc.read_text(), args.root))
+        except EdgetrainError as exc:
+            print(f"check_results: {exc}", file=sys.stderr)
+            return 1
     failures, notes = check(args.doc, args.root)
     for note in notes:
         print(note)

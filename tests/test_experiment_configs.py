@@ -61,3 +61,37 @@ def test_centralized_baseline_is_a_run_directory(fleet_assets: FleetAssets, tmp_
     assert [r.round_id for r in records] == [1, 2] and report.name == "baseline"
     assert report.settings["strategy"] == "centralized" and report.uplink_mb == 0
     assert report.final_accuracy == records[-1].accuracy is not None
+
+
+def _tier(name: str) -> list[str]:
+    done = subprocess.run(["bash", str(ROOT / "experiments" / "run_all.sh"), name], capture_output=True, text=True,
+                          env={"DRY_RUN": "1", "PATH": "/usr/bin:/bin"}, cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def test_run_all_runs_every_config_once_and_the_whole_matrix() -> None:
+    matrix, kept, extra = _tier("matrix"), _tier("kept"), _tier("extra")
+    shipped = {p.stem for p in (ROOT / "experiments").glob("*.toml") if not p.stem.startswith("i17-")}
+    assert sorted(matrix + kept + extra) == sorted(shipped)  # each once; issue 17's are run_17.sh's
+    assert _tier("all") == matrix + kept  # the default: the matrix, then the runs docs/results.md cites
+    # issue 16: {FL epoch rounds, FL short rounds, LB} x {dense, DGC, sketch, STC} x {IID, Dirichlet(0.3)}
+    assert len(matrix) == 3 * 4 * 2
+    assert {"fl-dgc985-iid-ls19", "fl-dgc-iid-ls19-down90"} <= set(kept)  # kept runs that had no config
+
+
+def _settings(name: str) -> dict:
+    args = parse_args(["simulate", "--config", str(ROOT / "experiments" / f"{name}.toml")])
+    settings = {k: getattr(args, k) for k in ("strategy", "rounds", "local_steps", "local_epochs", "batch_size", "lr",
+                                              "momentum", "devices", "eval_every", "downlink_codec")}
+    if args.strategy == "large-batch" and "momentum=0.9" in args.codec and args.momentum == 0.0:
+        settings["momentum"] = 0.9  # DGC's momentum correction: the momentum moves from the server to the device
+    return settings
+
+
+@pytest.mark.parametrize("kind", ["fl-{}-{}", "fl-{}-{}-ls19", "lb-{}-{}"])
+def test_matrix_cells_of_one_method_differ_only_in_codec_and_data(kind: str) -> None:
+    """Matched settings: within a method every cell trains alike; only the uplink codec and the partition move."""
+    cells = [_settings(kind.format(codec, data)) for codec in ("dense", "dgc", "sketch", "stc")
+             for data in ("iid", "dir03")]
+    assert all(cell == cells[0] for cell in cells), cells

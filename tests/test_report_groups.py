@@ -120,3 +120,19 @@ def test_checker_fails_when_a_marker_names_no_runs_or_a_row_is_missing(tmp_path:
     doc.write_text("\n".join(line for line in text.splitlines() if not line.startswith("| FL stc")) + "\n")
     done = _check(doc, tmp_path)
     assert done.returncode == 1 and "1 rows in the doc, 2 configurations in the runs" in done.stderr
+
+
+def test_checker_write_regenerates_the_marked_tables_and_leaves_the_rest(tmp_path: Path) -> None:
+    doc = _doc(tmp_path)
+    good = doc.read_text()
+    # an old table: a column fewer and a wrong cell; the unmarked table and the text must stay as they are
+    stale = "\n".join(line.rsplit("|", 2)[0] + "|" if line.startswith("|") and "report" not in line else line
+                      for line in good.splitlines()).replace("86.50 ± 6.35", "1.00", 1) + "\n"
+    doc.write_text(stale + "\nafter\n")
+    assert _check(doc, tmp_path).returncode == 1
+    done = subprocess.run([sys.executable, str(CHECKER), str(doc), "--root", str(tmp_path), "--write"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    text = doc.read_text()
+    assert text.endswith("\nafter\n") and "| a |\n" in text  # the unmarked table as it was (cut above)
+    assert text.replace("\nafter\n", "").split("-->\n")[1] == good.split("-->\n")[1]
