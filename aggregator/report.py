@@ -106,6 +106,16 @@ def _sum_extra(records: Sequence[RoundRecord], key: str) -> float | None:
     return sum(values) if values else None
 
 
+def _run_name(settings: Mapping[str, Any], run_dir: Path) -> str:
+    """The run's label (else its directory's name), with its recorded seed where the label does not say it:
+    the seeds of one configuration share their config's label."""
+    name = str(settings.get("label") or run_dir.name)
+    seed = settings.get("seed")
+    if isinstance(seed, int) and not isinstance(seed, bool) and "seed" not in name:
+        name += f", seed {seed}"
+    return name
+
+
 def load_run(run_dir: Path | str, targets: Sequence[float] = DEFAULT_TARGETS) -> tuple[RunReport, list[RoundRecord]]:
     run_dir = Path(run_dir)
     if not (run_dir / METRICS_FILE).is_file():
@@ -124,7 +134,7 @@ def load_run(run_dir: Path | str, targets: Sequence[float] = DEFAULT_TARGETS) ->
     ratio, ratio_with_metrics = frame_ratios(records, settings.get("num_params"))
     processed = sum(r.examples_processed for r in records)
     report = RunReport(
-        name=str(settings.get("label") or run_dir.name), settings=settings, rounds=len(training_rounds(records)),
+        name=_run_name(settings, run_dir), settings=settings, rounds=len(training_rounds(records)),
         final_accuracy=evaluated[-1] if evaluated else None, best_accuracy=max(evaluated) if evaluated else None,
         uplink_mb=sum(r.bytes_up for r in records) / BYTES_PER_MB,
         downlink_mb=sum(r.bytes_down for r in records) / BYTES_PER_MB,

@@ -5,25 +5,35 @@
 #   kept:   the runs docs/results.md cites beside the matrix (DGC 98.5 %, DGC + DGC downlink, STC 98 %,
 #           STC 98 % + downlink, DGC 99.9 %, all short rounds IID)                           5 configs, 15 runs
 #   extra:  the other experiments/*.toml (short rounds of 10 and 5 steps, 20 rounds, momentum correction,
-#           server momentum, batch/group norm): `bash experiments/run_all.sh extra`            10 configs, 30 runs
-# plus the centralized baseline, then `edgetrain report` over the kept runs. Each config runs once per seed in
-# SEEDS (default "0 1 2"; the seed moves data order, partition and selection, so runs pair by seed) and is
-# kept as docs/results/runs/NAME-sSEED (metrics.jsonl + summary.json, per-device breakdown stripped).
+#           server momentum, batch/group norm): `bash experiments/run_all.sh extra`           12 configs, 36 runs
+# plus the centralized baseline, then `edgetrain report` over the kept runs and experiments/check_results.py.
+# Each config runs once per seed in SEEDS (default "0 1 2"; the seed moves data order, partition and selection,
+# so runs pair by seed) and is kept as docs/results/runs/NAME-sSEED (metrics.jsonl + summary.json, per-device
+# breakdown stripped).
 #
-# Wall time (2 quiet cores), estimated from the kept runs' total_wall_s (summary.json) and a calibration
-# (experiments/README of issue 16's report; rounds/steps of one config of each kind, timed in one sitting):
-#   FL short rounds ~77 s of rounds (kept fl-*-ls19: 70-90 s, mean 77), FL epoch rounds ~75 s, LB 600 steps
-#   ~95 s, plus ~15 s a run to start (bundle export, 10 device processes, final evaluation, plots).
-#   matrix ~(24 x 3) x 102 s = ~2.0 h; kept +15 x 92 s = ~23 min; extra +30 runs = ~50 min; centralized ~1 min.
-# So `bash experiments/run_all.sh` (matrix + kept + centralized) is ~2.4 h quiet; SEEDS="0 1" ~1.6 h.
+# Wall time on 2 quiet cores, estimated from the kept runs' total_wall_s (summary.json: rounds only) plus
+# ~15 s a run to start and stop (bundle export, 10 device processes, plots: issue 16 puts the last full
+# sitting at ~1.6 h quiet for 59 runs, ~98 s a run, against ~85 s of rounds in their kept files):
+#   FL short rounds (100 x 19 steps): kept fl-*-ls19 70-90 s, mean 77 s              -> 24 runs x  92 s = 37 min
+#   FL epoch rounds (10 x E=1): the same examples at a tenth of the rounds, 63 s of
+#     compute + 10 evaluations (model fitted to the kept ls19/ls10/ls5 runs: 0.13 s a
+#     round + 1.0e-4 s an example); the lost matrix's loaded times x 86/168 give 67 s -> 24 runs x  82 s = 33 min
+#   LB (600 steps): no kept LB run; one step took 0.26 of a short round in a loaded
+#     calibration (50 steps of lb-dense-iid vs 10 rounds of fl-dense-iid-ls19, load
+#     average 16-18, 2026-11-26): 0.26 x 0.77 s x 600 = 118 s dense; the compressed
+#     codecs send 15-400x less (the lost matrix: ~0.6 of dense) -> mean ~100 s        -> 24 runs x 113 s = 45 min
+#   matrix ~1.9 h; kept 15 x 92 s ~23 min; extra ~68 min; centralized ~1 min.
+# So `bash experiments/run_all.sh` (matrix + kept + centralized) is ~2.3 h quiet, the matrix alone ~1.9 h.
 # No round count was cut: none of the kept curves has flattened (the short-round runs still gain 0.2-0.5 pt
-# per 10 rounds at round 100: docs/results/runs/fl-*-ls19-*), and the epoch-round and LB curves were lost.
+# per 10 rounds at round 100: docs/results/runs/fl-*-ls19-*), and the epoch-round and LB curves were lost;
+# run `matrix` and `kept` in two sittings (same commit and machine) if 2 h is a hard limit.
 #
 #   bash experiments/run_all.sh                  # matrix + kept + centralized, then the reports
-#   bash experiments/run_all.sh matrix           # one tier: matrix | kept | extra | centralized
+#   bash experiments/run_all.sh matrix kept      # tiers: matrix | kept | extra | centralized (several: in turn)
 #   bash experiments/run_all.sh 'fl-*-dir03*'    # any configs (a glob over experiments/*.toml)
 #   DRY_RUN=1 bash experiments/run_all.sh matrix # list the configs a tier runs
-#   SEEDS=0 RUNS=/tmp/r KEEP=/tmp/k EXTRA_FLAGS="--rounds 1 --limit-examples 64" bash experiments/run_all.sh 'lb-dense-iid'
+#   SEEDS="0 1" RUNS=/tmp/r KEEP=/tmp/k REPORT=/tmp/rep EXTRA_FLAGS="--rounds 2 --limit-examples 64" \
+#       bash experiments/run_all.sh fl-dgc-iid-ls19 lb-stc-dir03     # the pipeline's smoke, ~4 min loaded
 # Run outputs go to $RUNS (default runs/experiments/; bundles and checkpoints stay there, uncommitted); the
 # kept files go to $KEEP (default docs/results/runs/), where the report and experiments/check_results.py read
 # them. EXTRA_FLAGS are added to every simulate (a CI-sized smoke of the pipeline; never for kept results).
@@ -82,10 +92,15 @@ centralized() {  # the same model trained on all the data for the FL runs' 10 ep
     keep centralized
 }
 
-what=${1:-all}
-if [ -n "${DRY_RUN:-}" ]; then configs "$what"; exit 0; fi  # the config names only (tests/test_experiment_configs.py)
-for name in $(configs "$what"); do one_config "$name"; done
-if [ "$what" = all ] || [ "$what" = centralized ]; then centralized; fi
+[ $# -gt 0 ] || set -- all
+if [ -n "${DRY_RUN:-}" ]; then  # the config names only (tests/test_experiment_configs.py)
+    for what in "$@"; do configs "$what"; done
+    exit 0
+fi
+for what in "$@"; do
+    for name in $(configs "$what"); do one_config "$name"; done
+    if [ "$what" = all ] || [ "$what" = centralized ]; then centralized; fi
+done
 # The report over every kept run but issue 17's (experiments/run_17.sh reports those), then the check of
 # docs/results.md's tables against the kept runs (a table the new runs changed is reported, not fatal).
 runs=()

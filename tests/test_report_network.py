@@ -74,7 +74,7 @@ def test_group_table_shows_ratios_in_frames_metrics_and_examples_to_target(tmp_p
         records = [_record(1, acc, up, metrics=100, examples=1000)]
         runs.append(load_run(_run(tmp_path / f"s{seed}", records, seed=seed, local_steps=19, label=f"x{seed}")))
     (group,) = group_runs(runs, DEFAULT_TARGETS)  # the labels differ, the settings but the seed agree
-    assert group.seeds == (0, 1)
+    assert group.seeds == (0, 1) and [r.name for r, _ in runs] == ["x0, seed 0", "x1, seed 1"]
     # dense 8,000 B per run: 80x and 8000/300; with 100 B of metrics 40x and 20x
     assert group.frame_ratio == pytest.approx((80 + 8000 / 300) / 2)
     assert group.frame_ratio_with_metrics == pytest.approx((40 + 20) / 2)
