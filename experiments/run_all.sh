@@ -18,6 +18,7 @@
 #   FL epoch rounds (10 x E=1): the same examples at a tenth of the rounds, 63 s of
 #     compute + 10 evaluations (model fitted to the kept ls19/ls10/ls5 runs: 0.13 s a
 #     round + 1.0e-4 s an example); the lost matrix's loaded times x 86/168 give 67 s -> 24 runs x  82 s = 33 min
+#     (a conservative figure: in the loaded calibration below one epoch round took 10.9 s, 3.3 short rounds)
 #   LB (600 steps): no kept LB run; one step took 0.26 of a short round in a loaded
 #     calibration (50 steps of lb-dense-iid vs 10 rounds of fl-dense-iid-ls19, load
 #     average 16-18, 2026-11-26): 0.26 x 0.77 s x 600 = 118 s dense; the compressed
