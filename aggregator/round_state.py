@@ -21,6 +21,10 @@ class Progress:
     record: RoundRecord | None = None  # set once the round closed
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 MAX_DETAIL_LINES = 100  # a flood of rejections must not grow a round's record (or memory) without bound
 
 
@@ -40,6 +44,7 @@ class RoundTally:
     device_cpu_s: float = 0.0
     train_loss_sum: float = 0.0  # Σ examples · training loss the devices reported with accepted updates
     train_loss_examples: int = 0
+    local_epsilon: tuple[float, float] | None = None  # (max ε, its δ) over the devices with local DP
 
     def add_train_loss(self, loss: object, examples: int) -> None:
         """Count a device's reported training loss (weighted by its examples); a non-finite or non-number
@@ -51,6 +56,20 @@ class RoundTally:
     def train_loss(self) -> float | None:
         """The example-weighted mean training loss of the accepted updates (None when none said)."""
         return self.train_loss_sum / self.train_loss_examples if self.train_loss_examples else None
+
+    def add_local_epsilon(self, epsilon: object, delta: object) -> None:
+        """Keep the largest ε a device with local DP (sdk.local_dp) reported, with its δ; a figure off the
+        wire that is not a finite number >= 0 (or a δ outside (0, 1)) is ignored: it is reported, not used."""
+        if not (_is_number(epsilon) and epsilon >= 0 and _is_number(delta) and 0 < delta < 1):
+            return
+        if self.local_epsilon is None or float(epsilon) > self.local_epsilon[0]:
+            self.local_epsilon = (float(epsilon), float(delta))
+
+    def local_dp_extra(self) -> dict[str, float]:
+        """The round's ``local_epsilon`` (max over its devices) and ``local_dp_delta``; {} without local DP."""
+        if self.local_epsilon is None:
+            return {}
+        return {"local_epsilon": self.local_epsilon[0], "local_dp_delta": self.local_epsilon[1]}
     replayed: int = 0  # accepted before a restart, read back from the update journal
 
     def note(self, line: str) -> None:
