@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 17's three small tables in docs/results.md, three seeds each (the seed moves data order and
-# device selection), CI-sized (the mlp or cnn, few examples or steps, a few rounds): ~20 min on 2 loaded cores
-# (robust ~12 min for 36 runs, dp ~4 min, stragglers ~6 min):
+# device selection), CI-sized (the mlp or cnn, few examples or steps, a few rounds): ~45 min on 2 loaded cores
+# (robust ~34 min for 60 runs, dp ~4 min, stragglers ~6 min):
 #   1. robust:     accuracy under each attack (2 of 10 devices) per aggregation rule  (experiments/i17-robust.toml);
 #                  attacks none, scale, sign-flip, label-flip, random (ATTACKS="none scale" picks some) at the
 #                  default strengths of sdk/attack.py (sign-flip -4x, scale 100x, label-flip boosted 10x)
