@@ -25,6 +25,17 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def larger_local_epsilon(current: tuple[float, float] | None, epsilon: object,
+                         delta: object) -> tuple[float, float] | None:
+    """(ε, δ) with the larger ε of ``current`` and a device's report; a figure off the wire that is not a
+    finite number >= 0 (or a δ outside (0, 1)) is ignored: it is reported, never used."""
+    if not (_is_number(epsilon) and epsilon >= 0 and _is_number(delta) and 0 < delta < 1):  # type: ignore[operator]
+        return current
+    if current is None or float(epsilon) > current[0]:  # type: ignore[arg-type]
+        return float(epsilon), float(delta)  # type: ignore[arg-type]
+    return current
+
+
 MAX_DETAIL_LINES = 100  # a flood of rejections must not grow a round's record (or memory) without bound
 
 
@@ -58,12 +69,8 @@ class RoundTally:
         return self.train_loss_sum / self.train_loss_examples if self.train_loss_examples else None
 
     def add_local_epsilon(self, epsilon: object, delta: object) -> None:
-        """Keep the largest ε a device with local DP (sdk.local_dp) reported, with its δ; a figure off the
-        wire that is not a finite number >= 0 (or a δ outside (0, 1)) is ignored: it is reported, not used."""
-        if not (_is_number(epsilon) and epsilon >= 0 and _is_number(delta) and 0 < delta < 1):
-            return
-        if self.local_epsilon is None or float(epsilon) > self.local_epsilon[0]:
-            self.local_epsilon = (float(epsilon), float(delta))
+        """Keep the largest ε a device with local DP (sdk.local_dp) reported, with its δ."""
+        self.local_epsilon = larger_local_epsilon(self.local_epsilon, epsilon, delta)
 
     def local_dp_extra(self) -> dict[str, float]:
         """The round's ``local_epsilon`` (max over its devices) and ``local_dp_delta``; {} without local DP."""
