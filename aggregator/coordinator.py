@@ -169,6 +169,7 @@ class Coordinator(Aggregator):
             tally.device_cpu_s += partial.device_cpu_s
             tally.train_loss_sum += partial.train_loss_sum
             tally.train_loss_examples += partial.train_loss_examples
+            tally.add_local_epsilon(partial.local_epsilon, partial.local_dp_delta)
             for norm in partial.norms:
                 self._norms.add(norm)
         _log.info("round %d: %d update(s) from %d worker(s) reduced", open_round.round_id, reduced.mean.count,

@@ -1,4 +1,5 @@
-"""What a differentially private run writes: per-round ``extra`` keys and the summary's ``epsilon``.
+"""What a differentially private run writes: per-round ``extra`` keys and the summary's ``epsilon``
+(central DP) and ``local_epsilon`` (the largest ε a device with local DP reported, sdk.local_dp).
 
 Apart from ``aggregator.dp`` so that the service needs neither ``dp-accounting`` nor numpy math to
 record a round: it only copies the typed ``PrivacySpent`` a DP strategy returned.
@@ -21,8 +22,15 @@ def privacy_extra(privacy: PrivacySpent | None) -> dict[str, Any]:
 
 
 def privacy_summary(records: Sequence[RoundRecord]) -> dict[str, Any]:
-    """The run's ε at δ (its last DP round's: the accountant composes every round) for summary.json."""
+    """The run's central ε at δ (its last DP round's: the accountant composes every round) and its
+    ``local_epsilon`` (the largest any device with local DP reported, with that device's δ) for summary.json."""
+    central: dict[str, Any] = {}
     for record in reversed(records):
         if "epsilon" in record.extra:
-            return {"epsilon": record.extra["epsilon"], "dp_delta": record.extra.get("dp_delta")}
-    return {}
+            central = {"epsilon": record.extra["epsilon"], "dp_delta": record.extra.get("dp_delta")}
+            break
+    local = [r.extra for r in records if "local_epsilon" in r.extra]
+    if not local:
+        return central
+    worst = max(local, key=lambda extra: extra["local_epsilon"])
+    return {**central, "local_epsilon": worst["local_epsilon"], "local_dp_delta": worst.get("local_dp_delta")}

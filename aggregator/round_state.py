@@ -32,6 +32,21 @@ def examples_processed(settings: RoundSettings, claimed_examples: int) -> int:
     return settings.local_epochs * max(0, int(claimed_examples))
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def larger_local_epsilon(current: tuple[float, float] | None, epsilon: object,
+                         delta: object) -> tuple[float, float] | None:
+    """(ε, δ) with the larger ε of ``current`` and a device's report; a figure off the wire that is not a
+    finite number >= 0 (or a δ outside (0, 1)) is ignored: it is reported, never used."""
+    if not (_is_number(epsilon) and epsilon >= 0 and _is_number(delta) and 0 < delta < 1):  # type: ignore[operator]
+        return current
+    if current is None or float(epsilon) > current[0]:  # type: ignore[arg-type]
+        return float(epsilon), float(delta)  # type: ignore[arg-type]
+    return current
+
+
 MAX_DETAIL_LINES = 100  # a flood of rejections must not grow a round's record (or memory) without bound
 
 
@@ -54,6 +69,7 @@ class RoundTally:
     device_cpu_s: float = 0.0
     train_loss_sum: float = 0.0  # Σ examples · training loss the devices reported with accepted updates
     train_loss_examples: int = 0
+    local_epsilon: tuple[float, float] | None = None  # (max ε, its δ) over the devices with local DP
 
     def add_train_loss(self, loss: object, examples: int) -> None:
         """Count a device's reported training loss (weighted by its examples); a non-finite or non-number
@@ -65,6 +81,16 @@ class RoundTally:
     def train_loss(self) -> float | None:
         """The example-weighted mean training loss of the accepted updates (None when none said)."""
         return self.train_loss_sum / self.train_loss_examples if self.train_loss_examples else None
+
+    def add_local_epsilon(self, epsilon: object, delta: object) -> None:
+        """Keep the largest ε a device with local DP (sdk.local_dp) reported, with its δ."""
+        self.local_epsilon = larger_local_epsilon(self.local_epsilon, epsilon, delta)
+
+    def local_dp_extra(self) -> dict[str, float]:
+        """The round's ``local_epsilon`` (max over its devices) and ``local_dp_delta``; {} without local DP."""
+        if self.local_epsilon is None:
+            return {}
+        return {"local_epsilon": self.local_epsilon[0], "local_dp_delta": self.local_epsilon[1]}
     replayed: int = 0  # accepted before a restart, read back from the update journal
 
     def note(self, line: str) -> None:

@@ -293,6 +293,7 @@ class Aggregator:
                 tally.examples_processed += examples_processed(tally.settings, valid.claimed_examples)
             tally.device_cpu_s += float(update.metrics.get("cpu_s", 0.0))
             tally.add_train_loss(update.metrics.get("train_loss"), valid.num_examples)
+            tally.add_local_epsilon(update.metrics.get("local_epsilon"), update.metrics.get("local_dp_delta"))
             self._tally_caps(device, valid, tally)
         if not replayed:
             self._ack(device, update, True, "", tally)
@@ -562,7 +563,7 @@ class Aggregator:
                    "uplink_compression": (4 * self.params.size * len(ctx.reported_devices)
                                           / max(1, tally.accepted_payload_bytes)),
                    **self.device_metrics.take(open_round.round_id, open_round.selected),
-                   **privacy_extra(info.privacy)})
+                   **privacy_extra(info.privacy), **tally.local_dp_extra()})
 
     def _record_initial_model(self) -> None:
         """Round 0 in ``metrics.jsonl``: the initial model's test accuracy, so the plots start there."""

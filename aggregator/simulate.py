@@ -23,6 +23,7 @@ from edgetrain.sdk.attack import ATTACK_KINDS, Attack
 from edgetrain.sdk.cli_args import add_broker_args, broker_config, positive_int
 from edgetrain.sdk.config_file import add_config_arg
 from edgetrain.sdk.device import check_slowdown
+from edgetrain.sdk.device_cli import add_local_dp_args, local_dp_config
 from edgetrain.sdk.errors import ConfigError
 from edgetrain.sdk.wire.signing import public_key_path
 
@@ -58,9 +59,10 @@ def register(subparsers: Any) -> None:
     add_run_dir_args(p)
     p.add_argument("--fleet", default="sim", help="fleet name (default sim)")
     p.add_argument("--limit-examples", type=positive_int, help="each device uses at most N examples (CI-size runs)")
-    p.add_argument("--attackers", metavar="K:KIND", type=_attackers,
-                   help=f"TESTING: devices dev-000 … dev-(K-1) attack with KIND ({' | '.join(ATTACK_KINDS)}), "
-                        "e.g. 2:scale")
+    p.add_argument("--attackers", metavar="K:KIND[:boost=B]", type=_attackers,
+                   help=f"TESTING: devices dev-000 … dev-(K-1) attack with KIND ({' | '.join(ATTACK_KINDS)}) "
+                        "and an optional strength (device --attack), e.g. 2:scale or 2:label-flip:boost=10")
+    add_local_dp_args(p)  # passed to every device
     p.add_argument("--stragglers", metavar="K:F", type=_stragglers,
                    help="TESTING: the last K devices train F times slower (device --slowdown F), e.g. 3:5")
     p.add_argument("--device-threads", type=positive_int, default=1, help="intra-op threads per device (default 1)")
@@ -73,15 +75,22 @@ def register(subparsers: Any) -> None:
 
 
 def _attackers(text: str) -> tuple[int, Attack]:
-    """``K:KIND`` → (K, the attack); argparse reports the ConfigError's message."""
-    count, sep, kind = text.partition(":")
+    """``K:KIND[:boost=B]`` → (K, the attack); argparse reports the ConfigError's message."""
+    count, sep, spec = text.partition(":")
     if not sep or not count.strip().isdigit() or int(count) < 1:
-        raise argparse.ArgumentTypeError(f"expected K:KIND with K >= 1 and KIND one of {', '.join(ATTACK_KINDS)}, "
-                                         f"got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected K:KIND[:boost=B] with K >= 1 and KIND one of "
+                                         f"{', '.join(ATTACK_KINDS)}, got {text!r}")
     try:
-        return int(count), Attack(kind.strip())
+        return int(count), Attack.parse(spec)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _local_dp_flags(args: argparse.Namespace) -> list[str]:
+    """The device's ``--local-dp-*`` flags, as simulate got them (empty when local DP is off)."""
+    flags = (("--local-dp-clip", args.local_dp_clip), ("--local-dp-noise-multiplier", args.local_dp_noise_multiplier),
+             ("--local-dp-delta", args.local_dp_delta))
+    return [part for flag, value in flags if value is not None for part in (flag, repr(value))]
 
 
 def _stragglers(text: str) -> tuple[int, float]:
@@ -143,7 +152,8 @@ def _spawn_devices(args: argparse.Namespace, broker_url: str, bundle: Path, out:
             if value is not None:
                 cmd += [flag, str(value)]
         if args.attackers is not None and i < args.attackers[0]:
-            cmd += ["--attack", args.attackers[1].kind]
+            cmd += ["--attack", str(args.attackers[1])]
+        cmd += _local_dp_flags(args)
         if _is_straggler(args, i):
             cmd += ["--slowdown", str(args.stragglers[1])]
         if args.signing_key is not None:  # devices obey only this run's aggregator
@@ -202,8 +212,11 @@ def _check_args(args: argparse.Namespace) -> None:
         needed = AggregationRule.parse(args.aggregation or "mean").min_updates()
         args.min_devices = max(1, min(max(2, needed), args.devices))
     if args.attackers is not None and (args.attackers[0] > args.devices or args.device_processes is not None):
-        raise ConfigError(f"--attackers {args.attackers[0]}:{args.attackers[1].kind} needs at most --devices "
+        raise ConfigError(f"--attackers {args.attackers[0]}:{args.attackers[1]} needs at most --devices "
                           f"{args.devices} devices, each its own process (not --device-processes)")
+    if local_dp_config(args) is not None and args.device_processes is not None:  # refuses a partial set too
+        raise ConfigError("--local-dp-* needs each device its own process (not --device-processes): a device "
+                          "host has no local DP flags, so the updates would leave un-noised")
     if args.stragglers is not None and (args.stragglers[0] > args.devices or args.device_processes is not None):
         raise ConfigError(f"--stragglers {args.stragglers[0]}:{args.stragglers[1]:g} needs at most --devices "
                           f"{args.devices} devices, each its own process (not --device-processes)")
@@ -220,7 +233,7 @@ def _check_args(args: argparse.Namespace) -> None:
     check_round_args(args, args.fleet)
     args.labels = {"partition": args.partition, "devices": args.devices, "model": args.model, "norm": args.norm,
                    "runtime": "bundle" if args.bundle else args.runtime,
-                   **({"attackers": f"{args.attackers[0]}:{args.attackers[1].kind}"} if args.attackers else {}),
+                   **({"attackers": f"{args.attackers[0]}:{args.attackers[1]}"} if args.attackers else {}),
                    **({"stragglers": f"{args.stragglers[0]}:{args.stragglers[1]:g}"} if args.stragglers else {}), **({"label": args.label} if args.label else {})}
     if args.resume and args.out is None:
         raise ConfigError("--resume needs --out: the run directory to continue")

@@ -45,6 +45,7 @@ from .device_metrics import (BENCH_ROUND_ID, EnergyProbe, GradientGroup, StepTim
                              step_stats_ms)
 from .device_state import DeviceState
 from .host_share import HostShare
+from .local_dp import LocalDPConfig, LocalPrivacyLedger, privatize, require_accountant
 from .model_sync import ModelReplica
 from .outbox import Outbox
 from .round_settings import TASK_TRAIN_CONTINUOUS, RoundSettings
@@ -78,6 +79,7 @@ class DeviceConfig:
     gradient_metrics_every: int = 10  # large batch: one metrics message per this many steps
     attack: Attack | None = None  # an adversarial test device (sdk.attack); None: honest
     slowdown: float = 1.0  # TESTING: every training step takes this many times longer (a straggler)
+    local_dp: LocalDPConfig | None = None  # clip and noise every update before it leaves (sdk.local_dp)
 
     def __post_init__(self) -> None:
         check_slowdown(self.slowdown)
@@ -203,6 +205,11 @@ class Device:
         # Flow control for continuous rounds: the next update starts only once the aggregator acknowledged the
         # last one, so a fleet faster than the server's steps cannot pile a backlog of ever staler updates up.
         self._unacked: set[str] = set()
+        self._local_dp: tuple[LocalPrivacyLedger, np.random.Generator] | None = None
+        if config.local_dp is not None:  # fail at start when the accountant is missing or the ledger unreadable
+            require_accountant()
+            # Fresh OS entropy: noise that a seed could reproduce protects nothing.
+            self._local_dp = (LocalPrivacyLedger(config.state_dir), np.random.default_rng())
 
     # -- the loop ---------------------------------------------------------------------------
     def _status(self, online: bool, needs_resync: bool = False) -> bytes:
@@ -589,6 +596,8 @@ class Device:
     def _update(self, a: wire.Announcement, vector: np.ndarray, num_examples: int, metrics: dict,
                 measured: dict[str, float]) -> wire.Update:
         """The update frame's message; ``measured`` (plus the encode time) becomes the round's metrics."""
+        if self._local_dp is not None:  # the one place an update is privatized, before any other step
+            vector, metrics = self._privatize(vector, metrics)
         if self.config.attack is not None:  # a test adversary: the one place an update is poisoned
             # Its own stream (the trailing 1), apart from the round's shuffle.
             rng = np.random.default_rng([self.config.seed, self.config.partition_index, a.round_id, 1])
@@ -599,6 +608,15 @@ class Device:
         return wire.Update(device_id=self.config.device_id, round_id=a.round_id, model_version=a.model_version,
                            update_id=uuid.uuid4().hex, num_examples=num_examples, codec=spec, payload=payload,
                            metrics=metrics, run_id=a.run_id)
+
+    def _privatize(self, vector: np.ndarray, metrics: dict) -> tuple[np.ndarray, dict]:
+        """Local DP (sdk.local_dp): the clipped, noised update, and the metrics with this device's ε so far."""
+        assert self._local_dp is not None and self.config.local_dp is not None
+        ledger, rng = self._local_dp
+        config = self.config.local_dp
+        noised = privatize(vector, config, rng)
+        ledger.record(config.mechanism_multiplier)
+        return noised, {**metrics, "local_epsilon": ledger.epsilon(config.delta), "local_dp_delta": config.delta}
 
     def train_round(self, a: wire.Announcement) -> wire.Update:
         """Local training from the announced model; the update is the delta w_local − w_round."""

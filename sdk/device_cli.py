@@ -22,6 +22,7 @@ from .device_metrics import bench_values
 from .energy.power import SourceOptions
 from .energy.round_energy import open_round_energy
 from .errors import ConfigError
+from .local_dp import LocalDPConfig
 from .runtime import AUTO_ORDER, load_runtime, select_bundle
 from .transport import MqttTransport
 
@@ -55,9 +56,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--wait-for-broker", type=positive_float, metavar="SECONDS",
                    help="wait up to SECONDS for a broker that is not up yet (a board that boots before its "
                         "network); default: fail at once")
-    p.add_argument("--attack", choices=ATTACK_KINDS,
-                   help="TESTING ONLY: act as an adversary that sends sign-flipped, scaled (x100) or random updates, "
-                        "or trains on flipped labels (to evaluate robust aggregation)")
+    p.add_argument("--attack", type=attack_spec, metavar="KIND[:boost=B]",
+                   help=f"TESTING ONLY: act as an adversary ({' | '.join(ATTACK_KINDS)}; to evaluate robust "
+                        "aggregation) that sends -4x (sign-flip), 100x (scale) or random updates, or trains on "
+                        "flipped labels and sends 10x its update (label-flip); boost=B sets the factor")
+    add_local_dp_args(p)
     p.add_argument("--slowdown", type=slowdown_factor, default=1.0, metavar="F",
                    help="TESTING ONLY: make every training step take F times longer (a straggler; default 1)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -75,6 +78,30 @@ def register(subparsers: Any) -> None:
     m.add_argument("--bench-result", type=Path,
                    help="a bench.json from 'edgetrain bench' to publish once (retained) at start")
     p.set_defaults(func=run)
+
+
+def add_local_dp_args(p: argparse.ArgumentParser) -> None:
+    """The local DP flags (sdk.local_dp), shared with ``simulate``, which passes them to every device."""
+    g = p.add_argument_group("local differential privacy", "clip each update and add Gaussian noise on the "
+                             "device, before it leaves; the device reports its epsilon with each update")
+    g.add_argument("--local-dp-clip", type=positive_float, metavar="S", help="clip each update to L2 norm S")
+    g.add_argument("--local-dp-noise-multiplier", type=positive_float, metavar="Z",
+                   help="add N(0, (Z*S)^2) per coordinate (needs --local-dp-clip)")
+    g.add_argument("--local-dp-delta", type=positive_float, metavar="D",
+                   help="report epsilon at this delta (default 1e-5)")
+
+
+def local_dp_config(args: argparse.Namespace) -> LocalDPConfig | None:
+    """The local DP the flags ask for (None: off); ConfigError for a set that cannot hold."""
+    return LocalDPConfig.from_flags(args.local_dp_clip, args.local_dp_noise_multiplier, args.local_dp_delta)
+
+
+def attack_spec(text: str) -> Attack:
+    """``--attack KIND[:boost=B]``; argparse reports the ConfigError's message."""
+    try:
+        return Attack.parse(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def slowdown_factor(text: str) -> float:
@@ -136,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
                           partition=PartitionSpec.parse(args.partition), partition_index=index,
                           partition_count=count, seed=args.seed, max_chunk_bytes=args.max_chunk_bytes,
                           gradient_metrics_every=args.metrics_every_steps,
-                          attack=Attack(args.attack) if args.attack else None, slowdown=args.slowdown)
+                          attack=args.attack, slowdown=args.slowdown, local_dp=local_dp_config(args))
     bench = read_bench_result(args.bench_result) if args.bench_result else None
     aggregator_key = wire.signing.load_public_key(args.aggregator_key) if args.aggregator_key else None
     energy, energy_unavailable = open_energy(args)  # before the slow loads: a named sensor that fails, fails now

@@ -59,8 +59,8 @@ def _check_rules_under_attack(broker: MosquittoBroker, assets: FleetAssets, tmp_
         accuracy = {rule: _final_accuracy(broker, assets, fleet, tmp_path / f"{kind}-{rule.split(':')[0]}", rule,
                                           rounds) for rule in ("mean", *ROBUST_RULES)}
         print(f"{kind}: clean {clean:.3f}, " + ", ".join(f"{r} {a:.3f}" for r, a in accuracy.items()))
-        if kind in ("scale", "random"):  # 2 of 10 flipped signs or labels only slow the mean down
-            assert accuracy["mean"] < clean - 0.3, (kind, clean, accuracy)
+        # every kind at its default strength (sdk.attack: RSA's sigma = -4, Bhagoji's boosting)
+        assert accuracy["mean"] < clean - 0.3, (kind, clean, accuracy)
         for rule in ROBUST_RULES:
             assert accuracy[rule] >= clean - 0.02, (kind, rule, clean, accuracy)
 
@@ -68,6 +68,8 @@ def _check_rules_under_attack(broker: MosquittoBroker, assets: FleetAssets, tmp_
 def test_robust_rules_survive_scaled_updates_that_collapse_fedavg(
         broker: MosquittoBroker, fleet_assets: FleetAssets, tmp_path: Path,
         cleanup: list[Callable[[], None]]) -> None:
+    # scale only: under sign-flip (-4·Δ) median and trimmed mean are biased towards the honest updates'
+    # small side and need a round or two more to come within 2 pt (measured: 0.95 and 0.935 after 4 rounds)
     _check_rules_under_attack(broker, fleet_assets, tmp_path, cleanup, ("scale",), rounds=4)
 
 
@@ -75,4 +77,4 @@ def test_robust_rules_survive_scaled_updates_that_collapse_fedavg(
 def test_robust_rules_survive_every_attack_kind(broker: MosquittoBroker, fleet_assets: FleetAssets, tmp_path: Path,
                                                  cleanup: list[Callable[[], None]]) -> None:
     _check_rules_under_attack(broker, fleet_assets, tmp_path, cleanup, ("scale", "random", "sign-flip", "label-flip"),
-                              rounds=5)
+                              rounds=6)  # 5 left sign-flip's trimmed mean 0.5 pt inside the 2 pt margin

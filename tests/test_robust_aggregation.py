@@ -170,11 +170,13 @@ def test_a_checkpoint_resumes_only_with_the_same_rule() -> None:
 def test_attacks_transform_the_update_or_the_labels() -> None:
     update = np.array([1.0, -2.0, 0.5], dtype=np.float32)
     rng = np.random.default_rng(0)
-    np.testing.assert_array_equal(Attack("sign-flip").poison_update(update, rng), -update)
+    np.testing.assert_array_equal(Attack("sign-flip").poison_update(update, rng), -4 * update)  # RSA's sigma
+    np.testing.assert_array_equal(Attack("sign-flip", 1).poison_update(update, rng), -update)
     np.testing.assert_array_equal(Attack("scale").poison_update(update, rng), 100 * update)
     noise = Attack("random").poison_update(update, np.random.default_rng(0))
     np.testing.assert_array_equal(noise, np.random.default_rng(0).standard_normal(3, dtype=np.float32))
-    np.testing.assert_array_equal(Attack("label-flip").poison_update(update, rng), update)
+    np.testing.assert_array_equal(Attack("label-flip").poison_update(update, rng), 10 * update)  # Bhagoji's K
+    np.testing.assert_array_equal(Attack("label-flip", 1).poison_update(update, rng), update)
     labels = np.array([0, 3, 9], dtype=np.int64)
     np.testing.assert_array_equal(Attack("label-flip").poison_labels(labels, 10), [9, 6, 0])
     np.testing.assert_array_equal(Attack("scale").poison_labels(labels, 10), labels)
@@ -182,11 +184,34 @@ def test_attacks_transform_the_update_or_the_labels() -> None:
         Attack("nonsense")
 
 
+def test_an_attack_spec_parses_its_boost_and_refuses_bad_input() -> None:
+    assert Attack.parse("label-flip:boost=2.5") == Attack("label-flip", 2.5)
+    assert Attack.parse(" scale ") == Attack("scale")
+    for spec in ("label-flip", "sign-flip:boost=1", "scale:boost=0.5", "label-flip:boost=3.14159265"):
+        assert Attack.parse(str(Attack.parse(spec))) == Attack.parse(spec)  # a device's flag reads back
+    for bad, problem in (("random:boost=2", "takes no boost"), ("scale:boost=0", "boost must be"),
+                         ("scale:boost=-3", "boost must be"), ("scale:boost=nan", "boost must be"),
+                         ("scale:boost=inf", "boost must be"), ("scale:boost=1e7", "boost must be"),
+                         ("scale:boost=x", "not a number"), ("scale:gain=2", "KIND:boost=B"),
+                         ("scale:boost", "KIND:boost=B"), ("bogus:boost=2", "unknown attack")):
+        with pytest.raises(ConfigError, match=problem):
+            Attack.parse(bad)
+
+
+def test_device_attack_flag_takes_a_boost() -> None:
+    from edgetrain.sdk.device_cli import attack_spec
+
+    assert attack_spec("label-flip:boost=10") == Attack("label-flip", 10.0)
+    with pytest.raises(argparse.ArgumentTypeError, match="takes no boost"):
+        attack_spec("random:boost=3")
+
+
 def test_simulate_attackers_flag_parses_count_and_kind() -> None:
     from edgetrain.aggregator.simulate import _attackers
 
     count, attack = _attackers("2:scale")
     assert count == 2 and attack == Attack("scale")
-    for bad in ("scale", "0:scale", "x:scale", "2:bogus"):
+    assert _attackers("3:label-flip:boost=7") == (3, Attack("label-flip", 7.0))
+    for bad in ("scale", "0:scale", "x:scale", "2:bogus", "2:scale:boost=-1", "2:random:boost=2"):
         with pytest.raises(argparse.ArgumentTypeError):
             _attackers(bad)

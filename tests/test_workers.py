@@ -5,6 +5,7 @@ when one must be SIGKILLed; the test plays the coordinator (its work orders) and
 """
 from __future__ import annotations
 
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from edgetrain.aggregator.coordinator import reduce_partials
+from edgetrain.aggregator.round_state import RoundTally
 from edgetrain.aggregator.strategy import FedAvg
 from edgetrain.aggregator.worker import build_worker, owner_of, worker_name
 from edgetrain.sdk import topics, wire
@@ -123,6 +125,10 @@ def test_fedavg_over_two_workers_equals_numpy_weighted_mean(broker, tmp_path, cl
     devices = _devices(8)
     coord.order(_order(1, devices))
     updates = [_update(d, rng) for d in devices]
+    # devices with local DP report their epsilon (sdk.local_dp): each worker's final carries its largest
+    epsilons = {d: 0.5 + i for i, d in enumerate(devices)}
+    updates = [(dataclasses.replace(u, metrics={"local_epsilon": epsilons[u.device_id], "local_dp_delta": 1e-5}), v)
+               for u, v in updates]
     for update, _ in updates:
         coord.send(update)
     coord.wait_acked([u for u, _ in updates])
@@ -132,6 +138,13 @@ def test_fedavg_over_two_workers_equals_numpy_weighted_mean(broker, tmp_path, cl
     params, count = _fedavg(finals)
     assert count == len(devices)
     np.testing.assert_allclose(params, _weighted_mean(updates), rtol=0, atol=1e-6)
+    for final in finals.values():
+        assert final.local_epsilon == max(epsilons[d] for d in final.accepted_devices)
+        assert final.local_dp_delta == 1e-5
+    tally = RoundTally()  # the coordinator folds the finals in (coordinator._fold_in)
+    for final in finals.values():
+        tally.add_local_epsilon(final.local_epsilon, final.local_dp_delta)
+    assert tally.local_dp_extra() == {"local_epsilon": max(epsilons.values()), "local_dp_delta": 1e-5}
 
 
 def test_a_redelivery_routed_to_the_other_worker_is_counted_once(broker, tmp_path, cleanup) -> None:
@@ -174,6 +187,12 @@ def test_reduce_refuses_partials_that_count_one_update_twice() -> None:
                                train_loss_examples=0, payload=sums)
 
     assert reduce_partials({"w0": partial("w0")}, NUM_PARAMS).mean.count == 1
+    assert wire.decode(wire.encode(partial("w0"))).local_epsilon is None  # no local DP: null
+    with_dp = dataclasses.replace(partial("w0"), local_epsilon=2.5, local_dp_delta=1e-6)
+    assert wire.decode(wire.encode(with_dp)) == with_dp
+    for epsilon, delta in ((2.5, None), (-1.0, 1e-6), (float("nan"), 1e-6), (1.0, 1.0)):
+        with pytest.raises(WireError, match="local_epsilon"):
+            dataclasses.replace(partial("w0"), local_epsilon=epsilon, local_dp_delta=delta)
     with pytest.raises(WireError, match="repeats update"):
         reduce_partials({"w0": partial("w0"), "w1": partial("w1")}, NUM_PARAMS)
     with pytest.raises(WireError, match="payload bytes"):

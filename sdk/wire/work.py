@@ -122,11 +122,14 @@ class PartialSum:
     train_loss_sum: float
     train_loss_examples: int
     payload: bytes
+    local_epsilon: float | None = None  # the largest ε a device with local DP reported (sdk.local_dp), final only
+    local_dp_delta: float | None = None  # its δ
 
     def __post_init__(self) -> None:
         _check_run_id(self)
         _check_count(self, "round_id")
         _check_str(self, "worker_id")
+        self._check_local_epsilon()
         if len(self.worker_id) > MAX_WORKER_ID_CHARS:
             raise _fail(self, "worker_id", f"at most {MAX_WORKER_ID_CHARS} characters")
         _check_bool(self, "final")
@@ -150,6 +153,18 @@ class PartialSum:
             raise _fail(self, "payload", "a progress report (final False) carries no sums")
         if self.payload and len(self.payload) % 8:
             raise _fail(self, "payload", f"{len(self.payload)} bytes is not a whole number of float64 values")
+
+    def _check_local_epsilon(self) -> None:
+        if self.local_epsilon is None and self.local_dp_delta is None:
+            return
+        if self.local_epsilon is None or self.local_dp_delta is None:
+            raise _fail(self, "local_epsilon", "local_epsilon and local_dp_delta come together")
+        epsilon = _as_float(self, "local_epsilon", self.local_epsilon)
+        delta = _as_float(self, "local_dp_delta", self.local_dp_delta)
+        if not (math.isfinite(epsilon) and epsilon >= 0 and 0 < delta < 1):
+            raise _fail(self, "local_epsilon", f"expected epsilon >= 0 and delta in (0, 1), got {epsilon!r}, {delta!r}")
+        _set(self, "local_epsilon", epsilon)
+        _set(self, "local_dp_delta", delta)
 
     def _check_norms(self) -> None:
         norms = self.norms
