@@ -5,7 +5,8 @@ Two pieces:
 * ``WeightedMean`` — a streaming weighted mean of flat vectors. It keeps only the partial sums
   Σw·x (float64) and Σw, so memory is O(model) however many devices report, and two partial
   sums merge associatively: several aggregator workers can each keep one and a reducer adds
-  them up.
+  them up. On the aggregator's hot path (``block_updates``) float32 updates are first summed in a
+  float32 block that is flushed into the float64 sums every ``BLOCK_UPDATES`` updates.
 * Server optimisers — pure ``step(params, delta, state, hyper) -> (new_params, new_state)``
   functions that apply the round's mean update (the negated pseudo-gradient) to the global
   parameters: FedAvg (McMahan et al., AISTATS 2017), FedAvgM (Hsu et al., 2019, "Measuring

@@ -11,9 +11,9 @@ accumulator) / (whole path). 1.0 would be the path running at the speed of that 
 Issue 14's goal (>= 0.5 for dense) uses ``ratio``, the float32 baseline: "numpy's ``acc += x`` on the
 same vector" is an add of the float32 vector the device sent into an accumulator of its own dtype, the
 cheapest pass that reads the update at all, so the goal is independent of how we choose to accumulate.
-``r64`` is printed because the aggregator keeps float64 sums (exactness over many updates): it is the
-ratio to the cheapest pass with that accumulator, so it shows how much of the gap is the path's own
-overhead rather than the accumulator's width (acc64 += x moves 2.5x the bytes of acc += x).
+``r64`` is the ratio to ``acc64 += x`` (the update widened into a float64 accumulator), the cheapest pass
+into float64 sums; the aggregator now sums float32 updates into float32 blocks flushed into float64 every
+``aggregation.BLOCK_UPDATES`` updates, so its path can beat that pass (r64 > 1).
 
 Then the ``sketch`` decode alone against the decoder issue 14 was filed against (9.6 ms per update then),
 kept below as ``original_sketch_decode`` (commit 1e1d3aa: unpackbits + an integer matmul to unpack,
