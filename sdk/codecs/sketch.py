@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -23,9 +22,7 @@ import numpy as np
 from ..errors import WireError
 from .bitio import pack_uint, packed_size, unpack_uint8
 from .entropy import PayloadBits, empirical_entropy_bits
-from .hadamard import (byte_hadamard_table, flip_random_signs, flip_where_sign_positive, next_power_of_two,
-                       random_signs, rotate,
-                       walsh_hadamard_unscaled)
+from .hadamard import flip_random_signs, next_power_of_two, random_signs, rotate, walsh_hadamard_unscaled
 from .params import KnobParams, Knob, check_size, check_vector, non_negative, read_params
 from .quant import check_ranges, decode_values, dequantize_blocks, encode_values, quantize_blocks
 
@@ -76,57 +73,6 @@ def _unrotated_block_values(codes: np.ndarray, lo: np.ndarray, step: np.ndarray,
     return transformed
 
 
-@dataclass(frozen=True)
-class _SketchLayout:
-    """A sketch payload's header, checked: codes still packed (``packed``, a view of the payload)."""
-
-    bits: int
-    block: int
-    rotate: bool
-    keep: float
-    seed: int
-    kept_at: np.ndarray | None  # kept positions; None when all are kept
-    kept_count: int
-    full: int  # full blocks
-    padded: int  # the tail's padded length (0: no tail)
-    ranges: np.ndarray  # (segments, 2) float32: lo, step per block
-    packed: memoryview
-
-    def segments(self) -> list[tuple[int, int, int, int]]:
-        """(first value, first range row, rows, row width) of the full blocks and of the tail."""
-        parts = [(0, 0, self.full, self.block)] if self.full else []
-        return parts + ([(self.full * self.block, self.full, 1, self.padded)] if self.padded else [])
-
-
-def _packed_fast_path(lay: _SketchLayout) -> bool:
-    """Codes tile whole bytes in every row (1, 2, 4 or 8 bits, rows at least a byte of codes)."""
-    per_byte = 8 // lay.bits if 8 % lay.bits == 0 else 0
-    return per_byte > 0 and all(width >= per_byte for _, _, _, width in lay.segments())
-
-
-def _decode_rotated_packed(lay: _SketchLayout) -> np.ndarray:
-    """The rotated decode straight from the packed bytes, bit for bit ``_decode_unpacked``'s result: a gather
-    through ``byte_hadamard_table`` unpacks the codes and does the innermost H_p exactly (no unpack passes,
-    no uint8 -> float32 cast), the rest of H follows, and the per-block scale writes the output directly."""
-    per_byte = 8 // lay.bits
-    table = byte_hadamard_table(lay.bits)
-    raw = np.frombuffer(lay.packed, dtype=np.uint8)
-    kept = np.empty(raw.size * per_byte, dtype=np.float32)
-    for start, r0, rows, width in lay.segments():
-        # np.take along axis 0 copies one table row per byte (fancy indexing table[raw] is ~10x slower)
-        part = np.take(table, raw[start // per_byte : (start + rows * width) // per_byte], axis=0)
-        transformed = walsh_hadamard_unscaled(part.reshape(rows, width), done_inner=per_byte)
-        lo, step = lay.ranges[r0 : r0 + rows, 0].astype(np.float64), lay.ranges[r0 : r0 + rows, 1].astype(np.float64)
-        factor = 1.0 / (math.sqrt(width) * lay.keep)
-        first = (lo * width + step * transformed[:, 0].astype(np.float64)) * factor
-        out = kept[start : start + rows * width].reshape(rows, width)
-        # negated (exactly: rounding is sign-symmetric), so D's signs are one XOR where D is +1
-        np.multiply(transformed, (-step * factor).astype(np.float32)[:, None], out=out)
-        out[:, 0] = -first
-    flip_where_sign_positive(kept, lay.seed, _SIGN_STREAM)
-    return kept
-
-
 class SketchCodec(KnobParams):
     """Subsample (seeded mask) + randomized Hadamard rotation + stochastic ``bits``-bit quantisation."""
 
@@ -171,8 +117,9 @@ class SketchCodec(KnobParams):
         for rows, start in parts:
             yield (rotate(rows, signs[start : start + rows.size]) if signs is not None else rows), start
 
-    def _parse_header(self, data: bytes, size: int) -> _SketchLayout:
-        """Everything before the codes, checked, and where the packed codes lie."""
+    def _parse(self, data: bytes, size: int) -> tuple[int, bool, float, int, np.ndarray | None, int, np.ndarray,
+                                                      np.ndarray]:
+        """(block, rotate, keep, seed, kept positions or None when all are kept, how many, ranges, uint8 codes)."""
         if len(data) < _SKETCH_HEADER.size:
             raise WireError(f"sketch codec: {len(data)} bytes is shorter than its header")
         tag, bits, log_block, rotate_on, keep, seed = _SKETCH_HEADER.unpack_from(data)
@@ -189,15 +136,8 @@ class SketchCodec(KnobParams):
         if len(data) != expected:
             raise WireError(f"sketch codec: {len(data)} bytes, header implies {expected}")
         ranges = np.frombuffer(data, dtype="<f4", count=2 * segments, offset=_SKETCH_HEADER.size).reshape(-1, 2)
-        return _SketchLayout(bits, block, bool(rotate_on), keep, seed, kept_at, kept_count, full, padded,
-                             ranges.astype(np.float32), memoryview(data)[_SKETCH_HEADER.size + 8 * segments :])
-
-    def _parse(self, data: bytes, size: int) -> tuple[int, bool, float, int, np.ndarray | None, int, np.ndarray,
-                                                      np.ndarray]:
-        """(block, rotate, keep, seed, kept positions or None when all are kept, how many, ranges, uint8 codes)."""
-        lay = self._parse_header(data, size)
-        codes = unpack_uint8(lay.packed, lay.bits, lay.full * lay.block + lay.padded)
-        return lay.block, lay.rotate, lay.keep, lay.seed, lay.kept_at, lay.kept_count, lay.ranges, codes
+        codes = unpack_uint8(memoryview(data)[_SKETCH_HEADER.size + 8 * segments :], bits, values)
+        return block, bool(rotate_on), keep, seed, kept_at, kept_count, ranges.astype(np.float32), codes
 
     def decode(self, data: bytes, size: int, params: Mapping[str, Any]) -> np.ndarray:
         """Codes -> values -> inverse rotation -> 1/keep, one float32 rounding per value where rotated: the
@@ -205,34 +145,28 @@ class SketchCodec(KnobParams):
         integer codes is exact in float32, then one scale per block and the sign flips of ``D``."""
         read_params(self.name, params, self._knobs)
         size = check_size(self.name, size)
-        lay = self._parse_header(data, size)
-        check_ranges(self.name, lay.ranges[:, 0], lay.ranges[:, 1])
-        if lay.rotate and _packed_fast_path(lay):
-            kept = _decode_rotated_packed(lay)
-        else:
-            kept = self._decode_unpacked(lay)
-        if lay.kept_at is None:
+        block, rotate_on, keep, seed, kept_at, kept_count, ranges, codes = self._parse(data, size)
+        check_ranges(self.name, ranges[:, 0], ranges[:, 1])
+        full, tail, padded = _segments(kept_count, block)
+        kept = np.empty(full * block + padded, dtype=np.float32)
+        segments = [(0, 0, full, block)] + ([(full * block, full, 1, padded)] if tail else [])
+        for start, r0, rows, width in segments:
+            if rows == 0:
+                continue
+            block_codes = codes[start : start + rows * width].reshape(rows, width)
+            lo, step = ranges[r0 : r0 + rows, 0].astype(np.float64), ranges[r0 : r0 + rows, 1].astype(np.float64)
+            if rotate_on:
+                part = _unrotated_block_values(block_codes, lo, step, keep)
+            else:  # float64 like the quantiser: lo + step c may cancel, and this path is not the hot one
+                part = (dequantize_blocks(block_codes, lo, step).astype(np.float64) / keep).astype(np.float32)
+            kept[start : start + rows * width] = part.reshape(-1)
+        if rotate_on:
+            flip_random_signs(kept, seed, _SIGN_STREAM)
+        if kept_at is None:
             return kept[:size]
         out = np.zeros(size, dtype=np.float32)
-        out[lay.kept_at] = kept[: lay.kept_count]
+        out[kept_at] = kept[:kept_count]
         return out
-
-    @staticmethod
-    def _decode_unpacked(lay: _SketchLayout) -> np.ndarray:
-        """Any bit width and block: codes unpacked to uint8 first, one segment (full blocks, tail) at a time."""
-        codes = unpack_uint8(lay.packed, lay.bits, lay.full * lay.block + lay.padded)
-        kept = np.empty(codes.size, dtype=np.float32)
-        for start, r0, rows, width in lay.segments():
-            block_codes = codes[start : start + rows * width].reshape(rows, width)
-            lo, step = lay.ranges[r0 : r0 + rows, 0].astype(np.float64), lay.ranges[r0 : r0 + rows, 1].astype(np.float64)
-            if lay.rotate:
-                part = _unrotated_block_values(block_codes, lo, step, lay.keep)
-            else:  # float64 like the quantiser: lo + step c may cancel, and this path is not the hot one
-                part = (dequantize_blocks(block_codes, lo, step).astype(np.float64) / lay.keep).astype(np.float32)
-            kept[start : start + rows * width] = part.reshape(-1)
-        if lay.rotate:
-            flip_random_signs(kept, lay.seed, _SIGN_STREAM)
-        return kept
 
     def account(self, data: bytes, size: int) -> PayloadBits:
         ranges, codes = self._parse(data, size)[-2:]
