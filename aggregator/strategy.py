@@ -18,7 +18,7 @@ import numpy as np
 from edgetrain.sdk.errors import ConfigError
 from edgetrain.sdk.round_settings import RoundSettings
 
-from .aggregation import SERVER_STEPS, ServerHyper, ServerState, WeightedMean, init_server_state
+from .aggregation import BLOCK_UPDATES, SERVER_STEPS, ServerHyper, ServerState, WeightedMean, init_server_state
 
 
 @dataclass(frozen=True)
@@ -207,7 +207,7 @@ class FedAvg(Strategy):
             raise ConfigError(f"round parameters have {params.size} entries, this run has {self._num_params}")
         if self._server_state is None:
             self._server_state = init_server_state(self.server_optimizer, params.size, self.server_hyper)
-        self._mean = WeightedMean(params.size)
+        self._mean = WeightedMean(params.size, block_updates=BLOCK_UPDATES)  # the hot path: float32 blocks
         self._reported = set()
         self._total_examples = 0
 

@@ -24,6 +24,11 @@ from edgetrain.sdk.wire.messages import Update
 
 from .update_caps import CAP_MAX_EXAMPLES
 
+try:  # BLAS sdot straight: numpy's dot would also check (and warn about) the FP flags an overflow sets
+    from scipy.linalg.blas import sdot as _sdot
+except ImportError:  # pragma: no cover - a server without scipy
+    _sdot = None
+
 
 REJECT_SPOOFED_SENDER = "spoofed_sender"  # update.device_id differs from the topic it arrived on
 REJECT_UNKNOWN_DEVICE = "unknown_device"  # not selected for this round
@@ -135,14 +140,13 @@ class ValidatedUpdate:
     cap_reason: str = ""  # an update_caps.CAP_* code when capped
     clipped: bool = False
     claimed_norm: float = 0.0  # the norm as sent (== norm unless clipped)
-    # ``vector`` widened to float64 (exactly its values): validation makes it for the norm, and the
-    # float64 accumulator takes it as it is instead of widening the vector a second time.
-    vector64: np.ndarray | None = field(default=None, repr=False)
     staleness: int = 0  # model versions between the update's base and the current one (FedBuff)
 
     def accumulable(self) -> np.ndarray:
-        """The vector for ``Strategy.accumulate``: the float64 copy when there is one (same values)."""
-        return self.vector if self.vector64 is None else self.vector64
+        """The vector for ``Strategy.accumulate``: the float32 vector itself (``WeightedMean`` sums it in
+        float32 blocks), widened to float64 (same values) when its norm is so large (>= 2**64) that a
+        block of float32 partial sums could come near float32's range."""
+        return self.vector if self.norm < FLOAT32_SAFE_NORM else self.vector.astype(np.float64)
 
 
 def _example_cap(update: Update, ctx: ValidationContext) -> tuple[int, str] | None:
@@ -235,20 +239,38 @@ def _decode(update: Update, ctx: ValidationContext) -> np.ndarray:
     return vector.astype(np.float32, copy=False)
 
 
-def _widen_and_norm(update: Update, vector: np.ndarray) -> tuple[np.ndarray, float]:
-    """``vector`` as float64 and its L2 norm, or REJECT_NON_FINITE: one reduction checks both.
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32, 2**-126
+FLOAT32_SAFE_NORM = 2.0 ** 64  # below it a float32 sum of squares cannot overflow (squares < 2**128)
 
-    In float64 a float32 value squared is at most (3.4e38)**2 ~ 1.2e77, and fewer than 2**53 of them
-    sum to far below float64's 1.8e308, so the sum of squares cannot overflow: it is finite iff every
-    value is (a NaN makes it NaN; an Inf squares to +Inf, and terms >= 0 never cancel it to NaN).
-    That replaces a separate ``isfinite`` pass; float64 also keeps a large finite vector's norm finite.
+
+def _float32_squares(vector: np.ndarray) -> float:
+    """Σ x² of a float32 vector in float32 (inf/NaN where it overflows or a value is not finite)."""
+    if _sdot is not None and vector.dtype == np.float32 and vector.flags.c_contiguous and vector.flags.aligned:
+        return float(_sdot(vector, vector))
+    with np.errstate(over="ignore", invalid="ignore"):
+        return float(np.dot(vector, vector))
+
+
+def _norm(update: Update, vector: np.ndarray) -> float:
+    """``vector``'s L2 norm, or REJECT_NON_FINITE: one float32 BLAS dot (sdot) is both checks.
+
+    A NaN makes the sum of squares NaN and an Inf makes it +Inf (terms >= 0 never cancel it), so a finite
+    sum means every value is finite. The float32 sum is trusted only where neither overflow nor underflow
+    can have touched it: >= n·2**-126 (squares below float32's normal range then change it by < 2**-24
+    relative) and finite (every square < 2**128, i.e. norm < 2**64). Outside that (a NaN/Inf, an update
+    near float32's range, an all-zero or vanishingly small one) the exact float64 sum decides, as before
+    this fast path: in float64 n < 2**53 squares of float32 values cannot overflow, so it is finite iff
+    every value is. sdot's rounding is ~1e-7 relative against the float64 norm's ~1e-16.
     """
+    squares = _float32_squares(vector)
+    if squares < FLOAT32_SAFE_NORM ** 2 and squares >= vector.size * _FLOAT32_TINY:  # False for NaN too
+        return math.sqrt(squares)
     vector64 = vector.astype(np.float64)
     squares = float(np.dot(vector64, vector64))
     if not math.isfinite(squares):
         bad = int(np.size(vector) - np.count_nonzero(np.isfinite(vector)))  # only on the rejection path
         raise _reject(REJECT_NON_FINITE, update, f"{bad} NaN/Inf value(s) in the decoded update")
-    return vector64, math.sqrt(squares)
+    return math.sqrt(squares)
 
 
 def validate_update(update: Update, *, topic_device: str, ctx: ValidationContext) -> ValidatedUpdate:
@@ -258,14 +280,13 @@ def validate_update(update: Update, *, topic_device: str, ctx: ValidationContext
     """
     _check_header(update, topic_device, ctx)
     vector = _decode(update, ctx)
-    vector64, norm = _widen_and_norm(update, vector)
+    norm = _norm(update, vector)
     if ctx.max_norm is not None and norm > ctx.max_norm:
         raise _reject(REJECT_NORM_TOO_LARGE, update,
                       f"L2 norm {norm:.6g} exceeds the bound {ctx.max_norm:.6g}")
     clipped = ctx.clip_norm is not None and norm > ctx.clip_norm
     if clipped:
-        vector = (vector64 * (ctx.clip_norm / norm)).astype(np.float32)
-        vector64 = vector.astype(np.float64)  # the accumulator sums the float32 values this update holds
+        vector = (vector.astype(np.float64) * (ctx.clip_norm / norm)).astype(np.float32)
     claimed = int(update.num_examples)
     cap = _example_cap(update, ctx)
     capped = cap is not None and claimed > cap[0]
@@ -280,6 +301,5 @@ def validate_update(update: Update, *, topic_device: str, ctx: ValidationContext
         cap_reason=cap[1] if capped and cap is not None else "",
         clipped=clipped,
         claimed_norm=norm,
-        vector64=vector64,
         staleness=0 if ctx.max_staleness is None else ctx.model_version - update.model_version,
     )

@@ -46,7 +46,7 @@ from edgetrain.sdk.cli_args import add_broker_args, broker_config, positive_int
 from edgetrain.sdk.errors import ConfigError, EdgetrainError, TransportError, UpdateRejected, WireError
 from edgetrain.sdk.transport import MqttTransport, Transport
 
-from .aggregation import WeightedMean
+from .aggregation import BLOCK_UPDATES, WeightedMean
 from .inbox import Inbox
 from .publish_retry import OutagePublisher, publish_through_outage
 from .round_state import larger_local_epsilon
@@ -190,7 +190,7 @@ class AggregationWorker:
                                 max_norm=order.max_norm, max_examples=order.max_examples,
                                 example_caps=_caps(order), clip_norm=order.clip_norm,
                                 seen_update_ids=self._seen_update_ids)
-        self._round = _RoundPartial(order, ctx, WeightedMean(order.num_params))
+        self._round = _RoundPartial(order, ctx, WeightedMean(order.num_params, block_updates=BLOCK_UPDATES))
         replayed = sum(self._accept(u.device_id, u, replayed=True) for u in self._journal.replay(order.round_id))
         if replayed:
             _log.info("%s: round %d: %d journaled update(s) replayed", self.name, order.round_id, replayed)

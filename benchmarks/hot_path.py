@@ -11,16 +11,23 @@ accumulator) / (whole path). 1.0 would be the path running at the speed of that 
 Issue 14's goal (>= 0.5 for dense) uses ``ratio``, the float32 baseline: "numpy's ``acc += x`` on the
 same vector" is an add of the float32 vector the device sent into an accumulator of its own dtype, the
 cheapest pass that reads the update at all, so the goal is independent of how we choose to accumulate.
-``r64`` is printed because the aggregator keeps float64 sums (exactness over many updates): it is the
-ratio to the cheapest pass with that accumulator, so it shows how much of the gap is the path's own
-overhead rather than the accumulator's width (acc64 += x moves 2.5x the bytes of acc += x).
+``r64`` is the ratio to ``acc64 += x`` (the update widened into a float64 accumulator), the cheapest pass
+into float64 sums; the aggregator now sums float32 updates into float32 blocks flushed into float64 every
+``aggregation.BLOCK_UPDATES`` updates, so its path can beat that pass (r64 > 1).
 
-    python benchmarks/hot_path.py [--repeats 300] [--size 215370] [--codec SPEC ...]
+Then the ``sketch`` decode alone against the decoder issue 14 was filed against (9.6 ms per update then),
+kept below as ``original_sketch_decode`` (commit 1e1d3aa: unpackbits + an integer matmul to unpack,
+float64 dequantisation, ``np.stack`` butterflies): both timed in this run on the same payload, their
+outputs compared, and the speed-up printed (issue 14's goal: >= 20x).
+
+    python benchmarks/hot_path.py [--repeats 300] [--size 215370] [--codec SPEC ...] [--sketch-repeats 30]
 """
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
+import struct
 import sys
 import time
 from dataclasses import dataclass
@@ -108,12 +115,90 @@ def time_codec(spec: str, vector: np.ndarray, repeats: int) -> StageTimes:
                       numpy_add_ns(vector, repeats, np.float64))
 
 
+# ---- the sketch decoder as it was when issue 14 was filed (commit 1e1d3aa), the speed-up's reference ----
+
+def _original_unpack_uint(data: bytes | memoryview, width: int, count: int) -> np.ndarray:
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if width == 8:
+        return raw.astype(np.uint64)
+    bits = np.unpackbits(raw)
+    if bits[count * width :].any():
+        raise ValueError("packed field: non-zero padding bits")
+    bits = bits[: count * width].reshape(count, width).astype(np.uint64)
+    return bits @ np.left_shift(np.uint64(1), np.arange(width - 1, -1, -1, dtype=np.uint64))
+
+
+def _original_walsh_hadamard(rows: np.ndarray) -> np.ndarray:
+    """The original orthonormal FWHT: a dense H_32 matmul, then one ``np.stack`` butterfly per doubling."""
+    count, n = rows.shape
+    small = min(n, 32)
+    h = np.ones((1, 1), dtype=np.float32)
+    while h.shape[0] < small:
+        h = np.block([[h, h], [h, -h]])
+    x = (rows.astype(np.float32).reshape(-1, small) @ h).reshape(count, n)
+    half = small
+    while half < n:
+        pairs = x.reshape(count, n // (2 * half), 2, half)
+        first, second = pairs[:, :, 0, :], pairs[:, :, 1, :]
+        x = np.stack([first + second, first - second], axis=2).reshape(count, n)
+        half *= 2
+    return x * np.float32(1.0 / math.sqrt(n))
+
+
+def original_sketch_decode(data: bytes, size: int) -> np.ndarray:
+    """``SketchCodec.decode`` of commit 1e1d3aa (same wire format), for the speed-up's baseline."""
+    _, bits, log_block, rotate_on, keep, seed = struct.unpack_from("<BBBBdQ", data)
+    block = 1 << log_block
+    kept_at = np.arange(size) if keep >= 1.0 else np.flatnonzero(np.random.default_rng([seed, 1]).random(size) < keep)
+    full, tail = divmod(kept_at.size, block)
+    padded = (1 if tail <= 1 else 1 << (tail - 1).bit_length()) if tail else 0
+    segments = full + (1 if tail else 0)
+    ranges = np.frombuffer(data, dtype="<f4", count=2 * segments, offset=struct.calcsize("<BBBBdQ")).reshape(-1, 2)
+    codes = _original_unpack_uint(memoryview(data)[struct.calcsize("<BBBBdQ") + 8 * segments :], bits,
+                                  full * block + padded)
+    signs = None
+    if rotate_on:
+        draws = np.random.default_rng([seed, 2]).integers(0, 2, size=full * block + padded, dtype=np.int8)
+        signs = (2 * draws - 1).astype(np.float32)
+    kept = np.empty(full * block + padded, dtype=np.float32)
+    for start, r0, rows, width in [(0, 0, full, block)] + ([(full * block, full, 1, padded)] if tail else []):
+        if rows == 0:
+            continue
+        part = (ranges[r0 : r0 + rows, 0:1].astype(np.float64) + codes[start : start + rows * width].reshape(rows, width)
+                * ranges[r0 : r0 + rows, 1:2].astype(np.float64)).astype(np.float32)
+        if signs is not None:
+            part = _original_walsh_hadamard(part) * signs[start : start + rows * width].reshape(rows, width)
+        kept[start : start + rows * width] = part.reshape(-1)
+    out = np.zeros(size, dtype=np.float32)
+    out[kept_at] = (kept[: kept_at.size].astype(np.float64) / keep).astype(np.float32)
+    return out
+
+
+def sketch_speedup(spec: str, vector: np.ndarray, repeats: int) -> tuple[float, float, float]:
+    """(original ms, current ms, max |difference| / max |value|) of decoding one ``spec`` payload."""
+    name, params = parse_codec_spec(spec)
+    codec = get_codec(name)
+    payload, _ = codec.encode(vector, None, params)
+    ours, theirs = codec.decode(payload, vector.size, params), original_sketch_decode(payload, vector.size)
+    difference = float(np.max(np.abs(ours.astype(np.float64) - theirs)) / np.max(np.abs(theirs)))
+    original, current = [], []
+    for _ in range(repeats):  # interleaved: both see the same load on a shared machine
+        for samples, decode in ((original, lambda: original_sketch_decode(payload, vector.size)),
+                                (current, lambda: codec.decode(payload, vector.size, params))):
+            start = time.perf_counter_ns()
+            decode()
+            samples.append(time.perf_counter_ns() - start)
+    timings = {"original": statistics.median(original) / 1e6, "current": statistics.median(current) / 1e6}
+    return timings["original"], timings["current"], difference
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=300, help="updates per codec (medians are reported)")
     parser.add_argument("--size", type=int, default=CNN_PARAMS, help="parameters per update")
     parser.add_argument("--codec", action="append", help="codec spec to time (repeatable; default: a set)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sketch-repeats", type=int, default=30, help="decodes per sketch timing (0: skip)")
     args = parser.parse_args(argv)
     vector = (np.random.default_rng(args.seed).standard_normal(args.size) * 1e-2).astype(np.float32)
     print(f"hot path per update, {args.size} parameters, median of {args.repeats} (times in microseconds)")
@@ -124,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{spec:34s} {t.payload_bytes:9d} {t.decode_ns / 1e3:8.1f} {t.validate_ns / 1e3:9.1f} "
               f"{t.accumulate_ns / 1e3:8.1f} {t.total_ns / 1e3:8.1f} {t.numpy_add_ns / 1e3:7.1f} "
               f"{t.numpy_add64_ns / 1e3:8.1f} {t.ratio_to_numpy:6.3f} {t.ratio_to_numpy64:6.3f}")
+    if args.sketch_repeats > 0:
+        spec = "sketch:bits=2"
+        original_ms, current_ms, difference = sketch_speedup(spec, vector, args.sketch_repeats)
+        print(f"{spec} decode alone, median of {args.sketch_repeats}: original (1e1d3aa) {original_ms:.2f} ms, "
+              f"now {current_ms:.3f} ms, speed-up {original_ms / current_ms:.1f}x "
+              f"(max |difference| {difference:.1e} of max |value|)")
     return 0
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from edgetrain.aggregator import validation as v
-from edgetrain.aggregator.aggregation import WeightedMean
+from edgetrain.aggregator.aggregation import BLOCK_UPDATES, WeightedMean
 from edgetrain.aggregator.validation import ValidationContext, validate_update
 from edgetrain.sdk.codecs import get_codec
 from edgetrain.sdk.errors import UpdateRejected
@@ -51,37 +51,133 @@ def test_largest_finite_values_are_accepted_with_the_float64_norm() -> None:
     assert valid.norm == float(np.linalg.norm(vector.astype(np.float64)))
 
 
-def test_norm_is_bit_for_bit_the_float64_norm() -> None:
-    vector = (np.random.default_rng(1).standard_normal(215_370) * 10.0 ** np.random.default_rng(2).uniform(
-        -30, 30, 215_370)).astype(np.float32)
-    valid = validate_update(_update(vector), topic_device="dev-1", ctx=_ctx(vector.size))
+def _float64_norm(vector: np.ndarray) -> float:
     vector64 = vector.astype(np.float64)
-    assert valid.norm == math.sqrt(float(np.dot(vector64, vector64)))
+    return math.sqrt(float(np.dot(vector64, vector64)))
 
 
-def test_float64_copy_holds_exactly_the_float32_values_also_when_clipped() -> None:
+@pytest.mark.parametrize("scale", [1e-15, 1e-3, 1.0, 1e15])
+def test_norm_is_the_float64_norm_to_float32_rounding(scale: float) -> None:
+    """Inside float32's safe range the norm is one float32 BLAS dot: ~1e-7 from the float64 norm."""
+    vector = (np.random.default_rng(1).standard_normal(215_370) * scale).astype(np.float32)
+    valid = validate_update(_update(vector), topic_device="dev-1", ctx=_ctx(vector.size))
+    assert valid.norm == pytest.approx(_float64_norm(vector), rel=2e-6)
+
+
+@pytest.mark.parametrize("case", ["magnitudes_1e-30_to_1e30", "all_tiny", "one_tiny", "zeros", "norm_2**64"])
+def test_norm_outside_float32_safe_range_is_bit_for_bit_the_float64_norm(case: str) -> None:
+    """Where a float32 sum of squares could overflow (a square >= 2**128) or underflow (below n * 2**-126)
+    the exact float64 sum decides, as before the float32 fast path."""
+    size = 215_370
+    rng = np.random.default_rng(1)
+    vector = {
+        "magnitudes_1e-30_to_1e30": rng.standard_normal(size) * 10.0 ** rng.uniform(-30, 30, size),
+        "all_tiny": rng.standard_normal(size) * 1e-21,
+        "one_tiny": np.where(np.arange(size) == 7, 3e-30, 0.0),
+        "zeros": np.zeros(size),
+        "norm_2**64": np.full(size, 2.0 ** 64 / math.sqrt(size)),
+    }[case].astype(np.float32)
+    valid = validate_update(_update(vector), topic_device="dev-1", ctx=_ctx(size))
+    assert valid.norm == _float64_norm(vector)
+
+
+def test_accumulable_is_the_float32_vector_itself_also_when_clipped() -> None:
     vector = np.random.default_rng(3).standard_normal(1000).astype(np.float32)
     plain = validate_update(_update(vector), topic_device="dev-1", ctx=_ctx(vector.size))
-    assert plain.vector.dtype == np.float32 and plain.accumulable().dtype == np.float64
-    np.testing.assert_array_equal(plain.accumulable(), plain.vector.astype(np.float64))
+    assert plain.vector.dtype == np.float32 and plain.accumulable() is plain.vector
     clipped = validate_update(_update(vector), topic_device="dev-1", ctx=_ctx(vector.size, clip_norm=1.0))
-    assert clipped.clipped
-    np.testing.assert_array_equal(clipped.accumulable(), clipped.vector.astype(np.float64))
+    assert clipped.clipped and clipped.accumulable() is clipped.vector
+    np.testing.assert_array_equal(clipped.vector, (vector.astype(np.float64) * (1.0 / plain.claimed_norm)).astype(
+        np.float32))
 
 
-def test_accumulating_the_float64_copy_is_bit_for_bit_the_float32_accumulation() -> None:
-    """WeightedMean.add on ``vector64`` gives the same float64 sums as on the float32 vector it widens,
-    on magnitudes from 1e-38 to 1e38 and weights up to 2**28."""
+def test_accumulable_is_widened_to_float64_where_float32_blocks_could_overflow() -> None:
+    """An update with norm >= 2**64 reaches the accumulator as float64 (its exact values): 16 of them times
+    weights up to 2**24 could pass float32's 3.4e38 in a float32 block."""
+    vector = np.full(1000, 1e30, dtype=np.float32)
+    valid = validate_update(_update(vector), topic_device="dev-1", ctx=_ctx(vector.size))
+    assert valid.accumulable().dtype == np.float64
+    np.testing.assert_array_equal(valid.accumulable(), vector.astype(np.float64))
+    mean = WeightedMean(vector.size, block_updates=BLOCK_UPDATES)
+    for _ in range(2 * BLOCK_UPDATES):
+        mean.add(valid.accumulable(), float(1 << 24))
+    assert np.isfinite(mean.weighted_sum).all()
+
+
+def _exact_sums(terms: np.ndarray) -> np.ndarray:
+    return np.array([math.fsum(terms[:, j]) for j in range(terms.shape[1])])
+
+
+@pytest.mark.parametrize("updates", [1, 5, BLOCK_UPDATES, BLOCK_UPDATES + 1, 3 * BLOCK_UPDATES + 7])
+def test_float32_block_sums_stay_within_the_block_rounding_bound(updates: int) -> None:
+    """WeightedMean(block_updates=K) sums float32 updates with integer weights in float32 blocks of K: each
+    entry within (K + 1) float32 roundings of the block's Σ|w·x| of the exact sum (w·x of an integer
+    w < 2**24 and a float32 x is exact in float64, so math.fsum of the products is exact), signs mixed and
+    magnitudes 1e-20..1e20, whether or not the last block is full (readers flush it)."""
+    rng = np.random.default_rng(updates)
+    size = 256
+    mean = WeightedMean(size, block_updates=BLOCK_UPDATES)
+    terms = np.empty((updates, size), dtype=np.float64)
+    for i in range(updates):
+        x = (rng.choice([-1.0, 1.0], size) * 10.0 ** rng.uniform(-20, 20, size)).astype(np.float32)
+        weight = int(rng.integers(1, 1 << 20))
+        mean.add(x, weight)
+        terms[i] = x.astype(np.float64) * weight
+    eps32 = float(np.finfo(np.float32).eps)
+    bound = (BLOCK_UPDATES + 1) * eps32 * np.abs(terms).sum(axis=0)
+    error = np.abs(mean.weighted_sum - _exact_sums(terms))
+    assert (error <= bound).all(), f"worst error/bound {float((error / bound).max()):.3g}"
+    assert mean.count == updates
+
+
+def test_float32_blocks_typical_error_is_about_1e_7() -> None:
+    """Updates like a model's deltas (same scale, random signs): the block sums' relative error (to
+    Σ|w·x|) is a few 1e-8 at the median, and the float64 path's is ~1e-16."""
+    rng = np.random.default_rng(7)
+    size, updates = 4096, 64
+    blocked, exact = WeightedMean(size, block_updates=BLOCK_UPDATES), WeightedMean(size)
+    terms = np.empty((updates, size))
+    for i in range(updates):
+        x = (rng.standard_normal(size) * 1e-2).astype(np.float32)
+        weight = int(rng.integers(50, 600))
+        blocked.add(x, weight)
+        exact.add(x, weight)
+        terms[i] = x.astype(np.float64) * weight
+    scale = np.abs(terms).sum(axis=0)
+    truth = _exact_sums(terms)
+    assert float(np.median(np.abs(blocked.weighted_sum - truth) / scale)) < 1e-7
+    assert float(np.max(np.abs(blocked.weighted_sum - truth) / scale)) < 1e-6
+    assert float(np.max(np.abs(exact.weighted_sum - truth) / scale)) < 1e-14
+
+
+def test_float32_blocks_leave_other_adds_exact() -> None:
+    """float64 vectors, non-integer weights and weights above 2**24 go straight into the float64 sums: the
+    same sums as a WeightedMean without blocks, bit for bit; blocks are off by default."""
     rng = np.random.default_rng(4)
-    size = 50_000
-    from_float32, from_float64 = WeightedMean(size), WeightedMean(size)
-    for i, weight in enumerate((1, 7, 60_000, 2**28, 3)):
-        vector = (rng.standard_normal(size) * 10.0 ** rng.uniform(-38, 38, size)).astype(np.float32)
-        valid = validate_update(_update(vector, f"u-{i}"), topic_device="dev-1", ctx=_ctx(size))
-        from_float32.add(valid.vector, weight)
-        from_float64.add(valid.accumulable(), weight)
-    np.testing.assert_array_equal(from_float64.weighted_sum, from_float32.weighted_sum)
-    np.testing.assert_array_equal(from_float64.result(), from_float32.result())
+    size = 1000
+    blocked, plain = WeightedMean(size, block_updates=BLOCK_UPDATES), WeightedMean(size)
+    assert plain.block_updates == 0
+    for i, weight in enumerate((0.5, 1 / 3, 2.0 ** 25, 7.25)):
+        x = rng.standard_normal(size).astype(np.float32)
+        blocked.add(x if i % 2 else x.astype(np.float64), weight)
+        plain.add(x if i % 2 else x.astype(np.float64), weight)
+    np.testing.assert_array_equal(blocked.weighted_sum, plain.weighted_sum)
+    np.testing.assert_array_equal(blocked.result(), plain.result())
+
+
+def test_merge_and_result_see_an_unflushed_block() -> None:
+    rng = np.random.default_rng(5)
+    size = 64
+    vectors = [rng.standard_normal(size).astype(np.float32) for _ in range(5)]
+    left, right = WeightedMean(size, block_updates=BLOCK_UPDATES), WeightedMean(size, block_updates=BLOCK_UPDATES)
+    for i, x in enumerate(vectors):
+        (left if i < 3 else right).add(x, i + 1)
+    left.merge(right)
+    expected = sum(x.astype(np.float64) * (i + 1) for i, x in enumerate(vectors))
+    scale = sum(np.abs(x.astype(np.float64)) * (i + 1) for i, x in enumerate(vectors))  # Σ|w·x|: sums cancel
+    assert (np.abs(left.weighted_sum - expected) <= 1e-6 * scale).all()
+    assert (np.abs(left.result() - expected / 15.0) <= 1e-6 * scale / 15.0).all()
+    assert left.count == 5 and left.total_weight == 15.0
 
 
 # ---- sketch decode: the in-place Walsh-Hadamard transform and the within-byte unpacking ---------
@@ -123,7 +219,7 @@ def test_unpack_within_bytes_round_trips_and_refuses_padding_bits(width: int, co
             unpack_uint(bytes(corrupt), width, count)
 
 
-# ---- accumulation error: BLAS daxpy into float64 against the exact sum ---------------------------
+# ---- accumulation error without blocks: BLAS daxpy into float64 against the exact sum ---------------------------
 
 def test_weighted_sum_error_is_bounded_on_adversarial_magnitudes_and_many_updates() -> None:
     """Σw·x over 400 updates whose entries span 1e-30..1e30 with both signs (so sums cancel): each
@@ -180,4 +276,4 @@ def test_dense_validation_reads_the_frame_without_copying_the_payload() -> None:
     assert np.shares_memory(valid.vector, np.frombuffer(frame, np.uint8))
     assert not valid.vector.flags.writeable  # nobody can write through it into the frame
     np.testing.assert_array_equal(valid.vector, vector)
-    np.testing.assert_array_equal(valid.accumulable(), vector.astype(np.float64))
+    assert valid.accumulable() is valid.vector  # and the accumulator reads it in place too

@@ -8,6 +8,8 @@ can be saved with safetensors, never with pickle.
 """
 from __future__ import annotations
 
+import functools
+
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -100,13 +102,21 @@ def parse_codec_spec(spec: str) -> tuple[str, dict[str, ParamValue]]:
     """
     if not isinstance(spec, str):
         raise ConfigError(f"codec spec must be a string, got {type(spec).__name__}")
+    name, items = _parse_codec_spec(spec)
+    return name, dict(items)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_codec_spec(spec: str) -> tuple[str, tuple[tuple[str, ParamValue], ...]]:
+    """``parse_codec_spec`` memoised (a fleet uses a handful of specs; each update's is parsed twice on
+    the aggregator's hot path), as immutable items: every caller gets its own dict."""
     name, sep, rest = spec.strip().partition(":")
     name = name.strip()
     if not _NAME_RE.match(name):
         raise ConfigError(f"codec spec {spec!r}: bad codec name {name!r}")
     params: dict[str, ParamValue] = {}
     if not sep:
-        return name, params
+        return name, ()
     if not rest.strip():
         raise ConfigError(f"codec spec {spec!r}: ':' must be followed by k=v parameters")
     for item in rest.split(","):
@@ -117,7 +127,7 @@ def parse_codec_spec(spec: str) -> tuple[str, dict[str, ParamValue]]:
         if key in params:
             raise ConfigError(f"codec spec {spec!r}: parameter {key!r} given twice")
         params[key] = _parse_value(value)
-    return name, params
+    return name, tuple(params.items())
 
 
 def _format_value(value: ParamValue) -> str:

@@ -43,6 +43,8 @@ class DenseCodec(KnobParams):
         if len(data) != expected:
             raise WireError(f"dense codec: {len(data)} bytes for {size} float32 values (expected {expected})")
         view = np.frombuffer(data, dtype=_WIRE_DTYPE).astype(np.float32, copy=False)  # copies only if big-endian
+        if not view.flags.aligned:  # frames align their payload (wire.frame); other buffers may not
+            view = view.copy()  # one memcpy: numpy and BLAS then run their aligned (vector) loops
         view.flags.writeable = False
         return view
 

@@ -7,6 +7,7 @@ is exactly as trustworthy as one built in code.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import MISSING, dataclass, fields
 from typing import Any, Mapping
@@ -79,7 +80,8 @@ def _check_bytes(owner: object, name: str) -> None:
 def _check_float_map(owner: object, name: str) -> None:
     """str -> float; NaN and inf are allowed because a diverging loss must still be reportable."""
     value = getattr(owner, name)
-    if not isinstance(value, Mapping):
+    # dict first: isinstance against typing's Mapping is an ABC subclass check (~1 us per update)
+    if not isinstance(value, dict) and not isinstance(value, Mapping):
         raise _fail(owner, name, f"expected a mapping, got {type(value).__name__}")
     result: dict[str, float] = {}
     for key, item in value.items():
@@ -333,17 +335,23 @@ def header_fields(message: Message) -> dict[str, Any]:
     return {f.name: _header_value(getattr(message, f.name)) for f in fields(message) if f.name != "payload"}
 
 
+@functools.lru_cache(maxsize=None)
+def _header_schema(cls: type) -> tuple[frozenset[str], frozenset[str], bool]:
+    """(header field names, the required ones, whether ``cls`` has a payload), once per message class:
+    ``dataclasses.fields`` rebuilds its tuple on every call, which cost every decoded update ~10 us."""
+    names = frozenset(f.name for f in fields(cls)) - {"payload"}
+    required = frozenset(f.name for f in fields(cls)
+                         if f.name != "payload" and f.default is MISSING and f.default_factory is MISSING)
+    return names, required, any(f.name == "payload" for f in fields(cls))
+
+
 def has_payload(cls: type) -> bool:
-    return any(f.name == "payload" for f in fields(cls))
+    return _header_schema(cls)[2]
 
 
 def from_header(cls: type, header: Mapping[str, Any], payload: bytes) -> Message:
     """Build ``cls`` from a decoded header (+ payload); missing or unknown fields raise WireError."""
-    names = {f.name for f in fields(cls)} - {"payload"}
-    required = {
-        f.name for f in fields(cls)
-        if f.name != "payload" and f.default is MISSING and f.default_factory is MISSING
-    }
+    names, required, _ = _header_schema(cls)
     unknown = sorted(set(header) - names)
     if unknown:
         raise WireError(f"bad header: {cls.__name__} has no field(s) {', '.join(unknown)}")
