@@ -131,11 +131,15 @@ class DeviceHarness:
             wait_for(lambda: any(s.info.get("needs_resync") for s in self.transport.messages(wire.Status)),
                      "the device to ask for a resync")
             return params
-        wait_for(lambda: len(self.updates()) > answered, f"the device's update for version {version}")
+        # The update for *this* version: a restarted device also re-sends its outbox's unacked updates
+        # (nothing acks here), which may land before or after this one.
+        def answers() -> list[wire.Update]:
+            return [u for u in self.updates()[answered:] if u.model_version == version]
+        wait_for(lambda: bool(answers()), f"the device's update for version {version}")
         x, y = next(self._batches)
         self.runtime.set_parameters(downlink.shadow)
         self.raw.append(self.runtime.gradient(x, y).gradient.astype(np.float64))
-        update = self.updates()[-1]
+        (update,) = answers()
         name, codec_params = parse_codec_spec(update.codec)
         self.sent.append(get_codec(name).decode(update.payload, self.num_params, codec_params).astype(np.float64))
         return params
