@@ -231,7 +231,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.norm != "none" and args.model != "cnn":
         raise ConfigError("--norm applies to the cnn only")
     check_round_args(args, args.fleet)
-    args.labels = {"partition": args.partition, "devices": args.devices, "model": args.model, "norm": args.norm,
+    args.labels = {"partition": args.partition, "fleet_devices": args.devices, "model": args.model, "norm": args.norm,
                    "runtime": "bundle" if args.bundle else args.runtime,
                    **({"attackers": f"{args.attackers[0]}:{args.attackers[1]}"} if args.attackers else {}),
                    **({"stragglers": f"{args.stragglers[0]}:{args.stragglers[1]:g}"} if args.stragglers else {}), **({"label": args.label} if args.label else {})}

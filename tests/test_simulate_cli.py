@@ -39,6 +39,8 @@ def test_simulate_ci_size_runs_end_to_end(fleet_assets: FleetAssets, tmp_path: P
     settings = summary["extra"]  # what report groups by: every result-shaping flag, the seed apart
     assert (settings["seed"], settings["local_steps"], settings["batch_size"], settings["limit_examples"]) == (4, 2, 32, 100)
     assert "local_epochs" not in settings  # K steps replace E epochs
+    assert settings["fleet_devices"] == 3  # the fleet's size beside the per-device entries
+    assert sorted(settings["devices"]) == ["dev-000", "dev-001", "dev-002"]
     assert summary["final_accuracy"] == records[-1].accuracy
     for name in (PLOT_ACCURACY_VS_ROUND, PLOT_ACCURACY_VS_UPLINK):
         assert (out / name).read_bytes().startswith(PNG_MAGIC)
