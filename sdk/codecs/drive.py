@@ -25,7 +25,6 @@ the sign bits (1 = non-negative).
 """
 from __future__ import annotations
 
-import math
 import struct
 from collections.abc import Mapping
 from typing import Any, ClassVar
