@@ -32,6 +32,7 @@ DEFAULT_CODECS = (
     "stc:sparsity=0.99", "stc:sparsity=0.999",
     "sketch:bits=1", "sketch:bits=2", "sketch:bits=4,keep=0.25", "sketch:bits=2,rotate=false",
     "random_mask:keep=0.1", f"low_rank:rank=32,shapes={MLP_SHAPES}",
+    "drive:feedback=false", "drive:feedback=false,unbiased=true", "drive:sparsity=0.99", "drive:sparsity=0.999",
 )
 
 

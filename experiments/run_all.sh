@@ -4,6 +4,9 @@
 #           x {dense, DGC 99 %, Konečný sketch 2-bit, STC 99 %} x {IID, Dirichlet(0.3)}   24 configs, 72 runs
 #   kept:   the runs docs/results.md cites beside the matrix (DGC 98.5 %, DGC + DGC downlink, STC 98 %,
 #           STC 98 % + downlink, DGC 99.9 %, all short rounds IID)                           5 configs, 15 runs
+#   frontier: issue 16's frontier (FL >= 500x, LB >= 1,000x in frames): DRIVE (Vargaftik et al. 2021)
+#           1-bit rotated values on top-k positions, error feedback: FL short rounds 99 % / 99.8 %, LB
+#           99 % / 99.9 %, IID: `bash experiments/run_all.sh frontier`                    4 configs, 12 runs
 #   extra:  the other experiments/*.toml (short rounds of 10 and 5 steps, 20 rounds, momentum correction,
 #           server momentum, batch/group norm): `bash experiments/run_all.sh extra`           12 configs, 36 runs
 # plus the centralized baseline, then `edgetrain report` over the kept runs and experiments/check_results.py.
@@ -30,7 +33,7 @@
 # run `matrix` and `kept` in two sittings (same commit and machine) if 2 h is a hard limit.
 #
 #   bash experiments/run_all.sh                  # matrix + kept + centralized, then the reports
-#   bash experiments/run_all.sh matrix kept      # tiers: matrix | kept | extra | centralized (several: in turn)
+#   bash experiments/run_all.sh matrix kept      # tiers: matrix | kept | frontier | extra | centralized (in turn)
 #   bash experiments/run_all.sh 'fl-*-dir03*'    # any configs (a glob over experiments/*.toml)
 #   DRY_RUN=1 bash experiments/run_all.sh matrix # list the configs a tier runs
 #   SEEDS="0 1" RUNS=/tmp/r KEEP=/tmp/k REPORT=/tmp/rep EXTRA_FLAGS="--rounds 2 --limit-examples 64" \
@@ -57,8 +60,9 @@ matrix() {
     done
 }
 kept() { echo fl-dgc985-iid-ls19 fl-dgc-iid-ls19-down90 fl-stc98-iid-ls19 fl-stc98-down90-iid-ls19 fl-dgc999-iid-ls19; }
+frontier() { echo fl-drive99-iid-ls19 fl-drive998-iid-ls19 lb-drive99-iid lb-drive999-iid; }
 extra() {  # every config that is in no other tier (issue 17's have experiments/run_17.sh)
-    local listed=" $(matrix | tr '\n' ' ') $(kept) "
+    local listed=" $(matrix | tr '\n' ' ') $(kept) $(frontier) "
     for cfg in experiments/*.toml; do
         local name; name=$(basename "$cfg" .toml)
         [[ "$listed" == *" $name "* || "$name" == i17-* ]] || echo "$name"
@@ -66,7 +70,7 @@ extra() {  # every config that is in no other tier (issue 17's have experiments/
 }
 configs() {  # the config names a command-line argument stands for
     case "$1" in
-    matrix | kept | extra) "$1" ;;
+    matrix | kept | frontier | extra) "$1" ;;
     all) matrix; kept ;;
     centralized) ;;
     *) for cfg in experiments/$1.toml; do  # issue 17's need run_17.sh's per-run flags

@@ -22,6 +22,7 @@ _PARAMS: dict[str, dict] = {
     "random_mask": {"keep": 0.5},
     "q8": {"block": 16},
     "low_rank": {"rank": 1},
+    "drive": {"sparsity": 0.5, "block": 64},
 }
 # A bad value per codec for one of its own parameters (wrong range or type).
 _BAD_PARAMS: dict[str, list[dict]] = {
@@ -31,10 +32,11 @@ _BAD_PARAMS: dict[str, list[dict]] = {
     "random_mask": [{"keep": 1.5}, {"values": "fp8"}],
     "q8": [{"block": -1}, {"stochastic": "yes"}],
     "fp16": [],
+    "drive": [{"sparsity": 1.0}, {"sparsity": -0.5}, {"block": 32}, {"block": 96}, {"unbiased": 1}, {"seed": -1}],
     "low_rank": [{}, {"rank": 0}, {"shapes": "8x"}, {"shapes": "8x0"}, {"shapes": "5"}, {"shapes": 2.5}],
 }
 _COMPRESSING = sorted(set(codec_names()) - {"dense"})  # dense predates checked params and ignores them
-_SEEDED = ("sketch", "random_mask", "q8", "low_rank")
+_SEEDED = ("sketch", "random_mask", "q8", "low_rank", "drive")
 
 
 def _params_for(name: str, size: int, seed: int) -> dict:
@@ -59,7 +61,7 @@ def _decode_or_wire_error(name: str, data: bytes, size: int) -> None:
 
 
 def test_every_codec_is_covered() -> None:
-    assert set(codec_names()) >= {"dense", "fp16", "q8", "dgc", "sketch", "random_mask", "low_rank", "stc"}
+    assert set(codec_names()) >= {"dense", "fp16", "q8", "dgc", "sketch", "random_mask", "low_rank", "stc", "drive"}
     assert set(_BAD_PARAMS) >= set(_COMPRESSING)  # a new codec must say which params it refuses
 
 
@@ -138,6 +140,8 @@ def test_payloads_decode_without_the_encoder_params(name: str) -> None:
         ("sketch", struct.pack("<BBBBdQ", 0x53, 8, 24, 1, 1.0, 5) + bytes(8) + bytes(16)),  # 2**24 block
         ("dgc", bytes([0x44]) + struct.pack("<I", 10) + bytes([0xFF]) + bytes(100)),  # Rice parameter 63
         ("dgc", bytes([0x44]) + struct.pack("<I", 2**32 - 1) + bytes(100)),  # more positions than entries
+        ("drive", struct.pack("<BBBQ", 0x56, 0, 6, 1) + bytes(40)),  # smallest block, wrong length
+        ("drive", struct.pack("<BBBQ", 0x56, 2, 16, 1) + struct.pack("<I", 10) + bytes([0xFF]) + bytes(100)),  # Rice 63
         ("low_rank", struct.pack("<BHQH", 0x4C, 65535, 1, 2) + struct.pack("<B2I", 2, 2**31, 2**31)),
     ],
 )

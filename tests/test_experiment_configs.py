@@ -71,13 +71,15 @@ def _tier(name: str) -> list[str]:
 
 
 def test_run_all_runs_every_config_once_and_the_whole_matrix() -> None:
-    matrix, kept, extra = _tier("matrix"), _tier("kept"), _tier("extra")
+    matrix, kept, frontier, extra = _tier("matrix"), _tier("kept"), _tier("frontier"), _tier("extra")
     shipped = {p.stem for p in (ROOT / "experiments").glob("*.toml") if not p.stem.startswith("i17-")}
-    assert sorted(matrix + kept + extra) == sorted(shipped)  # each once; issue 17's are run_17.sh's
+    assert sorted(matrix + kept + frontier + extra) == sorted(shipped)  # each once; issue 17's are run_17.sh's
     assert _tier("all") == matrix + kept  # the default: the matrix, then the runs docs/results.md cites
     # issue 16: {FL epoch rounds, FL short rounds, LB} x {dense, DGC, sketch, STC} x {IID, Dirichlet(0.3)}
     assert len(matrix) == 3 * 4 * 2
     assert {"fl-dgc985-iid-ls19", "fl-dgc-iid-ls19-down90"} <= set(kept)  # kept runs that had no config
+    # issue 16's frontier: DRIVE in both methods, outside the default command
+    assert {"fl-drive99-iid-ls19", "lb-drive999-iid"} <= set(frontier) and not set(frontier) & set(_tier("all"))
 
 
 def _settings(name: str) -> dict:

@@ -53,6 +53,15 @@ def test_position_decoder_peak_is_bounded_by_the_verified_count(codec: str, tag:
     assert peak <= 64 * count + 4 * _SIZE + 64 * 1024, f"{peak / len(payload):.1f}x the payload"
 
 
+@pytest.mark.parametrize("count", [10, _SIZE])
+def test_drive_sparse_positions_peak_is_bounded_by_the_verified_count(count: int) -> None:
+    # drive's header (tag, flags=sparse, log2 block, seed) before the same position coding as dgc/stc
+    header = struct.pack("<BBBQ", 0x56, 2, 16, 1)
+    payload = header + _crafted_positions(0, count, 0)[1:] + b"\xff" * _TAIL
+    peak = _peak_bytes(lambda: get_codec("drive").decode(payload, _SIZE, {}))
+    assert peak <= 64 * count + 4 * _SIZE + 64 * 1024, f"{peak / len(payload):.1f}x the payload"
+
+
 def test_wide_rice_remainders_do_not_expand_64x() -> None:
     count = _SIZE
     rem_bytes = packed_size(count, 40)

@@ -20,6 +20,7 @@ import numpy as np
 from ..errors import ConfigError, UnknownCodec
 from .dense import DenseCodec
 from .dgc import DgcCodec
+from .drive import DriveCodec
 from .lowrank import LowRankCodec, format_shapes
 from .quant import Fp16Codec, Q8Codec
 from .sketch import RandomMaskCodec, SketchCodec
@@ -216,7 +217,8 @@ def with_layout(name: str, params: Mapping[str, ParamValue], shapes: Sequence[tu
 
 # Built-in codecs, available as soon as the package is imported.
 register(DenseCodec())
-for _codec in (Fp16Codec(), Q8Codec(), DgcCodec(), SketchCodec(), RandomMaskCodec(), LowRankCodec(), StcCodec()):
+for _codec in (Fp16Codec(), Q8Codec(), DgcCodec(), SketchCodec(), RandomMaskCodec(), LowRankCodec(), StcCodec(),
+               DriveCodec()):
     register(_codec)
 
 __all__ = [
@@ -225,6 +227,7 @@ __all__ = [
     "CodecState",
     "DenseCodec",
     "DgcCodec",
+    "DriveCodec",
     "Fp16Codec",
     "LowRankCodec",
     "Q8Codec",
