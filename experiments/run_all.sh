@@ -31,8 +31,8 @@
 # Measured since (2026-11-26 15:15-15:35 UTC, commit 256115a, quiet 2-core VM, seed 0, one run at a time): a run
 # takes ~35 s more than its rounds' wall s (bundle export, 10 device processes importing torch, plots): FL short
 # rounds 123-131 s a run (rounds 86-94 s), LB 600 steps 168-178 s (rounds 139 s). With those, the matrix is
-# ~2.7 h and matrix + kept ~3.2 h: over the issue's ~2 h, so the start-up and the LB step's overhead (0.23 s of
-# a 0.23 s step is not compute) need cutting, or rounds, before the sitting.
+# ~2.7 h and matrix + kept ~3.2 h: over the issue's ~2 h, so the start-up and the LB step's overhead (a 0.23 s step
+# holds ~0.07 s of device compute: 40 device CPU s over 600 steps) need cutting, or rounds, before the sitting.
 # No round count was cut: none of the kept curves has flattened (the short-round runs still gain 0.2-0.5 pt
 # per 10 rounds at round 100: docs/results/runs/fl-*-ls19-*), and the epoch-round and LB curves were lost;
 # run `matrix` and `kept` in two sittings (same commit and machine) if 2 h is a hard limit.
