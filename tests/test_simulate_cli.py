@@ -63,6 +63,11 @@ def test_simulate_ci_size_runs_end_to_end(fleet_assets: FleetAssets, tmp_path: P
     (["--strategy", "large-batch", "--local-steps", "5"], "--local-steps is for FL strategies"),
     # a device host has no attack flag: the attack would be silently ignored
     (["--devices", "4", "--device-processes", "2", "--attackers", "1:scale"], "each its own process"),
+    # central DP that cannot hold
+    (["--dp-noise-multiplier", "1"], "noise without clipping bounds nothing"),
+    (["--dp-clip", "1", "--dp-noise-multiplier", "0"], "--dp-noise-multiplier must be a finite number > 0"),
+    (["--dp-clip", "1", "--dp-noise-multiplier", "1", "--dp-delta", "1"], "--dp-delta must be in (0, 1)"),
+    (["--dp-clip", "1", "--dp-noise-multiplier", "1", "--strategy", "large-batch"], "large-batch"),
 ])
 def test_simulate_bad_input_exits_2_before_starting_anything(flags: list[str], message: str, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch,
