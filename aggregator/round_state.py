@@ -36,6 +36,12 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def local_dp_fields(local_epsilon: tuple[float, float] | None) -> dict[str, float]:
+    """``local_epsilon`` / ``local_dp_delta`` of a (max ε, its δ) pair, for a round record's ``extra`` or a
+    worker's final partial; {} without local DP."""
+    return {} if local_epsilon is None else {"local_epsilon": local_epsilon[0], "local_dp_delta": local_epsilon[1]}
+
+
 def larger_local_epsilon(current: tuple[float, float] | None, epsilon: object,
                          delta: object) -> tuple[float, float] | None:
     """(ε, δ) with the larger ε of ``current`` and a device's report; a figure off the wire that is not a
@@ -70,12 +76,13 @@ class RoundTally:
     train_loss_sum: float = 0.0  # Σ examples · training loss the devices reported with accepted updates
     train_loss_examples: int = 0
     local_epsilon: tuple[float, float] | None = None  # (max ε, its δ) over the devices with local DP
+    replayed: int = 0  # accepted before a restart, read back from the update journal
 
     def add_train_loss(self, loss: object, examples: int) -> None:
         """Count a device's reported training loss (weighted by its examples); a non-finite or non-number
         figure off the wire is ignored: it is a display figure, never an input to the model."""
-        if isinstance(loss, (int, float)) and not isinstance(loss, bool) and math.isfinite(loss) and examples > 0:
-            self.train_loss_sum += float(loss) * examples
+        if _is_number(loss) and examples > 0:
+            self.train_loss_sum += float(loss) * examples  # type: ignore[arg-type]
             self.train_loss_examples += examples
 
     def train_loss(self) -> float | None:
@@ -88,10 +95,7 @@ class RoundTally:
 
     def local_dp_extra(self) -> dict[str, float]:
         """The round's ``local_epsilon`` (max over its devices) and ``local_dp_delta``; {} without local DP."""
-        if self.local_epsilon is None:
-            return {}
-        return {"local_epsilon": self.local_epsilon[0], "local_dp_delta": self.local_epsilon[1]}
-    replayed: int = 0  # accepted before a restart, read back from the update journal
+        return local_dp_fields(self.local_epsilon)
 
     def note(self, line: str) -> None:
         """Keep one human-readable line for the round's record, up to MAX_DETAIL_LINES."""

@@ -49,7 +49,7 @@ from edgetrain.sdk.transport import MqttTransport, Transport
 from .aggregation import BLOCK_UPDATES, WeightedMean
 from .inbox import Inbox
 from .publish_retry import OutagePublisher, publish_through_outage
-from .round_state import larger_local_epsilon
+from .round_state import larger_local_epsilon, local_dp_fields
 from .update_journal import UpdateJournal
 from .validation import REJECT_DUPLICATE, REJECT_LATE, ValidationContext, validate_update
 
@@ -97,11 +97,6 @@ class _RoundPartial:
     local_epsilon: tuple[float, float] | None = None  # (max ε, its δ) the devices with local DP reported
     unreported: int = 0  # accepted since the last progress report
     closed: bool = False  # the final partial went out: nothing more is accepted for this round
-
-
-def _local_dp_fields(local_epsilon: tuple[float, float] | None) -> dict[str, float]:
-    """A final partial's ``local_epsilon`` / ``local_dp_delta`` (none without local DP)."""
-    return {} if local_epsilon is None else {"local_epsilon": local_epsilon[0], "local_dp_delta": local_epsilon[1]}
 
 
 class AggregationWorker:
@@ -304,7 +299,7 @@ class AggregationWorker:
             device_cpu_s=current.cpu_s if final else 0.0, train_loss_sum=current.loss_sum if final else 0.0,
             train_loss_examples=current.loss_examples if final else 0,
             payload=current.mean.weighted_sum.astype("<f8").tobytes() if final else b"",
-            **_local_dp_fields(current.local_epsilon if final else None))
+            **local_dp_fields(current.local_epsilon if final else None))
         frame = wire.encode(partial)
         topic = topics.partial_topic(self.fleet, self.name)
         current.unreported = 0
