@@ -18,7 +18,7 @@ import numpy as np
 from edgetrain.sdk.errors import ConfigError
 from edgetrain.sdk.round_settings import RoundSettings
 
-from .aggregation import WeightedMean
+from .aggregation import BLOCK_UPDATES, WeightedMean
 from .server_optim import LargeBatchHyper, OptimState, lars_step, learning_rate, sgd_step
 from .strategy import AggregateInfo, RoundPlan, Strategy
 
@@ -70,7 +70,7 @@ class LargeBatch(Strategy):
         if sum(math.prod(s) for s in self.shapes) != params.size:
             raise ConfigError(f"layer shapes cover {sum(math.prod(s) for s in self.shapes)} entries, "
                               f"the parameters have {params.size}")
-        self._mean = WeightedMean(params.size)
+        self._mean = WeightedMean(params.size, block_updates=BLOCK_UPDATES)  # the hot path: float32 blocks
         self._examples = 0
 
     def accumulate(self, update_vector: np.ndarray, num_examples: int, device_id: str) -> None:

@@ -9,6 +9,7 @@ them; everything they exchange with the aggregator crosses the broker as wire fr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -18,6 +19,11 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+try:  # the server extra brings it; without it BLAS keeps its own thread count
+    from threadpoolctl import threadpool_limits
+except ImportError:  # pragma: no cover - exercised on installs without the server extra
+    threadpool_limits = None
 
 from edgetrain.sdk.attack import ATTACK_KINDS, Attack
 from edgetrain.sdk.cli_args import add_broker_args, broker_config, positive_int
@@ -131,7 +137,9 @@ def _export_bundles(args: argparse.Namespace, out: Path) -> Path:
 
 
 def _device_env(args: argparse.Namespace) -> dict[str, str]:
-    return dict(os.environ, OMP_NUM_THREADS=str(args.device_threads), PYTHONUNBUFFERED="1",
+    # numpy's OpenBLAS too: its idle worker threads spin, and N devices' spinning on shared cores is CPU lost
+    threads = str(args.device_threads)
+    return dict(os.environ, OMP_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads, PYTHONUNBUFFERED="1",
                 PYTHONPATH=os.pathsep.join(filter(None, [str(_REPO_ROOT), os.environ.get("PYTHONPATH")])))
 
 
@@ -234,7 +242,10 @@ def _check_args(args: argparse.Namespace) -> None:
     args.labels = {"partition": args.partition, "fleet_devices": args.devices, "model": args.model, "norm": args.norm,
                    "runtime": "bundle" if args.bundle else args.runtime,
                    **({"attackers": f"{args.attackers[0]}:{args.attackers[1]}"} if args.attackers else {}),
-                   **({"stragglers": f"{args.stragglers[0]}:{args.stragglers[1]:g}"} if args.stragglers else {}), **({"label": args.label} if args.label else {})}
+                   **({"stragglers": f"{args.stragglers[0]}:{args.stragglers[1]:g}"} if args.stragglers else {}),
+                   # wall times depend on it (one process a device, or hosts of many): said beside them
+                   **({"device_processes": args.device_processes} if args.device_processes else {}),
+                   **({"label": args.label} if args.label else {})}
     if args.resume and args.out is None:
         raise ConfigError("--resume needs --out: the run directory to continue")
 
@@ -275,7 +286,11 @@ def run(args: argparse.Namespace) -> int:
         threading.Thread(target=_watch, args=(procs, args.min_devices, stop, out, sizes), daemon=True).start()
         aggregator = build_aggregator(args, broker_config(args), out, bundle, args.fleet, resume=args.resume)
         pool = start_worker_pool(args, broker_config(args), out, args.fleet)
-        records = aggregator.run(stop, on_progress=round_printer("step" if args.strategy == LARGE_BATCH else "round"))
+        # One BLAS thread: the aggregator shares the cores with the devices, and OpenBLAS's workers spin while
+        # they wait, so a threaded daxpy on busy cores costs milliseconds where one thread takes ~0.1 ms.
+        with threadpool_limits(limits=1, user_api="blas") if threadpool_limits else contextlib.nullcontext():
+            records = aggregator.run(stop, on_progress=round_printer("step" if args.strategy == LARGE_BATCH
+                                                                     else "round"))
     finally:
         stop.set()
         if pool is not None:

@@ -14,28 +14,20 @@
 # so runs pair by seed) and is kept as docs/results/runs/NAME-sSEED (metrics.jsonl + summary.json, per-device
 # breakdown stripped).
 #
-# Wall time on 2 quiet cores, estimated from the kept runs' total_wall_s (summary.json: rounds only) plus
-# ~15 s a run to start and stop (bundle export, 10 device processes, plots: issue 16 puts the last full
-# sitting at ~1.6 h quiet for 59 runs, ~98 s a run, against ~85 s of rounds in their kept files):
-#   FL short rounds (100 x 19 steps): kept fl-*-ls19 70-90 s, mean 77 s              -> 24 runs x  92 s = 37 min
-#   FL epoch rounds (10 x E=1): the same examples at a tenth of the rounds, 63 s of
-#     compute + 10 evaluations (model fitted to the kept ls19/ls10/ls5 runs: 0.13 s a
-#     round + 1.0e-4 s an example); the lost matrix's loaded times x 86/168 give 67 s -> 24 runs x  82 s = 33 min
-#     (a conservative figure: in the loaded calibration below one epoch round took 10.9 s, 3.3 short rounds)
-#   LB (600 steps): no kept LB run; one step took 0.26 of a short round in a loaded
-#     calibration (50 steps of lb-dense-iid vs 10 rounds of fl-dense-iid-ls19, load
-#     average 16-18, 2026-11-26): 0.26 x 0.77 s x 600 = 118 s dense; the compressed
-#     codecs send 15-400x less (the lost matrix: ~0.6 of dense) -> mean ~100 s        -> 24 runs x 113 s = 45 min
-#   matrix ~1.9 h; kept 15 x 92 s ~23 min; extra ~68 min; centralized ~1 min.
-# So `bash experiments/run_all.sh` (matrix + kept + centralized) is ~2.3 h quiet, the matrix alone ~1.9 h.
-# Measured since (2026-11-26 15:15-15:35 UTC, commit 256115a, quiet 2-core VM, seed 0, one run at a time): a run
-# takes ~35 s more than its rounds' wall s (bundle export, 10 device processes importing torch, plots): FL short
-# rounds 123-131 s a run (rounds 86-94 s), LB 600 steps 168-178 s (rounds 139 s). With those, the matrix is
-# ~2.7 h and matrix + kept ~3.2 h: over the issue's ~2 h, so the start-up and the LB step's overhead (a 0.23 s step
-# holds ~0.07 s of device compute: 40 device CPU s over 600 steps) need cutting, or rounds, before the sitting.
-# No round count was cut: none of the kept curves has flattened (the short-round runs still gain 0.2-0.5 pt
-# per 10 rounds at round 100: docs/results/runs/fl-*-ls19-*), and the epoch-round and LB curves were lost;
-# run `matrix` and `kept` in two sittings (same commit and machine) if 2 h is a hard limit.
+# Wall time on 2 quiet cores (measured 2026-11-26 16:20-16:40 UTC, seed 0, one run at a time). The last
+# session's measurement (~35 s a run of start-up, LB 0.23 s a step: matrix ~2.7 h, matrix + kept ~3.2 h) was
+# cut by: no torch.optim in the torch runtime (its constructor imported torch._dynamo, ~1 CPU-s a device),
+# one BLAS thread in simulate's aggregator and devices (OpenBLAS's idle workers spin on busy cores: LB step
+# 0.21 -> 0.16 s), large-batch gradients summed in float32 blocks as FedAvg's are, the device commands'
+# parser importing no server modules, and the configs' `device_processes = 2` (the 10 devices as identities
+# of 2 device-host processes, same updates on the wire: start-up ~17 -> ~6 s a run, LB step 0.154 -> 0.141 s).
+#   FL short rounds (100 x 19 steps): 20 rounds took 10.3 s -> ~58 s a run          -> 24 runs = ~23 min
+#   FL epoch rounds (10 x E=1): the same 1,900 steps a device, 10 evaluations         -> 24 runs = ~22 min
+#   LB (600 steps): 100 steps took 14.0 s -> ~90 s a run                            -> 24 runs = ~36 min
+#   matrix ~81 min; kept 15 x ~58 s = ~15 min; frontier 6 FL + 6 LB = ~15 min; centralized ~1 min.
+# No round count was cut: none of the kept curves had flattened (the short-round runs still gained 0.2-0.5 pt
+# per 10 rounds at round 100).
+# The sitting's commit, machine and times go to $REPORT/sitting.json.
 #
 #   bash experiments/run_all.sh                  # matrix + kept + centralized, then the reports
 #   bash experiments/run_all.sh matrix kept      # tiers: matrix | kept | frontier | extra | centralized (in turn)
@@ -107,10 +99,35 @@ if [ -n "${DRY_RUN:-}" ]; then  # the config names only (tests/test_experiment_c
     for what in "$@"; do configs "$what"; done
     exit 0
 fi
+# The sitting's record beside the kept runs: commit, machine and times (docs/results.md cites it).
+sitting() {  # sitting START|END: write or complete $REPORT/sitting.json
+    $PYTHON - "$1" "$REPORT/sitting.json" "$SEEDS" "$*" <<'PY'
+import json, os, platform, subprocess, sys, time
+import numpy, torch
+when, path, seeds = sys.argv[1], sys.argv[2], sys.argv[3].split()
+now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+if when == "END":
+    record = json.load(open(path))
+    record["finished_utc"] = now
+else:
+    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True).stdout.strip()
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    record = {"commit": git("rev-parse", "HEAD"), "uncommitted_changes": bool(git("status", "--porcelain", "--",
+              ":!docs/results")), "started_utc": now, "finished_utc": None, "seeds": [int(s) for s in seeds],
+              "tiers": sys.argv[4].split()[1:], "machine": {"cpu": cpu, "cores": os.cpu_count(),
+              "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9),
+              "arch": platform.machine(), "python": platform.python_version(), "numpy": numpy.__version__,
+              "torch": torch.__version__}}
+json.dump(record, open(path, "w"), indent=1)
+PY
+}
+mkdir -p "$REPORT"
+sitting START "$@"
 for what in "$@"; do
     for name in $(configs "$what"); do one_config "$name"; done
     if [ "$what" = all ] || [ "$what" = centralized ]; then centralized; fi
 done
+sitting END
 # The report over every kept run but issue 17's (experiments/run_17.sh reports those), then the check of
 # docs/results.md's tables against the kept runs (a table the new runs changed is reported, not fatal).
 runs=()

@@ -24,6 +24,28 @@ def _tensors(batch: tuple[np.ndarray, np.ndarray]) -> tuple[torch.Tensor, torch.
     return torch.from_numpy(batch[0]), torch.from_numpy(batch[1])
 
 
+@torch.no_grad()
+def _sgd_step(params: list[torch.Tensor], momentum_buffers: list[torch.Tensor | None], config: TrainConfig) -> None:
+    """One step of ``torch.optim.SGD`` (dampening 0), op for op as its single-tensor kernel, so the result is the
+    same to the bit (tests pin the two together). Not torch.optim itself: constructing a torch optimiser imports
+    torch._dynamo, ~800 modules and ~1 CPU-second of every device's start-up (ten on two cores: seconds of wall
+    time; on a board, more). ``momentum_buffers`` is updated in place; parameters without a gradient are skipped."""
+    for i, param in enumerate(params):
+        grad = param.grad
+        if grad is None:
+            continue
+        if config.weight_decay != 0:
+            grad = grad.add(param, alpha=config.weight_decay)
+        if config.momentum != 0:
+            buffer = momentum_buffers[i]
+            if buffer is None:
+                buffer = momentum_buffers[i] = torch.clone(grad).detach()
+            else:
+                buffer.mul_(config.momentum).add_(grad)
+            grad = grad.add(buffer, alpha=config.momentum) if config.nesterov else buffer
+        param.add_(grad, alpha=-config.lr)
+
+
 class TorchRuntime(Runtime):
     """A bundle's model in torch eager mode; parameters cross the seam as one flat float32 vector."""
 
@@ -54,23 +76,24 @@ class TorchRuntime(Runtime):
 
     @contextmanager
     def _training(self, config: TrainConfig) -> Iterator[TrainStep]:
-        """torch.optim.SGD, fresh per call; with ``prox_mu`` > 0 the objective gets FedProx's
-        mu/2·||w − w_start||² (Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020)."""
+        """SGD as torch.optim.SGD steps it (``_sgd_step``), fresh momentum per call; with ``prox_mu`` > 0
+        the objective gets FedProx's mu/2·||w − w_start||² (Li et al., "Federated Optimization in
+        Heterogeneous Networks", MLSys 2020)."""
         self.model.train()
-        optimizer = torch.optim.SGD(self._params, lr=config.lr, momentum=config.momentum,
-                                    nesterov=config.nesterov, weight_decay=config.weight_decay)
+        momentum_buffers: list[torch.Tensor | None] = [None] * len(self._params)
         w_start = [p.detach().clone() for p in self._params] if config.prox_mu > 0 else []
 
         def step(x: np.ndarray, y: np.ndarray) -> float:
             x_t, y_t = _tensors((x, y))
-            optimizer.zero_grad(set_to_none=True)
+            for param in self._params:
+                param.grad = None
             loss = F.cross_entropy(self.model(x_t), y_t)
             objective = loss
             if w_start:
                 proximal = sum(torch.sum((p - p0) ** 2) for p, p0 in zip(self._params, w_start))
                 objective = loss + 0.5 * config.prox_mu * proximal
             objective.backward()
-            optimizer.step()
+            _sgd_step(self._params, momentum_buffers, config)
             return float(loss.detach())
 
         yield step
@@ -87,9 +110,8 @@ class TorchRuntime(Runtime):
                     buffer.copy_(saved)
 
     def warm_up(self) -> None:
-        """One SGD step with momentum on a dummy batch, then parameters and buffers restored. torch's first
-        optimiser imports torch._dynamo (~800 modules, ~1 CPU-second; seconds of wall time when ten device
-        processes start together on two cores) and its first backward allocates: paid here, not in round 1."""
+        """One SGD step with momentum on a dummy batch, then parameters and buffers restored: torch's first
+        backward allocates and picks its kernels here, not in round 1."""
         saved_params = self.get_parameters()
         dummy_x = np.zeros((2, *self.manifest.input_shape), np.float32)
         dummy_y = np.zeros(2, np.int64)
