@@ -28,7 +28,7 @@ from edgetrain.sdk.cli_args import PASSWORD_ENV
 from edgetrain.sdk.errors import ConfigError, EdgetrainError, WireError
 
 from .aggregation import WeightedMean
-from .round_state import OpenRound, Progress
+from .round_state import OpenRound, Progress, examples_processed
 from .service import Aggregator, RunStopped, load_or_create_run_id
 from .worker import WORKERS_DIR, worker_name
 
@@ -169,6 +169,9 @@ class Coordinator(Aggregator):
             tally.device_cpu_s += partial.device_cpu_s
             tally.train_loss_sum += partial.train_loss_sum
             tally.train_loss_examples += partial.train_loss_examples
+            if tally.settings is not None:
+                tally.examples_processed += examples_processed(tally.settings, partial.claimed_examples,
+                                                               partial.num_updates)
             tally.add_local_epsilon(partial.local_epsilon, partial.local_dp_delta)
             for norm in partial.norms:
                 self._norms.add(norm)

@@ -23,12 +23,13 @@ class Progress:
     record: RoundRecord | None = None  # set once the round closed
 
 
-def examples_processed(settings: RoundSettings, claimed_examples: int) -> int:
-    """Examples one accepted update trained on, from the round's settings: K steps x B when ``local_steps``
-    is set, else E epochs x the examples it claims (a large-batch step claims its one batch, E = 1).
-    Nominal: an epoch's short last batch counts whole. LB and FL are compared at equal examples with it."""
+def examples_processed(settings: RoundSettings, claimed_examples: int, updates: int = 1) -> int:
+    """Examples ``updates`` accepted updates trained on, from the round's settings: K steps x B each when
+    ``local_steps`` is set, else E epochs x the examples they claim in all (a large-batch step claims its one
+    batch, E = 1). Nominal: an epoch's short last batch counts whole. LB and FL are compared at equal examples
+    with it; a worker's partial carries its updates' claimed sum, so the coordinator counts the same."""
     if settings.local_steps is not None:
-        return settings.local_steps * settings.batch_size
+        return updates * settings.local_steps * settings.batch_size
     return settings.local_epochs * max(0, int(claimed_examples))
 
 

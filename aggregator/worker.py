@@ -94,6 +94,7 @@ class _RoundPartial:
     cpu_s: float = 0.0
     loss_sum: float = 0.0
     loss_examples: int = 0
+    claimed_examples: int = 0  # what the accepted updates claimed: the coordinator turns it into examples processed
     local_epsilon: tuple[float, float] | None = None  # (max ε, its δ) the devices with local DP reported
     unreported: int = 0  # accepted since the last progress report
     closed: bool = False  # the final partial went out: nothing more is accepted for this round
@@ -249,6 +250,7 @@ class AggregationWorker:
         current.norms.append(valid.norm)
         current.payload_bytes += len(update.payload)
         current.cpu_s += float(update.metrics.get("cpu_s", 0.0))
+        current.claimed_examples += valid.claimed_examples
         loss = update.metrics.get("train_loss")
         if loss is not None:
             current.loss_sum += float(loss) * valid.num_examples
@@ -298,6 +300,7 @@ class AggregationWorker:
             bytes_up=current.bytes_up if final else 0, accepted_payload_bytes=current.payload_bytes if final else 0,
             device_cpu_s=current.cpu_s if final else 0.0, train_loss_sum=current.loss_sum if final else 0.0,
             train_loss_examples=current.loss_examples if final else 0,
+            claimed_examples=current.claimed_examples if final else 0,
             payload=current.mean.weighted_sum.astype("<f8").tobytes() if final else b"",
             **local_dp_fields(current.local_epsilon if final else None))
         frame = wire.encode(partial)

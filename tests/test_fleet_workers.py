@@ -97,6 +97,8 @@ def test_simulate_with_two_workers_runs_end_to_end(fleet_assets: FleetAssets, tm
     assert done.wait(120) == 0, done.log()[-3000:]
     records = metrics(out)
     assert [(r.round_id, r.devices_reported, r.total_examples) for r in records] == [(1, 3, 300), (2, 3, 300)]
+    # one local epoch over the 100 examples each device claims: counted by the workers, summed by the coordinator
+    assert [r.examples_processed for r in records] == [300, 300]
     assert "Traceback" not in done.log()
     for i in range(2):  # both workers ran (and were stopped with the run)
         log = (out / "workers" / f"worker-{i}.log").read_text()

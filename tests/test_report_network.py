@@ -66,6 +66,9 @@ def test_examples_processed_follows_the_round_settings() -> None:
     assert examples_processed(RoundSettings(batch_size=32, local_steps=19), 6000) == 19 * 32  # short rounds
     assert examples_processed(RoundSettings(batch_size=32, local_epochs=2), 6000) == 12_000  # epoch rounds
     assert examples_processed(RoundSettings(batch_size=32), 32) == 32  # a large-batch step: its one batch
+    # summed over a worker's updates (their claims added up): the same as one by one
+    assert examples_processed(RoundSettings(batch_size=32, local_steps=19), 3 * 6000, updates=3) == 3 * 19 * 32
+    assert examples_processed(RoundSettings(batch_size=32, local_epochs=2), 6000 + 500, updates=2) == 13_000
 
 
 def test_group_table_shows_ratios_in_frames_metrics_and_examples_to_target(tmp_path: Path) -> None:

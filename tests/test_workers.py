@@ -138,7 +138,10 @@ def test_fedavg_over_two_workers_equals_numpy_weighted_mean(broker, tmp_path, cl
     params, count = _fedavg(finals)
     assert count == len(devices)
     np.testing.assert_allclose(params, _weighted_mean(updates), rtol=0, atol=1e-6)
+    # what the accepted updates claimed: the coordinator's examples processed (coordinator._fold_in)
+    assert sum(f.claimed_examples for f in finals.values()) == sum(u.num_examples for u, _ in updates)
     for final in finals.values():
+        assert final.claimed_examples == sum(u.num_examples for u, _ in updates if u.device_id in final.accepted_devices)
         assert final.local_epsilon == max(epsilons[d] for d in final.accepted_devices)
         assert final.local_dp_delta == 1e-5
     tally = RoundTally()  # the coordinator folds the finals in (coordinator._fold_in)
@@ -193,6 +196,9 @@ def test_reduce_refuses_partials_that_count_one_update_twice() -> None:
     for epsilon, delta in ((2.5, None), (-1.0, 1e-6), (float("nan"), 1e-6), (1.0, 1.0)):
         with pytest.raises(WireError, match="local_epsilon"):
             dataclasses.replace(partial("w0"), local_epsilon=epsilon, local_dp_delta=delta)
+    for bad in (-1, 1.5, True):  # a worker's count of claimed examples is a count
+        with pytest.raises(WireError, match="claimed_examples"):
+            dataclasses.replace(partial("w0"), claimed_examples=bad)
     with pytest.raises(WireError, match="repeats update"):
         reduce_partials({"w0": partial("w0"), "w1": partial("w1")}, NUM_PARAMS)
     with pytest.raises(WireError, match="payload bytes"):

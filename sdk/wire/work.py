@@ -124,6 +124,7 @@ class PartialSum:
     payload: bytes
     local_epsilon: float | None = None  # the largest ε a device with local DP reported (sdk.local_dp), final only
     local_dp_delta: float | None = None  # its δ
+    claimed_examples: int = 0  # Σ the examples the accepted updates claimed (the round's examples processed), final only
 
     def __post_init__(self) -> None:
         _check_run_id(self)
@@ -133,7 +134,7 @@ class PartialSum:
         if len(self.worker_id) > MAX_WORKER_ID_CHARS:
             raise _fail(self, "worker_id", f"at most {MAX_WORKER_ID_CHARS} characters")
         _check_bool(self, "final")
-        for name in ("num_updates", "bytes_up", "accepted_payload_bytes", "train_loss_examples"):
+        for name in ("num_updates", "bytes_up", "accepted_payload_bytes", "train_loss_examples", "claimed_examples"):
             _check_count(self, name)
         for name in ("total_weight", "device_cpu_s", "train_loss_sum"):
             number = _as_float(self, name, getattr(self, name))
