@@ -7,8 +7,9 @@ Convention: a table that comes from kept runs is preceded (blank lines allowed b
 naming the kept run directories (paths or globs, relative to the repository root, space-separated).
 That table must equal, cell for cell, ``edgetrain report``'s table by configuration (mean ± 95 % CI
 over seeds, ``aggregator.report_groups``) of those runs. No training: only the kept metrics.jsonl and
-summary.json files are read. Tables without the line are listed as "not checked (no kept runs)".
-Exit status 1 on any mismatch, with the line and cell that differ. ``--write`` regenerates every marked
+summary.json files are read. Every number in the doc's tables must come from kept runs, so a table
+without the line fails too (figures of another kind belong in another doc). Exit status 1 on any
+mismatch or unmarked table, with the line and cell that differ. ``--write`` regenerates every marked
 table in place from its kept runs instead (after ``experiments/run_all.sh``, or when the report gains a
 column), then checks again.
 
@@ -119,7 +120,8 @@ def check(doc: Path, root: Path) -> tuple[list[str], list[str]]:
     for table in find_tables(doc.read_text()):
         where = f"{doc}:{table.line}"
         if not table.run_patterns:
-            notes.append(f"{where}: not checked (no kept runs)")
+            failures.append(f"{where}: a table that names no kept runs (no '<!-- report: RUNS -->' line before "
+                            "it): every table here must be recomputed from kept runs")
             continue
         try:
             expected = expected_rows(table.run_patterns, root)
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     if failures:
         print(f"check_results: {len(failures)} mismatch(es) in {args.doc}", file=sys.stderr)
         return 1
-    print(f"check_results: every table with kept runs in {args.doc} matches them")
+    print(f"check_results: every table in {args.doc} matches its kept runs")
     return 0
 
 

@@ -87,7 +87,7 @@ def _doc(tmp_path: Path) -> Path:
     runs = _fleet(tmp_path)
     table = group_table(group_runs([load_run(d) for d in sorted(runs.iterdir())], DEFAULT_TARGETS), DEFAULT_TARGETS)
     doc = tmp_path / "results.md"
-    doc.write_text("# results\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\ntext\n\n<!-- report: runs/*-s* -->\n" + table)
+    doc.write_text("# results\n\ntext\n\n<!-- report: runs/*-s* -->\n" + table)
     return doc
 
 
@@ -96,12 +96,20 @@ def _check(doc: Path, root: Path) -> subprocess.CompletedProcess:
                           text=True, cwd=ROOT)
 
 
-def test_checker_passes_a_table_recomputed_from_its_runs_and_lists_unmarked_tables(tmp_path: Path) -> None:
+def test_checker_passes_a_table_recomputed_from_its_runs(tmp_path: Path) -> None:
     doc = _doc(tmp_path)
     done = _check(doc, tmp_path)
     assert done.returncode == 0, done.stderr
-    assert f"{doc}:3: not checked (no kept runs)" in done.stdout
-    assert f"{doc}:10: ok (2 configurations from runs/*-s*)" in done.stdout
+    assert f"{doc}:6: ok (2 configurations from runs/*-s*)" in done.stdout
+
+
+def test_checker_fails_a_table_that_names_no_kept_runs(tmp_path: Path) -> None:
+    """Every number in the doc's tables comes from kept runs: a table without a marker is not let through."""
+    doc = _doc(tmp_path)
+    doc.write_text(doc.read_text().replace("text\n", "| a | b |\n|---|---|\n| 1 | 2 |\n\ntext\n", 1))
+    done = _check(doc, tmp_path)
+    assert done.returncode == 1
+    assert f"{doc}:3: a table that names no kept runs" in done.stderr
 
 
 def test_checker_fails_naming_the_cell_that_differs(tmp_path: Path) -> None:
@@ -125,7 +133,7 @@ def test_checker_fails_when_a_marker_names_no_runs_or_a_row_is_missing(tmp_path:
 def test_checker_write_regenerates_the_marked_tables_and_leaves_the_rest(tmp_path: Path) -> None:
     doc = _doc(tmp_path)
     good = doc.read_text()
-    # an old table: a column fewer and a wrong cell; the unmarked table and the text must stay as they are
+    # an old table: a column fewer and a wrong cell; the text around it must stay as it is
     stale = "\n".join(line.rsplit("|", 2)[0] + "|" if line.startswith("|") and "report" not in line else line
                       for line in good.splitlines()).replace("86.50 ± 6.35", "1.00", 1) + "\n"
     doc.write_text(stale + "\nafter\n")
@@ -134,5 +142,5 @@ def test_checker_write_regenerates_the_marked_tables_and_leaves_the_rest(tmp_pat
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     text = doc.read_text()
-    assert text.endswith("\nafter\n") and "| a |\n" in text  # the unmarked table as it was (cut above)
+    assert text.startswith("# results\n\ntext\n") and text.endswith("\nafter\n")
     assert text.replace("\nafter\n", "").split("-->\n")[1] == good.split("-->\n")[1]
