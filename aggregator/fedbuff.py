@@ -14,7 +14,6 @@ validation (``too_stale``) before they get here. Pure numpy apart from the Strat
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable, Sequence
 
@@ -22,6 +21,7 @@ import numpy as np
 
 from edgetrain.sdk.errors import ConfigError
 from edgetrain.sdk.round_settings import TASK_TRAIN_CONTINUOUS
+from edgetrain.sdk.spec_text import spec_number, split_spec
 
 from .aggregation import ServerHyper, fedavg_step
 from .strategy import AggregateInfo, FedAvg, RoundPlan
@@ -48,25 +48,22 @@ class StalenessWeight:
     @classmethod
     def parse(cls, text: str) -> "StalenessWeight":
         """``poly`` | ``poly:a=A`` | ``const``; ConfigError names what is wrong."""
-        kind, _, params = text.strip().partition(":")
+        usage = "use poly, poly:a=A (e.g. poly:a=0.5) or const"
+        try:
+            kind, params = split_spec(text, "staleness weight")
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}; {usage}") from None
         if kind == "const":
             if params:
                 raise ConfigError(f"staleness weight 'const' takes no parameters, got {text!r}")
             return cls("const", 0.0)
         if kind != "poly":
-            raise ConfigError(f"unknown staleness weight {text!r}; use poly:a=A or const")
+            raise ConfigError(f"unknown staleness weight {text!r}; {usage}")
         if not params:
             return cls()
-        key, sep, value = params.partition("=")
-        if key.strip() != "a" or not sep:
+        if set(params) != {"a"}:
             raise ConfigError(f"staleness weight {text!r}: the one parameter is a=A, e.g. poly:a=0.5")
-        try:
-            exponent = float(value)
-        except ValueError:
-            raise ConfigError(f"staleness weight {text!r}: a must be a number, got {value!r}") from None
-        if not math.isfinite(exponent):
-            raise ConfigError(f"staleness weight {text!r}: a must be finite")
-        return cls("poly", exponent)
+        return cls("poly", float(spec_number(f"staleness weight {text!r}", "a", params["a"])))
 
     def __str__(self) -> str:
         return "const" if self.kind == "const" else f"poly:a={self.exponent:g}"

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
 from edgetrain.sdk.errors import ConfigError
+from edgetrain.sdk.spec_text import spec_number, split_spec
 
 from .robust import (clip_to_norm, coordinate_median, krum_min_updates, multi_krum, multi_krum_selection,
                      trimmed_count, trimmed_mean)
@@ -33,18 +33,6 @@ RULE_PARAMETERS: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "norm-bound": (("max",), ()),
 }
 BUFFERING_RULES = frozenset({"median", "trimmed-mean", "multi-krum"})
-_KEY_VALUE = re.compile(r"^([a-z]+)=([^=,:\s]+)$")
-
-
-def _number(rule: str, key: str, text: str, integer: bool) -> float | int:
-    try:
-        value = int(text) if integer else float(text)
-    except ValueError:
-        kind = "an integer" if integer else "a number"
-        raise ConfigError(f"--aggregation {rule}: {key}={text!r} is not {kind}") from None
-    if not integer and not math.isfinite(value):
-        raise ConfigError(f"--aggregation {rule}: {key} must be finite, got {text!r}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -79,19 +67,15 @@ class AggregationRule:
     @classmethod
     def parse(cls, spec: str) -> "AggregationRule":
         """``mean`` | ``median`` | ``trimmed-mean:beta=B`` | ``multi-krum:f=F[,m=M]`` | ``norm-bound:max=M``."""
-        kind, _, rest = spec.strip().partition(":")
+        kind, params = split_spec(spec, "--aggregation")
         if kind not in RULE_PARAMETERS:
             raise ConfigError(f"--aggregation {spec!r}: unknown rule {kind!r}; known: {', '.join(RULE_PARAMETERS)}")
         values: dict[str, Any] = {}
-        for item in filter(None, (part.strip() for part in rest.split(","))) if rest else ():
-            match = _KEY_VALUE.match(item)
-            if match is None:
-                raise ConfigError(f"--aggregation {spec!r}: expected key=value, got {item!r}")
-            key, text = match.groups()
+        for key, text in params.items():
             field_name = {"max": "max_norm"}.get(key, key)
-            if field_name not in ("beta", "f", "m", "max_norm") or field_name in values:
-                raise ConfigError(f"--aggregation {spec!r}: unknown or repeated parameter {key!r}")
-            values[field_name] = _number(kind, key, text, integer=key in ("f", "m"))
+            if field_name not in ("beta", "f", "m", "max_norm"):
+                raise ConfigError(f"--aggregation {spec!r}: unknown parameter {key!r}")
+            values[field_name] = spec_number(f"--aggregation {kind}", key, text, integer=key in ("f", "m"))
         return cls(kind, **values)
 
     def __str__(self) -> str:

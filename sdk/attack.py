@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import ConfigError
+from .spec_text import split_spec
 
 ATTACK_KINDS = ("sign-flip", "scale", "random", "label-flip")
 DEFAULT_BOOST = {"sign-flip": 4.0, "scale": 100.0, "label-flip": 10.0}  # random takes none
@@ -51,16 +52,19 @@ class Attack:
     @classmethod
     def parse(cls, text: str) -> "Attack":
         """``KIND`` or ``KIND:boost=B`` (e.g. ``label-flip:boost=10``) → the attack; bad input: ConfigError."""
-        kind, sep, rest = text.strip().partition(":")
-        if not sep:
-            return cls(kind)
-        key, eq, value = rest.partition("=")
-        if key.strip() != "boost" or not eq:
-            raise ConfigError(f"attack {text!r}: expected KIND or KIND:boost=B, e.g. label-flip:boost=10")
+        usage = "expected KIND or KIND:boost=B, e.g. label-flip:boost=10"
         try:
-            boost = float(value)
+            kind, params = split_spec(text, "attack")
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}; {usage}") from None
+        if set(params) - {"boost"}:
+            raise ConfigError(f"attack {text!r}: {usage}")
+        if not params:
+            return cls(kind)
+        try:
+            boost = float(params["boost"])  # NaN and inf too: the constructor says what a boost must be
         except ValueError:
-            raise ConfigError(f"attack {text!r}: boost {value!r} is not a number") from None
+            raise ConfigError(f"attack {text!r}: boost {params['boost']!r} is not a number") from None
         return cls(kind, boost)
 
     @property

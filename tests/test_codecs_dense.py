@@ -162,7 +162,7 @@ def test_format_codec_spec_refuses_unwritable_values() -> None:
     ("q8:bits=x", "bits"),
     ("dense:level=3", "unknown parameter\\(s\\) level"),
     ("zstd", "unknown codec 'zstd'"),
-    ("dgc:", "must be followed by k=v"),
+    ("dgc:", "must be followed by key=value"),
 ])
 def test_check_codec_spec_refuses_a_bad_spec_with_config_error(spec: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -18,6 +18,7 @@ from typing import Any, Mapping, Protocol, runtime_checkable
 import numpy as np
 
 from ..errors import ConfigError, UnknownCodec
+from ..spec_text import KEY_RE, split_spec
 from .dense import DenseCodec
 from .dgc import DgcCodec
 from .drive import DriveCodec
@@ -31,7 +32,6 @@ ParamValue = bool | int | float | str
 
 # Names and keys must not contain the spec's separators (':', ',', '=').
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 @runtime_checkable
@@ -111,24 +111,10 @@ def parse_codec_spec(spec: str) -> tuple[str, dict[str, ParamValue]]:
 def _parse_codec_spec(spec: str) -> tuple[str, tuple[tuple[str, ParamValue], ...]]:
     """``parse_codec_spec`` memoised (a fleet uses a handful of specs; each update's is parsed twice on
     the aggregator's hot path), as immutable items: every caller gets its own dict."""
-    name, sep, rest = spec.strip().partition(":")
-    name = name.strip()
+    name, raw = split_spec(spec, "codec spec")
     if not _NAME_RE.match(name):
         raise ConfigError(f"codec spec {spec!r}: bad codec name {name!r}")
-    params: dict[str, ParamValue] = {}
-    if not sep:
-        return name, ()
-    if not rest.strip():
-        raise ConfigError(f"codec spec {spec!r}: ':' must be followed by k=v parameters")
-    for item in rest.split(","):
-        key, eq, value = item.partition("=")
-        key, value = key.strip(), value.strip()
-        if not eq or not _KEY_RE.match(key) or not value:
-            raise ConfigError(f"codec spec {spec!r}: expected key=value, got {item.strip()!r}")
-        if key in params:
-            raise ConfigError(f"codec spec {spec!r}: parameter {key!r} given twice")
-        params[key] = _parse_value(value)
-    return name, tuple(params.items())
+    return name, tuple((key, _parse_value(value)) for key, value in raw.items())
 
 
 def _format_value(value: ParamValue) -> str:
@@ -148,7 +134,7 @@ def format_codec_spec(name: str, params: Mapping[str, ParamValue] | None = None)
     items = []
     for key, value in sorted(params.items()):
         text = _format_value(value)
-        if not _KEY_RE.match(key) or not text or any(c in text for c in ":,=") or text != text.strip():
+        if not KEY_RE.match(key) or not text or any(c in text for c in ":,=") or text != text.strip():
             raise ConfigError(f"codec parameter {key}={value!r} cannot be written in a spec")
         items.append(f"{key}={text}")
     return f"{name}:{','.join(items)}"
