@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 
 from edgetrain.sdk.errors import ConfigError, DataError
 
-from .report_groups import group_runs, group_table
+from .report_groups import configuration_key, group_name, group_runs, group_table
 from .results import BYTES_PER_MB, METRICS_FILE, SUMMARY_FILE, MetricsLog, RoundRecord, training_rounds
 
 DEFAULT_TARGETS = (0.85, 0.88)
@@ -196,9 +196,40 @@ def _curve(plot: str, records: Sequence[RoundRecord]) -> list[tuple[float, float
     return points
 
 
+@dataclass(frozen=True)
+class PlotLine:
+    """One line of a report plot: a run, or a configuration's mean over its seeds."""
+
+    label: str
+    large_batch: bool
+    points: tuple[tuple[float, float], ...]
+
+
+def plot_lines(plot: str, runs: Sequence[tuple[RunReport, list[RoundRecord]]]) -> list[PlotLine]:
+    """The lines of one plot: a configuration run with several seeds (the report's groups) is one line, the mean
+    x and accuracy over its seeds at each evaluation (seeds evaluate at the same rounds; a shorter run cuts the
+    line to its length); a configuration with one run is that run, under its name."""
+    by_configuration: dict[Any, list[tuple[RunReport, list[RoundRecord]]]] = {}
+    for report, records in runs:
+        by_configuration.setdefault(configuration_key(report), []).append((report, records))
+    lines = []
+    for members in by_configuration.values():
+        curves = [_curve(plot, records) for _, records in members]
+        curves = [c for c in curves if c]  # e.g. a run that did not record the examples it processed
+        if not curves:
+            continue
+        length = min(len(c) for c in curves)
+        points = tuple((sum(c[i][0] for c in curves) / len(curves), sum(c[i][1] for c in curves) / len(curves))
+                       for i in range(length))
+        report = members[0][0]
+        label = report.name if len(members) == 1 else f"{group_name(report)} (mean of {len(curves)} seeds)"
+        lines.append(PlotLine(label, report.settings.get("strategy") == "large-batch", points))
+    return lines
+
+
 def plot_runs(runs: Sequence[tuple[RunReport, list[RoundRecord]]], out_dir: Path) -> list[Path]:
     """Accuracy vs round/step, vs cumulative uplink MB (log axis), vs wall time and vs examples processed
-    (where the runs recorded them), all runs overlaid."""
+    (where the runs recorded them): one line per configuration (``plot_lines``), all overlaid."""
     import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -209,7 +240,8 @@ def plot_runs(runs: Sequence[tuple[RunReport, list[RoundRecord]]], out_dir: Path
                               ("accuracy_vs_uplink_mb.png", "cumulative uplink MB (log)", True),
                               ("accuracy_vs_wall_s.png", "wall time (s)", False),
                               (PLOT_ACCURACY_VS_EXAMPLES, "examples processed (all devices)", False)):
-        if name == PLOT_ACCURACY_VS_EXAMPLES and not any(examples_curve(records) for _, records in runs):
+        lines = plot_lines(name, runs)
+        if name == PLOT_ACCURACY_VS_EXAMPLES and not lines:
             continue  # runs from before the examples were recorded: no such plot rather than an empty one
         figure = Figure(figsize=(12, 6), dpi=100)
         FigureCanvasAgg(figure)
@@ -217,15 +249,14 @@ def plot_runs(runs: Sequence[tuple[RunReport, list[RoundRecord]]], out_dir: Path
         # tab10's ten clearly different colours, then the same colours with another marker: tab20 pairs
         # a dark and a light shade of one hue, which read as one run on a plot with many.
         colors = matplotlib.colormaps["tab10"]
-        for index, (report, records) in enumerate(runs):
-            points = [(x, y) for x, y in _curve(name, records) if not (log and x <= 0)]  # no 0 on a log axis
-            if not points:  # e.g. a run that did not record the examples it processed
+        for index, line in enumerate(lines):
+            points = [(x, y) for x, y in line.points if not (log and x <= 0)]  # no 0 on a log axis
+            if not points:
                 continue
             xs, ys = zip(*points)
             # large batch dashed, so the two methods read apart even where colours are close
-            style = "--" if report.settings.get("strategy") == "large-batch" else "-"
-            axes.plot(xs, ys, style, marker=RUN_MARKERS[(index // 10) % len(RUN_MARKERS)], markersize=4,
-                      linewidth=1.5, label=report.name, color=colors(index % 10))
+            axes.plot(xs, ys, "--" if line.large_batch else "-", marker=RUN_MARKERS[(index // 10) % len(RUN_MARKERS)],
+                      markersize=4, linewidth=1.5, label=line.label, color=colors(index % 10))
         if log:
             axes.set_xscale("log")
         elif name == "accuracy_vs_round.png":
@@ -233,7 +264,7 @@ def plot_runs(runs: Sequence[tuple[RunReport, list[RoundRecord]]], out_dir: Path
         axes.set_xlabel(xlabel)
         axes.set_ylabel("test accuracy")
         axes.grid(True, alpha=0.3)
-        axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 if len(runs) <= 20 else 2,
+        axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 if len(lines) <= 20 else 2,
                     frameon=False)
         figure.tight_layout()
         path = out_dir / name

@@ -115,7 +115,8 @@ def dense_key(key: GroupKey) -> GroupKey:
     return tuple((k, dense if k in ("codec", "downlink_codec") else v) for k, v in key)
 
 
-def _group_name(report: RunReport) -> str:
+def group_name(report: RunReport) -> str:
+    """A configuration's name: the run's label without its seed."""
     label = str(report.settings.get("label") or report.name)
     return _SEED_IN_LABEL.sub("", label).strip()
 
@@ -182,7 +183,7 @@ def group_runs(runs: Sequence[tuple[RunReport, Sequence[RoundRecord]]],
         is_dense = dense_key(key) == key
         ratios = [x for x in (payload_ratio(records) for _, records in members) if x is not None]
         groups.append(GroupReport(
-            name=_group_name(reports[0]), key=key, settings=reports[0].settings, rounds=reports[0].rounds,
+            name=group_name(reports[0]), key=key, settings=reports[0].settings, rounds=reports[0].rounds,
             seeds=tuple(run_seed(r) for r in reports),
             final_accuracy=_interval_of(reports, "final_accuracy"), best_accuracy=_interval_of(reports, "best_accuracy"),
             final_delta_vs_dense=None if is_dense else _paired_delta(reports, dense_runs, "final_accuracy"),

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from edgetrain.aggregator.report import (DEFAULT_TARGETS, PLOT_ACCURACY_VS_EXAMPLES, examples_curve, frame_ratios,
-                                         load_run, plot_runs)
+                                         load_run, plot_lines, plot_runs)
 from edgetrain.aggregator.report_groups import group_runs, group_table
 from edgetrain.aggregator.results import MetricsLog, RoundRecord, write_summary
 from edgetrain.aggregator.round_state import examples_processed
@@ -103,3 +103,16 @@ def test_accuracy_vs_examples_plot_only_where_runs_recorded_examples(tmp_path: P
     out.mkdir()
     assert out / PLOT_ACCURACY_VS_EXAMPLES in plot_runs([with_examples, without], out)
     assert out / PLOT_ACCURACY_VS_EXAMPLES not in plot_runs([without], out)
+
+
+def test_a_configuration_run_with_several_seeds_is_one_plot_line_their_mean(tmp_path: Path) -> None:
+    """With three seeds a configuration, a plot of every run is three times as crowded: one line, the mean."""
+    seeds = [load_run(_run(tmp_path / f"s{seed}", [_record(1, 0.6 + 0.1 * seed, 10, examples=64),
+                                                    _record(2, 0.7 + 0.1 * seed, 10, examples=128)],
+                           seed=seed, label=f"FL DGC, seed {seed}")) for seed in (0, 1)]
+    alone = load_run(_run(tmp_path / "other", [_record(1, 0.5, 10, examples=64)], seed=0, local_steps=5,
+                          label="FL DGC short"))
+    lines = plot_lines(PLOT_ACCURACY_VS_EXAMPLES, [*seeds, alone])
+    assert [line.label for line in lines] == ["FL DGC (mean of 2 seeds)", alone[0].name]  # one run: its own name
+    assert [x for point in lines[0].points for x in point] == pytest.approx([64.0, 0.65, 192.0, 0.75])  # examples add up
+    assert lines[1].points == ((64.0, 0.5),) and not lines[0].large_batch
