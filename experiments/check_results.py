@@ -1,4 +1,5 @@
-"""Check that docs/results.md's tables are what ``edgetrain report`` computes from the kept runs.
+"""Check that the results docs' tables (docs/results.md and the others in ``RUN_DOCS``) are what
+``edgetrain report`` computes from the kept runs.
 
 Convention: a table that comes from kept runs is preceded (blank lines allowed between) by one line
 
@@ -13,7 +14,7 @@ mismatch or unmarked table, with the line and cell that differ. ``--write`` rege
 table in place from its kept runs instead (after ``experiments/run_all.sh``, or when the report gains a
 column), then checks again.
 
-    python experiments/check_results.py [DOC] [--root DIR] [--write]
+    python experiments/check_results.py [DOC ...] [--root DIR] [--write]
 """
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ from edgetrain.aggregator.report import DEFAULT_TARGETS, load_run
 from edgetrain.aggregator.report_groups import group_runs, group_table
 from edgetrain.sdk.errors import EdgetrainError
 
+# The docs whose every table is recomputed from kept runs: the comparison (issue 16, one sitting), the
+# robustness tables (issue 17) and the shorter-rounds tables of an earlier sitting.
+RUN_DOCS = ("docs/results.md", "docs/robustness.md", "docs/short-rounds.md")
 MARKER = re.compile(r"^\s*<!--\s*report:\s*(?P<runs>.+?)\s*-->\s*$")
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -137,26 +141,32 @@ def check(doc: Path, root: Path) -> tuple[list[str], list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("doc", nargs="?", type=Path, default=ROOT / "docs" / "results.md")
+    parser.add_argument("docs", nargs="*", type=Path, metavar="DOC",
+                        help="default: the docs whose tables come from kept runs, " + ", ".join(RUN_DOCS))
     parser.add_argument("--root", type=Path, default=ROOT, help="where the marker's run paths start")
     parser.add_argument("--write", action="store_true", help="regenerate the marked tables from the kept runs first")
     args = parser.parse_args(argv)
-    if args.write:
-        try:
-            args.doc.write_text(regenerate(args.doc.read_text(), args.root))
-        except EdgetrainError as exc:
-            print(f"check_results: {exc}", file=sys.stderr)
-            return 1
-    failures, notes = check(args.doc, args.root)
-    for note in notes:
-        print(note)
-    for failure in failures:
-        print(f"MISMATCH {failure}", file=sys.stderr)
-    if failures:
-        print(f"check_results: {len(failures)} mismatch(es) in {args.doc}", file=sys.stderr)
-        return 1
-    print(f"check_results: every table in {args.doc} matches its kept runs")
-    return 0
+    docs = args.docs or [ROOT / doc for doc in RUN_DOCS]
+    status = 0
+    for doc in docs:
+        if args.write:
+            try:
+                doc.write_text(regenerate(doc.read_text(), args.root))
+            except EdgetrainError as exc:
+                print(f"check_results: {doc}: {exc}", file=sys.stderr)
+                status = 1
+                continue
+        failures, notes = check(doc, args.root)
+        for note in notes:
+            print(note)
+        for failure in failures:
+            print(f"MISMATCH {failure}", file=sys.stderr)
+        if failures:
+            print(f"check_results: {len(failures)} mismatch(es) in {doc}", file=sys.stderr)
+            status = 1
+        else:
+            print(f"check_results: every table in {doc} matches its kept runs")
+    return status
 
 
 if __name__ == "__main__":
