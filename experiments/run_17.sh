@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 17's three small tables in docs/results.md, three seeds each (the seed moves data order and
+# Issue 17's three small tables in docs/robustness.md, three seeds each (the seed moves data order and
 # device selection), CI-sized (the mlp or cnn, few examples or steps, a few rounds): ~45 min on 2 loaded cores
 # (robust ~34 min for 60 runs, dp ~4 min, stragglers ~6 min):
 #   1. robust:     accuracy under each attack (2 of 10 devices) per aggregation rule  (experiments/i17-robust.toml);
