@@ -57,6 +57,23 @@ def show(interval: Interval | None) -> str:
     return f"{interval.mean:+.2f}{spread} pt (n={interval.n})"
 
 
+def examples_to_targets(root: Path, config: str) -> dict[float, list[float]]:
+    """{target: the examples processed to first reach it, one value per kept seed of ``config`` that did}."""
+    found: dict[float, list[float]] = {target: [] for target in DEFAULT_TARGETS}
+    for run_dir in sorted((root / RUNS).glob(f"{config}-s*")):
+        if _KEPT_NAME.match(run_dir.name) and _KEPT_NAME.match(run_dir.name)["config"] == config:
+            report, _ = load_run(run_dir, DEFAULT_TARGETS)
+            for target, milestone in report.milestones.items():
+                if milestone is not None and getattr(milestone, "examples", None):
+                    found[target].append(float(milestone.examples))
+    return found
+
+
+def show_count(interval: Interval) -> str:
+    spread = f" ± {interval.half_width:,.0f}" if interval.half_width is not None else ""
+    return f"{interval.mean:,.0f}{spread}"
+
+
 def mean_final(runs: dict[str, dict[int, float]], config: str) -> float | None:
     values = runs.get(config, {})
     return 100 * sum(values.values()) / len(values) if values else None
@@ -76,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     for data in ("iid", "dir03"):
         for codec in CODECS:
             print(f"  {data:6} {codec:7} {show(paired(runs, f'fl-{codec}-{data}-ls19', f'fl-{codec}-{data}'))}")
+    print("Examples processed (all devices) to each target, dense IID, mean ± 95 % CI over the seeds:")
+    for config in ("lb-dense-iid", "fl-dense-iid-ls19", "fl-dense-iid"):
+        for target, values in examples_to_targets(args.root, config).items():
+            shown = show_count(t_interval(values)) if values else "–"
+            print(f"  {config:20} {target:.0%}: {shown} (seeds reaching it: {len(values)})")
     print("Against the best dense run of the method (by mean final accuracy, same data):")
     for method_prefix, patterns in (("FL", ("fl-{codec}-{data}", "fl-{codec}-{data}-ls19")), ("LB", ("lb-{codec}-{data}",))):
         for data in ("iid", "dir03"):
