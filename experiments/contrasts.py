@@ -61,11 +61,13 @@ def examples_to_targets(root: Path, config: str) -> dict[float, list[float]]:
     """{target: the examples processed to first reach it, one value per kept seed of ``config`` that did}."""
     found: dict[float, list[float]] = {target: [] for target in DEFAULT_TARGETS}
     for run_dir in sorted((root / RUNS).glob(f"{config}-s*")):
-        if _KEPT_NAME.match(run_dir.name) and _KEPT_NAME.match(run_dir.name)["config"] == config:
-            report, _ = load_run(run_dir, DEFAULT_TARGETS)
-            for target, milestone in report.milestones.items():
-                if milestone is not None and getattr(milestone, "examples", None):
-                    found[target].append(float(milestone.examples))
+        match = _KEPT_NAME.match(run_dir.name)
+        if match is None or match["config"] != config:  # e.g. CONFIG-ls19-s0 for CONFIG
+            continue
+        report, _ = load_run(run_dir, DEFAULT_TARGETS)
+        for target, milestone in report.milestones.items():
+            if milestone is not None and milestone.examples:
+                found[target].append(float(milestone.examples))
     return found
 
 
