@@ -138,6 +138,7 @@ def test_payloads_decode_without_the_encoder_params(name: str) -> None:
     [
         ("q8", struct.pack("<BI", 0x51, 2**32 - 1) + struct.pack("<ff", 0.0, 1.0) + bytes(10)),  # block >> size
         ("sketch", struct.pack("<BBBBdQ", 0x53, 8, 24, 1, 1.0, 5) + bytes(8) + bytes(16)),  # 2**24 block
+        ("sketch", struct.pack("<BBBBdQ", 0x73, 2, 24, 1, 1.0, 5) + bytes(8) + bytes(16)),  # the same, format 2
         ("dgc", bytes([0x44]) + struct.pack("<I", 10) + bytes([0xFF]) + bytes(100)),  # Rice parameter 63
         ("dgc", bytes([0x44]) + struct.pack("<I", 2**32 - 1) + bytes(100)),  # more positions than entries
         ("drive", struct.pack("<BBBQ", 0x56, 0, 6, 1) + bytes(40)),  # smallest block, wrong length

@@ -1,6 +1,8 @@
 """The sketch decoder against a float64 reference written straight from the format (Konečný et al. 2016):
 the fast decoder (integer codes transformed exactly, one rounding per value) must stay within float32
-rounding of it, for every bit width, mask, block and rotation setting."""
+rounding of it, for every bit width, mask, block and rotation setting, in both formats (1: one sign per
+generator byte, tag 0x53; 2: one per generator bit, tag 0x73) and on both paths (compiled kernels where
+numba is installed, numpy)."""
 from __future__ import annotations
 
 import math
@@ -9,9 +11,10 @@ import struct
 import numpy as np
 import pytest
 
-from edgetrain.sdk.codecs import get_codec
+from edgetrain.sdk.codecs import get_codec, sketch
 from edgetrain.sdk.codecs.hadamard import random_signs
-from edgetrain.sdk.codecs.sketch import seeded_mask
+from edgetrain.sdk.codecs.params import read_params
+from edgetrain.sdk.codecs.sketch import SketchCodec, encode_sketch, seeded_mask
 
 _HEADER = struct.Struct("<BBBBdQ")  # tag, bits, log2(block), rotate, keep, seed (sdk/codecs/sketch.py)
 _F32_EPS = float(np.finfo(np.float32).eps)
@@ -30,9 +33,19 @@ def _fwht64(rows: np.ndarray) -> np.ndarray:
     return x / math.sqrt(n)
 
 
+def _reference_signs(tag: int, seed: int, total: int) -> np.ndarray:
+    """D's diagonal as each format defines it, from numpy's documented generator calls."""
+    if tag == 0x53:  # format 1: 2 * integers(0, 2, int8) - 1
+        return (2 * np.random.default_rng([seed, 2]).integers(0, 2, total, dtype=np.int8) - 1).astype(np.float64)
+    assert tag == 0x73  # format 2: bit i % 64 of raw word i // 64, set = +1
+    words = np.random.default_rng([seed, 2]).bit_generator.random_raw(-(-total // 64))
+    bits = [(int(words[i // 64]) >> (i % 64)) & 1 for i in range(total)]
+    return 2.0 * np.array(bits, dtype=np.float64) - 1.0
+
+
 def _reference_decode(payload: bytes, size: int) -> np.ndarray:
     """The sketch payload decoded in float64 from the format's definition (rounded to float32 once)."""
-    _, bits, log_block, rotate_on, keep, seed = _HEADER.unpack_from(payload)
+    tag, bits, log_block, rotate_on, keep, seed = _HEADER.unpack_from(payload)
     block = 1 << log_block
     kept_at = seeded_mask(seed, size, keep)
     full, tail = divmod(kept_at.size, block)
@@ -41,11 +54,11 @@ def _reference_decode(payload: bytes, size: int) -> np.ndarray:
     bitstream = np.unpackbits(np.frombuffer(payload, np.uint8, offset=_HEADER.size + 8 * len(widths)))
     total = sum(widths)
     codes = bitstream[: total * bits].reshape(total, bits) @ (1 << np.arange(bits - 1, -1, -1))
-    signs = (2 * np.random.default_rng([seed, 2]).integers(0, 2, total, dtype=np.int8) - 1).astype(np.float64)
+    signs = _reference_signs(tag, seed, total) if rotate_on else None
     values, start = [], 0
     for (lo, step), width in zip(ranges, widths):
         part = lo + codes[start : start + width] * step
-        if rotate_on:
+        if signs is not None:
             part = _fwht64(part[None, :])[0] * signs[start : start + width]
         values.append(part)
         start += width
@@ -54,20 +67,27 @@ def _reference_decode(payload: bytes, size: int) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("bits", range(1, 9))
-@pytest.mark.parametrize("keep,block,rotate,size", [
+_SHAPES = [
     (1.0, 1 << 16, True, 215_370),  # the default: three full blocks and a padded tail
     (0.3, 1 << 10, True, 20_011),
+    (1.0, 1 << 12, True, 4_096 + 100),  # a kernel-sized block and a tail too short for the kernels (128)
+    (1.0, 1 << 17, True, 150_000),  # a block wider than 2**16: more stages across the row than one pass
     (1.0, 16, True, 1),
     (0.7, 64, False, 1_000),
-])
+]
+
+
+@pytest.mark.parametrize("byte_signs", [False, True], ids=["format2", "format1"])
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("keep,block,rotate,size", _SHAPES)
 def test_decode_is_within_float32_rounding_of_the_float64_reference(bits: int, keep: float, block: int,
-                                                                   rotate: bool, size: int) -> None:
+                                                                   rotate: bool, size: int, byte_signs: bool) -> None:
     rng = np.random.default_rng(bits)
     vector = (rng.standard_normal(size) * rng.uniform(1e-4, 1e-1, size)).astype(np.float32)
     params = {"bits": bits, "keep": keep, "block": block, "rotate": rotate, "seed": 1234 + bits}
     codec = get_codec("sketch")
-    payload, _ = codec.encode(vector, None, params)
+    payload = encode_sketch(vector, read_params("sketch", params, SketchCodec._knobs), byte_signs=byte_signs)
+    assert payload[0] == (0x53 if byte_signs else 0x73)
     got = codec.decode(payload, size, params)
     expected = _reference_decode(payload, size)
     assert got.dtype == np.float32 and got.shape == (size,)
@@ -82,3 +102,21 @@ def test_random_signs_are_the_int8_integer_stream_both_ends_agree_on(seed: int, 
     on another version draws them that way; a faster derivation must give exactly the same signs."""
     expected = 2 * np.random.default_rng([seed, 2]).integers(0, 2, size=n, dtype=np.int8) - 1
     np.testing.assert_array_equal(random_signs(seed, 2, n), expected.astype(np.float32))
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 8])
+@pytest.mark.parametrize("keep,block,rotate,size", _SHAPES)
+def test_the_numpy_path_gives_the_same_bits_as_the_compiled_kernels(bits: int, keep: float, block: int, rotate: bool,
+                                                                  size: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A board without numba decodes exactly what the aggregator does: the kernels repeat numpy's float
+    operations (exact integer transform, one float32 multiply, the first entry in float64, sign flips)."""
+    pytest.importorskip("numba")
+    vector = (np.random.default_rng(bits).standard_normal(size) * 1e-2).astype(np.float32)
+    params = {"bits": bits, "keep": keep, "block": block, "rotate": rotate, "seed": 99}
+    codec = get_codec("sketch")
+    payload, _ = codec.encode(vector, None, params)
+    assert sketch.compiled_kernels() is not None
+    compiled = codec.decode(payload, size, params)
+    monkeypatch.setattr(sketch, "compiled_kernels", lambda: None)
+    numpy_only = codec.decode(payload, size, params)
+    np.testing.assert_array_equal(compiled.view(np.uint32), numpy_only.view(np.uint32))

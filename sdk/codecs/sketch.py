@@ -12,9 +12,11 @@ regenerates mask and signs from the seed, inverts, and divides by ``keep``: E[de
 """
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -22,7 +24,8 @@ import numpy as np
 from ..errors import WireError
 from .bitio import pack_uint, packed_size, unpack_uint8
 from .entropy import PayloadBits, empirical_entropy_bits
-from .hadamard import flip_random_signs, next_power_of_two, random_signs, rotate, walsh_hadamard_unscaled
+from .hadamard import (compiled_kernels, flip_by_sign_words, flip_random_signs, next_power_of_two, random_sign_words,
+                       random_signs, rotate, signs_from_words, walsh_hadamard_unscaled)
 from .params import KnobParams, Knob, check_size, check_vector, non_negative, read_params
 from .quant import check_ranges, decode_values, dequantize_blocks, encode_values, quantize_blocks
 
@@ -54,7 +57,13 @@ def _segments(count: int, block: int) -> tuple[int, int, int]:
 
 
 _SKETCH_HEADER = struct.Struct("<BBBBdQ")  # tag, bits, log2(block), rotate, keep, seed
-_SKETCH_TAG = 0x53  # 'S'
+# The tag names the format. 0x73 ('s', format 2): the signs of D are bits of the generator's words
+# (hadamard.random_sign_words). 0x53 ('S', format 1, sent by releases before it): one sign per byte
+# (hadamard.random_signs). Both decode; encoders send format 2. A decoder that knows only format 1
+# refuses format 2 by its tag, never misreads it.
+_SKETCH_TAG = 0x73
+_SKETCH_TAG_BYTE_SIGNS = 0x53
+_KERNEL_MIN_WIDTH = 256  # the compiled kernels fuse the signs into the last pass, a word (64) per lane run
 
 
 def _power_of_two(value: int) -> bool:
@@ -73,6 +82,44 @@ def _unrotated_block_values(codes: np.ndarray, lo: np.ndarray, step: np.ndarray,
     return transformed
 
 
+@dataclass(frozen=True)
+class _Segment:
+    """``rows`` blocks of ``width`` values starting at value ``start`` (and range row ``first_row``)."""
+
+    start: int
+    first_row: int
+    rows: int
+    width: int
+
+
+@dataclass(frozen=True)
+class _SketchPayload:
+    """A sketch payload's header and fields, checked against the size it must decode to."""
+
+    bits: int
+    block: int
+    rotate: bool
+    keep: float
+    seed: int
+    byte_signs: bool  # format 1 (tag 0x53): one sign per generator byte
+    kept_at: np.ndarray | None  # positions kept, None when all are
+    kept_count: int
+    segments: tuple[_Segment, ...]
+    values: int  # values sent: the kept ones plus the tail's padding
+    ranges: np.ndarray  # (segments, 2) float32: lo, step
+    packed: np.ndarray  # the packed codes, uint8, a view of the payload
+
+    def codes(self) -> np.ndarray:
+        return unpack_uint8(self.packed, self.bits, self.values)
+
+
+def _segment_layout(kept_count: int, block: int) -> tuple[_Segment, ...]:
+    """The full blocks, then the tail padded to a power of two."""
+    full, tail, padded = _segments(kept_count, block)
+    parts = (_Segment(0, 0, full, block),) if full else ()
+    return parts + ((_Segment(full * block, full, 1, padded),) if tail else ())
+
+
 class SketchCodec(KnobParams):
     """Subsample (seeded mask) + randomized Hadamard rotation + stochastic ``bits``-bit quantisation."""
 
@@ -88,96 +135,155 @@ class SketchCodec(KnobParams):
 
     def encode(self, vector: np.ndarray, state: dict[str, np.ndarray] | None,
                params: Mapping[str, Any]) -> tuple[bytes, dict[str, np.ndarray] | None]:
-        p = read_params(self.name, params, self._knobs)
-        vector = check_vector(self.name, vector)
-        seed = fresh_seed(p["seed"]) & _SEED_MASK
-        kept = vector[seeded_mask(seed, vector.size, p["keep"])]
-        header = _SKETCH_HEADER.pack(_SKETCH_TAG, p["bits"], p["block"].bit_length() - 1, p["rotate"], p["keep"], seed)
-        rng = np.random.default_rng([seed, _ROUNDING_STREAM])
-        ranges, codes = [], []
-        for rows, _ in self._rows(kept, p["block"], p["rotate"], seed):
-            c, lo, step = quantize_blocks(rows, p["bits"], True, rng)
-            ranges.append(np.stack([lo, step], axis=1))
-            codes.append(c.reshape(-1))
-        if not codes:
-            return header, state
-        packed = pack_uint(np.concatenate(codes), p["bits"])
-        return header + np.concatenate(ranges).astype("<f4").tobytes() + packed, state
+        return encode_sketch(vector, read_params(self.name, params, self._knobs)), state
 
-    @staticmethod
-    def _rows(kept: np.ndarray, block: int, rotate_on: bool, seed: int) -> Iterator[tuple[np.ndarray, int]]:
-        """(rows, start) for the full blocks, then the zero-padded tail, rotated when ``rotate_on``."""
-        full, tail, padded = _segments(kept.size, block)
-        signs = random_signs(seed, _SIGN_STREAM, full * block + padded) if rotate_on else None
-        parts = []
-        if full:
-            parts.append((kept[: full * block].reshape(full, block), 0))
-        if tail:
-            parts.append((np.pad(kept[full * block :], (0, padded - tail)).reshape(1, padded), full * block))
-        for rows, start in parts:
-            yield (rotate(rows, signs[start : start + rows.size]) if signs is not None else rows), start
-
-    def _parse(self, data: bytes, size: int) -> tuple[int, bool, float, int, np.ndarray | None, int, np.ndarray,
-                                                      np.ndarray]:
-        """(block, rotate, keep, seed, kept positions or None when all are kept, how many, ranges, uint8 codes)."""
+    def _parse(self, data: bytes, size: int) -> _SketchPayload:
         if len(data) < _SKETCH_HEADER.size:
             raise WireError(f"sketch codec: {len(data)} bytes is shorter than its header")
         tag, bits, log_block, rotate_on, keep, seed = _SKETCH_HEADER.unpack_from(data)
-        if tag != _SKETCH_TAG or not 1 <= bits <= 8 or log_block > 24 or rotate_on > 1 or seed > _SEED_MASK:
+        if (tag not in (_SKETCH_TAG, _SKETCH_TAG_BYTE_SIGNS) or not 1 <= bits <= 8 or log_block > 24 or rotate_on > 1
+                or seed > _SEED_MASK):
             raise WireError(f"sketch codec: bad header (tag {tag:#x}, bits {bits}, log2 block {log_block})")
         _check_keep(self.name, keep)
         block = 1 << log_block
         kept_at = seeded_mask(seed, size, keep) if keep < 1.0 else None  # all kept: no index array at all
         kept_count = size if kept_at is None else kept_at.size
-        full, tail, padded = _segments(kept_count, block)
-        segments = full + (1 if tail else 0)
-        values = full * block + padded
-        expected = _SKETCH_HEADER.size + 8 * segments + packed_size(values, bits)
+        layout = _segment_layout(kept_count, block)
+        values = sum(segment.rows * segment.width for segment in layout)
+        rows = sum(segment.rows for segment in layout)  # one (lo, step) range per row
+        expected = _SKETCH_HEADER.size + 8 * rows + packed_size(values, bits)
         if len(data) != expected:
             raise WireError(f"sketch codec: {len(data)} bytes, header implies {expected}")
-        ranges = np.frombuffer(data, dtype="<f4", count=2 * segments, offset=_SKETCH_HEADER.size).reshape(-1, 2)
-        codes = unpack_uint8(memoryview(data)[_SKETCH_HEADER.size + 8 * segments :], bits, values)
-        return block, bool(rotate_on), keep, seed, kept_at, kept_count, ranges.astype(np.float32), codes
+        ranges = np.frombuffer(data, dtype="<f4", count=2 * rows, offset=_SKETCH_HEADER.size).reshape(-1, 2)
+        packed = np.frombuffer(data, dtype=np.uint8, offset=_SKETCH_HEADER.size + 8 * rows)
+        return _SketchPayload(bits, block, bool(rotate_on), keep, seed, tag == _SKETCH_TAG_BYTE_SIGNS, kept_at,
+                              kept_count, layout, values, ranges.astype(np.float32), packed)
 
     def decode(self, data: bytes, size: int, params: Mapping[str, Any]) -> np.ndarray:
         """Codes -> values -> inverse rotation -> 1/keep, one float32 rounding per value where rotated: the
         rotation is linear, so ``H (lo + step c) = lo H 1 + step H c`` with ``H 1 = n e_0``; ``H c`` of the
-        integer codes is exact in float32, then one scale per block and the sign flips of ``D``."""
+        integer codes is exact in float32, then one scale per block and the sign flips of ``D``. Compiled
+        kernels (``hadamard.compiled_kernels``) do the rotated segments where numba is installed, numpy
+        otherwise: the same operations, the same bits."""
         read_params(self.name, params, self._knobs)
         size = check_size(self.name, size)
-        block, rotate_on, keep, seed, kept_at, kept_count, ranges, codes = self._parse(data, size)
-        check_ranges(self.name, ranges[:, 0], ranges[:, 1])
-        full, tail, padded = _segments(kept_count, block)
-        kept = np.empty(full * block + padded, dtype=np.float32)
-        segments = [(0, 0, full, block)] + ([(full * block, full, 1, padded)] if tail else [])
-        for start, r0, rows, width in segments:
-            if rows == 0:
-                continue
-            block_codes = codes[start : start + rows * width].reshape(rows, width)
-            lo, step = ranges[r0 : r0 + rows, 0].astype(np.float64), ranges[r0 : r0 + rows, 1].astype(np.float64)
-            if rotate_on:
-                part = _unrotated_block_values(block_codes, lo, step, keep)
-            else:  # float64 like the quantiser: lo + step c may cancel, and this path is not the hot one
-                part = (dequantize_blocks(block_codes, lo, step).astype(np.float64) / keep).astype(np.float32)
-            kept[start : start + rows * width] = part.reshape(-1)
-        if rotate_on:
-            flip_random_signs(kept, seed, _SIGN_STREAM)
-        if kept_at is None:
+        payload = self._parse(data, size)
+        check_ranges(self.name, payload.ranges[:, 0], payload.ranges[:, 1])
+        kept = _decode_values(payload)
+        if payload.kept_at is None:
             return kept[:size]
         out = np.zeros(size, dtype=np.float32)
-        out[kept_at] = kept[:kept_count]
+        out[payload.kept_at] = kept[: payload.kept_count]
         return out
 
     def account(self, data: bytes, size: int) -> PayloadBits:
-        ranges, codes = self._parse(data, size)[-2:]
-        bits = _SKETCH_HEADER.unpack_from(data)[1]
-        header_bits = 8 * (_SKETCH_HEADER.size + 8 * len(ranges))
+        payload = self._parse(data, size)
+        header_bits = 8 * (_SKETCH_HEADER.size + 8 * len(payload.ranges))
         # The mask is a seed: shared randomness, no index set is sent, so no index bound applies (0).
         return PayloadBits(8 * len(data), header_bits - 64, 64, 0.0, 8 * len(data) - header_bits,
-                           empirical_entropy_bits(codes) if bits > 0 else 0.0)
+                           empirical_entropy_bits(payload.codes()))
 
     def __repr__(self) -> str:
         return "SketchCodec()"
+
+
+def encode_sketch(vector: np.ndarray, p: Mapping[str, Any], byte_signs: bool = False) -> bytes:
+    """The sketch payload of ``vector`` for the read knobs ``p``; ``byte_signs`` writes format 1 (the
+    signs of releases before format 2), which only tests and the benchmark against the old decoder need."""
+    vector = check_vector(SketchCodec.name, vector)
+    seed = fresh_seed(p["seed"]) & _SEED_MASK
+    kept = vector[seeded_mask(seed, vector.size, p["keep"])]
+    tag = _SKETCH_TAG_BYTE_SIGNS if byte_signs else _SKETCH_TAG
+    header = _SKETCH_HEADER.pack(tag, p["bits"], p["block"].bit_length() - 1, p["rotate"], p["keep"], seed)
+    rng = np.random.default_rng([seed, _ROUNDING_STREAM])
+    ranges, codes = [], []
+    for rows in _encoder_rows(kept, p["block"], p["rotate"], seed, byte_signs):
+        c, lo, step = quantize_blocks(rows, p["bits"], True, rng)
+        ranges.append(np.stack([lo, step], axis=1))
+        codes.append(c.reshape(-1))
+    if not codes:
+        return header
+    return header + np.concatenate(ranges).astype("<f4").tobytes() + pack_uint(np.concatenate(codes), p["bits"])
+
+
+def _encoder_rows(kept: np.ndarray, block: int, rotate_on: bool, seed: int, byte_signs: bool) -> Iterator[np.ndarray]:
+    """The full blocks, then the zero-padded tail, rotated (``H D x / sqrt(n)``) when ``rotate_on``."""
+    full, tail, padded = _segments(kept.size, block)
+    total = full * block + padded
+    signs = None
+    if rotate_on:
+        signs = (random_signs(seed, _SIGN_STREAM, total) if byte_signs
+                 else signs_from_words(random_sign_words(seed, _SIGN_STREAM, total), total))
+    parts = []
+    if full:
+        parts.append((kept[: full * block].reshape(full, block), 0))
+    if tail:
+        parts.append((np.pad(kept[full * block :], (0, padded - tail)).reshape(1, padded), full * block))
+    for rows, start in parts:
+        yield rotate(rows, signs[start : start + rows.size]) if signs is not None else rows
+
+
+def _decode_values(payload: _SketchPayload) -> np.ndarray:
+    """The kept values (and the tail's padding), float32: each segment dequantised, and where rotated,
+    transformed back and signed."""
+    kept = np.empty(payload.values, dtype=np.float32)
+    segments = payload.segments
+    if not payload.rotate:
+        _dequantize_segments(payload, segments, payload.codes(), kept)
+        return kept
+    if payload.byte_signs:  # format 1: the numpy path, then one sign per generator byte
+        _unrotate_segments(payload, segments, payload.codes(), kept, None)
+        flip_random_signs(kept, payload.seed, _SIGN_STREAM)
+        return kept
+    words = random_sign_words(payload.seed, _SIGN_STREAM, kept.size)
+    kernels = compiled_kernels()
+    fast = [seg for seg in segments if seg.width >= _KERNEL_MIN_WIDTH] if kernels is not None else []
+    rest = [seg for seg in segments if seg not in fast]
+    if fast:
+        table = np.array([(seg.start, seg.first_row, seg.rows, seg.width) for seg in fast], dtype=np.int64)
+        ranges = payload.ranges.astype(np.float64)
+        if payload.bits == 2:
+            kernels.unrotate_two_bit(payload.packed, _two_bit_table(), kept, table, ranges, payload.keep, words)
+        else:
+            kernels.unrotate_codes(payload.codes(), kept, table, ranges, payload.keep, words)
+    if rest:
+        _unrotate_segments(payload, rest, payload.codes(), kept, words)
+    return kept
+
+
+def _dequantize_segments(payload: _SketchPayload, segments: tuple[_Segment, ...], codes: np.ndarray,
+                         kept: np.ndarray) -> None:
+    """Unrotated: float64 like the quantiser (lo + step c may cancel), this path is not the hot one."""
+    for seg in segments:
+        lo, step = _segment_ranges(payload, seg)
+        block_codes = codes[seg.start : seg.start + seg.rows * seg.width].reshape(seg.rows, seg.width)
+        part = dequantize_blocks(block_codes, lo, step).astype(np.float64) / payload.keep
+        kept[seg.start : seg.start + seg.rows * seg.width] = part.astype(np.float32).reshape(-1)
+
+
+def _unrotate_segments(payload: _SketchPayload, segments: tuple[_Segment, ...] | list[_Segment], codes: np.ndarray, kept: np.ndarray,
+                       words: np.ndarray | None) -> None:
+    """The numpy inverse rotation of ``segments`` (the compiled kernels' operations); signed by ``words``
+    (format 2) unless None."""
+    for seg in segments:
+        out = kept[seg.start : seg.start + seg.rows * seg.width]
+        lo, step = _segment_ranges(payload, seg)
+        block_codes = codes[seg.start : seg.start + out.size].reshape(seg.rows, seg.width)
+        out[:] = _unrotated_block_values(block_codes, lo, step, payload.keep).reshape(-1)
+        if words is not None:
+            flip_by_sign_words(out, words, seg.start)
+
+
+def _segment_ranges(payload: _SketchPayload, seg: _Segment) -> tuple[np.ndarray, np.ndarray]:
+    rows = payload.ranges[seg.first_row : seg.first_row + seg.rows]
+    return rows[:, 0].astype(np.float64), rows[:, 1].astype(np.float64)
+
+
+@functools.cache
+def _two_bit_table() -> np.ndarray:
+    kernels = compiled_kernels()
+    assert kernels is not None
+    return kernels.two_bit_table()
 
 
 _MASK_HEADER = struct.Struct("<BdQ")  # tag, keep, seed
