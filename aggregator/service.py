@@ -23,7 +23,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgetrain.sdk import topics, wire
-from edgetrain.sdk.codecs import CodecSpec
+from edgetrain.sdk.codecs import CodecSpec, warm_up_decoder
 from edgetrain.sdk.errors import EdgetrainError, UnknownCodec, UpdateRejected, WireError
 from edgetrain.sdk.atomic_write import atomic_write_text
 from edgetrain.sdk.runtime import Runtime
@@ -152,6 +152,7 @@ class Aggregator:
         if not self.config.resume:
             # Drop what the broker kept for our client id from an earlier run (updates for its rounds).
             self.transport.discard_session()
+        warm_up_decoder(self.config.uplink_codec)  # before any round: a kernel compile is not round 1's time
         for topic_filter in (topics.update_filter(fleet), topics.status_filter(fleet), topics.metrics_filter(fleet)):
             self.transport.subscribe(topic_filter, self._enqueue)
         self.transport.connect()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -120,3 +122,55 @@ def test_the_numpy_path_gives_the_same_bits_as_the_compiled_kernels(bits: int, k
     monkeypatch.setattr(sketch, "compiled_kernels", lambda: None)
     numpy_only = codec.decode(payload, size, params)
     np.testing.assert_array_equal(compiled.view(np.uint32), numpy_only.view(np.uint32))
+
+
+def test_a_failing_kernel_falls_back_to_numpy_for_good(monkeypatch: pytest.MonkeyPatch) -> None:
+    """numba failing on some platform costs speed, never an update or the aggregator."""
+    pytest.importorskip("numba")
+    from edgetrain.sdk.codecs import hadamard
+
+    switch = hadamard._CompiledKernels()
+    monkeypatch.setattr(hadamard, "_KERNELS", switch)
+    module = switch.get()
+    assert module is not None
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("cannot compile here")
+
+    monkeypatch.setattr(module, "unrotate_two_bit", broken)
+    vector = (np.random.default_rng(5).standard_normal(5_000) * 1e-2).astype(np.float32)
+    codec = get_codec("sketch")
+    payload, _ = codec.encode(vector, None, {"bits": 2, "block": 1024})
+    decoded = codec.decode(payload, vector.size, {})
+    assert switch.get() is None  # off for good
+    monkeypatch.setattr(sketch, "compiled_kernels", lambda: None)
+    np.testing.assert_array_equal(decoded, codec.decode(payload, vector.size, {}))
+
+
+_WARM_UP_CHECK = """
+import numpy as np
+from edgetrain.sdk.codecs import get_codec, sketch, warm_up_decoder
+warm_up_decoder("sketch:bits={bits}")
+kernels = sketch.compiled_kernels()
+counts = [len(kernels.unrotate_two_bit.signatures), len(kernels.unrotate_codes.signatures)]
+vector = np.random.default_rng(0).standard_normal(215_370).astype(np.float32)
+codec = get_codec("sketch")
+codec.decode(codec.encode(vector, None, {{"bits": {bits}}})[0], vector.size, {{}})
+print(counts, [len(kernels.unrotate_two_bit.signatures), len(kernels.unrotate_codes.signatures)])
+"""
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_warm_up_compiles_exactly_what_a_real_update_then_uses(bits: int) -> None:
+    """In a fresh process: after ``warm_up_decoder``, decoding a real update compiles nothing more (the
+    warm-up hit the same kernel and argument types), so round 1 pays no compile."""
+    pytest.importorskip("numba")
+    result = subprocess.run([sys.executable, "-c", _WARM_UP_CHECK.format(bits=bits)], capture_output=True,
+                            text=True, timeout=300, check=True)
+    before, after = result.stdout.strip().split("] [")
+    assert before + "]" == "[" + after and ("[1, 0]" if bits == 2 else "[0, 1]") in result.stdout
+
+
+def test_warm_up_accepts_every_valid_spec() -> None:
+    for params in ({"bits": 2}, {"bits": 3, "keep": 0.1}, {"rotate": False}, {"bits": 2, "block": 16}):
+        get_codec("sketch").warm_up(params)

@@ -192,6 +192,15 @@ def check_codec_spec(spec: str) -> tuple[str, dict[str, ParamValue]]:
     return parsed.name, dict(parsed.params)
 
 
+def warm_up_decoder(spec: str) -> None:
+    """Let ``spec``'s codec prepare its decoder before the first update arrives (the sketch compiles or loads
+    its kernels); codecs with nothing to prepare have no ``warm_up``."""
+    parsed = CodecSpec.parse(spec)
+    warm_up = getattr(get_codec(parsed.name), "warm_up", None)
+    if warm_up is not None:
+        warm_up(parsed.params)
+
+
 def with_layout(name: str, params: Mapping[str, ParamValue], shapes: Sequence[tuple[int, ...]]
                 ) -> dict[str, ParamValue]:
     """``params`` plus what the codec needs from the model's parameter shapes (manifest order):
@@ -221,6 +230,7 @@ __all__ = [
     "SketchCodec",
     "StcCodec",
     "check_codec_spec",
+    "warm_up_decoder",
     "codec_names",
     "format_codec_spec",
     "get_codec",

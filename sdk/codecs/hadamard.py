@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import logging
 import math
 from types import ModuleType
 
@@ -121,16 +122,46 @@ def flip_by_sign_words(values: np.ndarray, words: np.ndarray, start: int = 0) ->
     view ^= clear.astype(np.uint32) << np.uint32(31)
 
 
-@functools.cache
+_log = logging.getLogger(__name__)
+
+
+class _CompiledKernels:
+    """``hadamard_kernels`` once imported, or None: numba not installed (the lean SDK on a board decodes with
+    the numpy functions above, to the same bits), or a kernel failed once (it is then left off for good)."""
+
+    def __init__(self) -> None:
+        self._module: ModuleType | None = None
+        self._tried = False
+
+    def get(self) -> ModuleType | None:
+        # Imported on first use, not with this module: numba costs ~0.3 s and ~65 MB to import, which a
+        # process that never decodes a rotated sketch should not pay.
+        if not self._tried:
+            self._tried = True
+            try:
+                self._module = importlib.import_module(".hadamard_kernels", __package__)
+            except ImportError:
+                self._module = None
+        return self._module
+
+    def fail(self, exc: Exception) -> None:
+        if self._module is not None:
+            _log.warning("compiled Hadamard kernels failed (%s: %s); decoding with numpy from now on",
+                         type(exc).__name__, exc)
+        self._module, self._tried = None, True
+
+
+_KERNELS = _CompiledKernels()
+
+
 def compiled_kernels() -> ModuleType | None:
-    """``hadamard_kernels`` (numba-compiled transform, scale and signs), or None where numba is not
-    installed: the lean SDK on a board decodes with the numpy functions above, to the same bits.
-    Imported on first use, not with this module: numba costs ~0.3 s and ~65 MB to import, which a process
-    that never decodes a rotated sketch should not pay."""
-    try:
-        return importlib.import_module(".hadamard_kernels", __package__)
-    except ImportError:
-        return None
+    """The compiled kernels module (``hadamard_kernels``), or None where they are unavailable."""
+    return _KERNELS.get()
+
+
+def compiled_kernels_failed(exc: Exception) -> None:
+    """A kernel raised (e.g. numba could not compile it on this platform): use numpy from now on."""
+    _KERNELS.fail(exc)
 
 
 def rotate(rows: np.ndarray, signs: np.ndarray) -> np.ndarray:

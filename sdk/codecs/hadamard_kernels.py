@@ -22,10 +22,20 @@ default 215,370-value payload: radix-16 chunk passes take half the time of radix
 """
 from __future__ import annotations
 
+import functools
+
 import numba
 import numpy as np
 
 CHUNK = 4096  # float32 values per cache block: 16 KB, half of a typical 32 KB L1 data cache
+
+
+@functools.cache
+def two_bit_table_cached() -> np.ndarray:
+    """``two_bit_table()``, built once (read-only)."""
+    table = two_bit_table()
+    table.flags.writeable = False
+    return table
 
 
 def two_bit_table() -> np.ndarray:
