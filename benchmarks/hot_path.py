@@ -17,10 +17,12 @@ into float64 sums; the aggregator now sums float32 updates into float32 blocks f
 
 Then the ``sketch`` decode alone against the decoder issue 14 was filed against (9.6 ms per update then),
 kept below as ``original_sketch_decode`` (commit 1e1d3aa: unpackbits + an integer matmul to unpack,
-float64 dequantisation, ``np.stack`` butterflies): both timed in this run on the same payload, their
-outputs compared, and the speed-up printed (issue 14's goal: >= 20x).
+float64 dequantisation, ``np.stack`` butterflies): both timed in this run over the same payloads of one
+vector (the original on format-1 payloads, the only format it reads), in alternating turns of
+``--sketch-turn`` decodes each, their outputs compared, and the speed-up printed (issue 14's goal: >= 20x).
 
-    python benchmarks/hot_path.py [--repeats 300] [--size 215370] [--codec SPEC ...] [--sketch-repeats 30]
+    python benchmarks/hot_path.py [--repeats 300] [--size 215370] [--codec SPEC ...] [--sketch-repeats 100]
+                                  [--sketch-turn 5] [--sketch-payloads 8]
 """
 from __future__ import annotations
 
@@ -231,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--codec", action="append", help="codec spec to time (repeatable; default: a set)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sketch-repeats", type=int, default=100, help="decodes per sketch decoder (0: skip)")
+    parser.add_argument("--sketch-turn", type=int, default=5,
+                        help="consecutive decodes per decoder before the other's turn (1: alternate update by update)")
+    parser.add_argument("--sketch-payloads", type=int, default=8, help="different payloads the decoders cycle through")
     args = parser.parse_args(argv)
     vector = (np.random.default_rng(args.seed).standard_normal(args.size) * 1e-2).astype(np.float32)
     print(f"hot path per update, {args.size} parameters, median of {args.repeats} (times in microseconds)")
@@ -244,8 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.sketch_repeats > 0:
         spec = "sketch:bits=2"
         kernels = "numba kernels" if compiled_kernels() is not None else "numpy only (numba not installed)"
-        r = sketch_speedup(spec, vector, args.sketch_repeats)
-        print(f"{spec} decode alone, median of {args.sketch_repeats}, {kernels}: original (1e1d3aa) "
+        r = sketch_speedup(spec, vector, args.sketch_repeats, args.sketch_payloads, args.sketch_turn)
+        print(f"{spec} decode alone, median of {args.sketch_repeats}, {kernels}, turns of {args.sketch_turn} over "
+              f"{args.sketch_payloads} payload(s): original (1e1d3aa) "
               f"{r.original_ms:.2f} ms, now {r.current_ms:.3f} ms, speed-up {r.original_ms / r.current_ms:.1f}x; "
               f"now on a format-1 payload {r.current_format1_ms:.3f} ms ({r.original_ms / r.current_format1_ms:.1f}x, "
               f"max |difference| from the original {r.format1_difference:.1e} of max |value|); "

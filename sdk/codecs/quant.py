@@ -7,6 +7,8 @@ probabilistic quantisation of Konečný et al. 2016).
 """
 from __future__ import annotations
 
+import math
+
 import struct
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -139,8 +141,16 @@ def _patch_non_finite_halves(halves: np.ndarray, bits: np.ndarray) -> None:
     bits[special] = single.view(np.int32)
 
 
+_FEW_RANGES = 64  # up to this many, plain floats check faster than three numpy reductions (~2 vs ~8 µs)
+
+
 def check_ranges(codec: str, lo: np.ndarray, step: np.ndarray) -> None:
-    if not (np.isfinite(lo).all() and np.isfinite(step).all() and (step >= 0).all()):
+    if lo.size <= _FEW_RANGES:
+        ok = all(math.isfinite(value) for value in lo.tolist()) and all(
+            math.isfinite(value) and value >= 0 for value in step.tolist())
+    else:
+        ok = bool(np.isfinite(lo).all() and np.isfinite(step).all() and (step >= 0).all())
+    if not ok:
         raise WireError(f"{codec} codec: corrupt quantisation range (non-finite or negative step)")
 
 

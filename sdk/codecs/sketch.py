@@ -12,6 +12,7 @@ regenerates mask and signs from the seed, inverts, and divides by ``keep``: E[de
 """
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from collections.abc import Iterator, Mapping
@@ -104,20 +105,47 @@ class _SketchPayload:
     byte_signs: bool  # format 1 (tag 0x53): one sign per generator byte
     kept_at: np.ndarray | None  # positions kept, None when all are
     kept_count: int
-    segments: tuple[_Segment, ...]
-    values: int  # values sent: the kept ones plus the tail's padding
-    ranges: np.ndarray  # (segments, 2) float32: lo, step
+    layout: _Layout
+    ranges: np.ndarray  # (rows, 2) float32: lo, step
     packed: np.ndarray  # the packed codes, uint8, a view of the payload
+
+    @property
+    def segments(self) -> tuple[_Segment, ...]:
+        return self.layout.segments
+
+    @property
+    def values(self) -> int:
+        """Values sent: the kept ones plus the tail's padding."""
+        return self.layout.values
 
     def codes(self) -> np.ndarray:
         return unpack_uint8(self.packed, self.bits, self.values)
 
 
-def _segment_layout(kept_count: int, block: int) -> tuple[_Segment, ...]:
-    """The full blocks, then the tail padded to a power of two."""
+@dataclass(frozen=True)
+class _Layout:
+    """How ``kept_count`` values travel in blocks: the segments, the values sent (the kept ones plus the
+    tail's padding), the rows (one range each) and, for the compiled kernels, the segments they take."""
+
+    segments: tuple[_Segment, ...]
+    values: int
+    rows: int
+    kernel_segments: tuple[_Segment, ...]
+    kernel_table: np.ndarray  # (start, first range row, rows, width) of each kernel segment, int64, read-only
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(kept_count: int, block: int) -> _Layout:
+    """The full blocks, then the tail padded to a power of two (cached: an aggregator decodes the same
+    layout for every update of a run)."""
     full, tail, padded = _segments(kept_count, block)
-    parts = (_Segment(0, 0, full, block),) if full else ()
-    return parts + ((_Segment(full * block, full, 1, padded),) if tail else ())
+    segments = ((_Segment(0, 0, full, block),) if full else ()) + ((_Segment(full * block, full, 1, padded),)
+                                                                   if tail else ())
+    fast = tuple(seg for seg in segments if seg.width >= _KERNEL_MIN_WIDTH)
+    table = np.array([(seg.start, seg.first_row, seg.rows, seg.width) for seg in fast], dtype=np.int64).reshape(-1, 4)
+    table.flags.writeable = False
+    return _Layout(segments, sum(seg.rows * seg.width for seg in segments), sum(seg.rows for seg in segments), fast,
+                   table)
 
 
 class SketchCodec(KnobParams):
@@ -148,16 +176,14 @@ class SketchCodec(KnobParams):
         block = 1 << log_block
         kept_at = seeded_mask(seed, size, keep) if keep < 1.0 else None  # all kept: no index array at all
         kept_count = size if kept_at is None else kept_at.size
-        layout = _segment_layout(kept_count, block)
-        values = sum(segment.rows * segment.width for segment in layout)
-        rows = sum(segment.rows for segment in layout)  # one (lo, step) range per row
-        expected = _SKETCH_HEADER.size + 8 * rows + packed_size(values, bits)
+        layout = _layout(kept_count, block)
+        expected = _SKETCH_HEADER.size + 8 * layout.rows + packed_size(layout.values, bits)  # a range per row
         if len(data) != expected:
             raise WireError(f"sketch codec: {len(data)} bytes, header implies {expected}")
-        ranges = np.frombuffer(data, dtype="<f4", count=2 * rows, offset=_SKETCH_HEADER.size).reshape(-1, 2)
-        packed = np.frombuffer(data, dtype=np.uint8, offset=_SKETCH_HEADER.size + 8 * rows)
+        ranges = np.frombuffer(data, dtype="<f4", count=2 * layout.rows, offset=_SKETCH_HEADER.size).reshape(-1, 2)
+        packed = np.frombuffer(data, dtype=np.uint8, offset=_SKETCH_HEADER.size + 8 * layout.rows)
         return _SketchPayload(bits, block, bool(rotate_on), keep, seed, tag == _SKETCH_TAG_BYTE_SIGNS, kept_at,
-                              kept_count, layout, values, ranges.astype(np.float32), packed)
+                              kept_count, layout, np.asarray(ranges, dtype=np.float32), packed)
 
     def decode(self, data: bytes, size: int, params: Mapping[str, Any]) -> np.ndarray:
         """Codes -> values -> inverse rotation -> 1/keep, one float32 rounding per value where rotated: the
@@ -247,24 +273,21 @@ def _decode_values(payload: _SketchPayload) -> np.ndarray:
         return kept
     words = random_sign_words(payload.seed, _SIGN_STREAM, kept.size)
     kernels = compiled_kernels()
-    fast = [seg for seg in segments if seg.width >= _KERNEL_MIN_WIDTH] if kernels is not None else []
-    rest = [seg for seg in segments if seg not in fast]
-    if fast:
+    rest = segments
+    if kernels is not None and payload.layout.kernel_segments:
         try:
-            _unrotate_compiled(kernels, payload, fast, kept, words)
+            _unrotate_compiled(kernels, payload, kept, words)
+            rest = tuple(seg for seg in segments if seg not in payload.layout.kernel_segments)
         except Exception as exc:  # noqa: BLE001 - numba failing to compile on an untested platform must not
             compiled_kernels_failed(exc)  # take the aggregator down: numpy decodes the same bits
-            rest = list(segments)
     if rest:
         _unrotate_segments(payload, rest, payload.codes(), kept, words)
     return kept
 
 
-def _unrotate_compiled(kernels: ModuleType, payload: _SketchPayload, segments: list[_Segment], kept: np.ndarray,
-                       words: np.ndarray) -> None:
-    """``segments`` (widths >= _KERNEL_MIN_WIDTH) through the compiled kernels, all in one call."""
-    table = np.array([(seg.start, seg.first_row, seg.rows, seg.width) for seg in segments], dtype=np.int64)
-    ranges = payload.ranges.astype(np.float64)
+def _unrotate_compiled(kernels: ModuleType, payload: _SketchPayload, kept: np.ndarray, words: np.ndarray) -> None:
+    """The layout's kernel segments (widths >= _KERNEL_MIN_WIDTH) through the compiled kernels, in one call."""
+    table, ranges = payload.layout.kernel_table, payload.ranges.astype(np.float64)
     if payload.bits == 2:
         kernels.unrotate_two_bit(payload.packed, kernels.two_bit_table_cached(), kept, table, ranges, payload.keep,
                                  words)
@@ -282,7 +305,7 @@ def _dequantize_segments(payload: _SketchPayload, segments: tuple[_Segment, ...]
         kept[seg.start : seg.start + seg.rows * seg.width] = part.astype(np.float32).reshape(-1)
 
 
-def _unrotate_segments(payload: _SketchPayload, segments: tuple[_Segment, ...] | list[_Segment], codes: np.ndarray, kept: np.ndarray,
+def _unrotate_segments(payload: _SketchPayload, segments: tuple[_Segment, ...], codes: np.ndarray, kept: np.ndarray,
                        words: np.ndarray | None) -> None:
     """The numpy inverse rotation of ``segments`` (the compiled kernels' operations); signed by ``words``
     (format 2) unless None."""
