@@ -35,7 +35,9 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.linalg.blas import sdot, saxpy
 
+from edgetrain.aggregator.aggregation import BLOCK_UPDATES
 from edgetrain.aggregator.strategy import FedAvg
 from edgetrain.aggregator.validation import ValidationContext, validate_update
 from edgetrain.sdk import wire
@@ -43,6 +45,7 @@ from edgetrain.sdk.codecs import get_codec, parse_codec_spec
 from edgetrain.sdk.codecs.hadamard import compiled_kernels
 from edgetrain.sdk.codecs.params import read_params
 from edgetrain.sdk.codecs.sketch import SketchCodec, encode_sketch
+from edgetrain.sdk.wire.checksum import crc32
 
 CNN_PARAMS = 215_370  # the default cnn's flat parameter count
 DEFAULT_CODECS = ("dense", "q8", "fp16", "dgc:sparsity=0.99,momentum=0.0", "stc:sparsity=0.99", "sketch:bits=2")
@@ -73,6 +76,37 @@ class StageTimes:
     @property
     def ratio_to_numpy64(self) -> float:
         return self.numpy_add64_ns / self.total_ns
+
+
+@dataclass(frozen=True)
+class PassTimes:
+    """Median µs of the passes a dense update cannot skip, each alone on the same vector: the frame's CRC-32,
+    the norm's ``sdot``, the accumulation's ``saxpy`` and the block flush (``acc64 += block``) per update."""
+
+    crc_us: float
+    sdot_us: float
+    saxpy_us: float
+    flush_per_update_us: float
+
+    @property
+    def total_us(self) -> float:
+        return self.crc_us + self.sdot_us + self.saxpy_us + self.flush_per_update_us
+
+
+def time_passes(vector: np.ndarray, frame: bytes, repeats: int) -> PassTimes:
+    block, acc64 = np.zeros_like(vector), np.zeros(vector.size)
+
+    def median_us(run: object) -> float:
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter_ns()
+            run()  # type: ignore[operator]
+            samples.append(time.perf_counter_ns() - start)
+        return statistics.median(samples) / 1e3
+
+    return PassTimes(median_us(lambda: crc32(frame)), median_us(lambda: sdot(vector, vector)),
+                     median_us(lambda: saxpy(vector, block, a=3.0)),
+                     median_us(lambda: acc64.__iadd__(block)) / BLOCK_UPDATES)
 
 
 def make_frame(spec: str, vector: np.ndarray, update_id: str) -> bytes:
@@ -246,6 +280,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{spec:34s} {t.payload_bytes:9d} {t.decode_ns / 1e3:8.1f} {t.validate_ns / 1e3:9.1f} "
               f"{t.accumulate_ns / 1e3:8.1f} {t.total_ns / 1e3:8.1f} {t.numpy_add_ns / 1e3:7.1f} "
               f"{t.numpy_add64_ns / 1e3:8.1f} {t.ratio_to_numpy:6.3f} {t.ratio_to_numpy64:6.3f}")
+    if "dense" in (args.codec or DEFAULT_CODECS):
+        p = time_passes(vector, make_frame("dense", vector, "u0"), args.repeats)
+        add_us = numpy_add_ns(vector, args.repeats) / 1e3
+        print(f"dense passes alone: crc32 {p.crc_us:.1f}, sdot {p.sdot_us:.1f}, saxpy {p.saxpy_us:.1f}, block flush "
+              f"per update {p.flush_per_update_us:.1f}; sum {p.total_us:.1f} us = {p.total_us / add_us:.2f}x the "
+              f"numpy add ({add_us:.1f} us)")
     if args.sketch_repeats > 0:
         spec = "sketch:bits=2"
         kernels = "numba kernels" if compiled_kernels() is not None else "numpy only (numba not installed)"
