@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                 payload.ranges.astype(np.float64), payload.keep, words))
         else:
             timed("kernel (unpack, transform, scale, signs)", lambda: kernels.unrotate_codes(
-                payload.codes(), kept, layout.kernel_table, payload.ranges.astype(np.float64), payload.keep, words))
+                payload.packed, args.bits, kept, layout.kernel_table, payload.ranges.astype(np.float64), payload.keep,
+                words))
     for i in range(args.repeats):  # apart: with the steps' arrays beside it the working set would be twice a decode's
         data = payloads[i % args.payloads]
         timed("whole decode", lambda: codec.decode(data, args.size, {}))

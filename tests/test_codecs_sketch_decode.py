@@ -17,6 +17,7 @@ from edgetrain.sdk.codecs import get_codec, sketch
 from edgetrain.sdk.codecs.hadamard import random_signs
 from edgetrain.sdk.codecs.params import read_params
 from edgetrain.sdk.codecs.sketch import SketchCodec, encode_sketch, seeded_mask
+from edgetrain.sdk.errors import WireError
 
 _HEADER = struct.Struct("<BBBBdQ")  # tag, bits, log2(block), rotate, keep, seed (sdk/codecs/sketch.py)
 _F32_EPS = float(np.finfo(np.float32).eps)
@@ -174,3 +175,17 @@ def test_warm_up_compiles_exactly_what_a_real_update_then_uses(bits: int) -> Non
 def test_warm_up_accepts_every_valid_spec() -> None:
     for params in ({"bits": 2}, {"bits": 3, "keep": 0.1}, {"rotate": False}, {"bits": 2, "block": 16}):
         get_codec("sketch").warm_up(params)
+
+
+@pytest.mark.parametrize("bits", [1, 3, 5, 7])
+def test_padding_bits_are_refused_when_kernels_decode_the_blocks(bits: int) -> None:
+    """One valid encoding per payload: set padding bits make it undecodable. A 256-value block (the kernels')
+    and a 3-value tail padded to 4: 260 odd-width codes leave 4 spare bits in the last byte."""
+    vector = np.random.default_rng(bits).standard_normal(259).astype(np.float32)
+    codec = get_codec("sketch")
+    params = {"bits": bits, "block": 256}
+    payload, _ = codec.encode(vector, None, params)
+    codec.decode(payload, vector.size, params)
+    corrupt = payload[:-1] + bytes([payload[-1] | 1])
+    with pytest.raises(WireError, match="padding"):
+        codec.decode(corrupt, vector.size, params)

@@ -52,17 +52,17 @@ def test_flipping_by_sign_words_is_multiplying_by_those_signs_from_start(start: 
 
 @pytest.mark.parametrize("width", [256, 512, 4096, 8192, 1 << 15, 1 << 16, 1 << 17])
 def test_the_compiled_codes_transform_equals_the_definition(width: int) -> None:
-    """Rows of random codes through ``unrotate_codes`` with step 1, lo 0, factor 1 (keep = 1/sqrt(n)) and
+    """Rows of random 8-bit codes through ``unrotate_codes`` with step 1, lo 0, factor 1 (keep = 1/sqrt(n)) and
     all signs +1: exactly H c, for every row width's mix of chunk and row passes."""
+    pytest.importorskip("numba")
     kernels = compiled_kernels()
-    if kernels is None:
-        pytest.skip("numba is not installed")
+    assert kernels is not None  # installed, so on: off only after a kernel failed (nothing here may fail one)
     rows = 2
     codes = np.random.default_rng(width).integers(0, 256, rows * width).astype(np.uint8)
     out = np.empty(rows * width, dtype=np.float32)
     segments = np.array([[0, 0, rows, width]], dtype=np.int64)
     ranges = np.array([[0.0, 1.0]] * rows)
     ones = np.full(-(-rows * width // 64), np.iinfo(np.uint64).max, dtype=np.uint64)
-    kernels.unrotate_codes(codes, out, segments, ranges, 1.0 / np.sqrt(width), ones)
+    kernels.unrotate_codes(codes, 8, out, segments, ranges, 1.0 / np.sqrt(width), ones)  # 8-bit codes: one a byte
     expected = walsh_hadamard_unscaled(codes.reshape(rows, width).astype(np.float32))  # exact on integers
     np.testing.assert_array_equal(out.reshape(rows, width), expected)

@@ -100,6 +100,14 @@ def _unpack_within_bytes(raw: np.ndarray, width: int, count: int) -> np.ndarray:
     return values[:count]
 
 
+def check_padding_bits(data: np.ndarray, width: int, count: int) -> None:
+    """The bits after ``count`` values of ``width`` bits in ``data`` (``packed_size(count, width)`` bytes)
+    must be zero, as ``unpack_uint8`` requires: a payload has one valid encoding."""
+    spare = 8 * len(data) - count * width
+    if spare and int(data[-1]) & ((1 << spare) - 1):
+        raise WireError("packed field: non-zero padding bits")
+
+
 def unpack_uint8(data: bytes | memoryview, width: int, count: int) -> np.ndarray:
     """``unpack_uint`` for widths 1..8, as uint8: a quantiser's codes stay one byte each (the uint64 of
     ``unpack_uint`` is 8x the memory traffic for every later pass over them)."""

@@ -235,9 +235,24 @@ def unrotate_two_bit(packed, table, out, segments, ranges, keep, words):  # type
             _finish_row(out, base, width, h, radix, lo, step, factor, words, base)
 
 
+@_inline
+def _unpack_codes(packed, bits, out, start, count):  # type: ignore[no-untyped-def]
+    """``out[start:start + count]`` = codes ``start ..`` of the MSB-first bitstream ``packed`` of ``bits``-bit
+    codes (1..8), as float32: eight codes are ``bits`` whole bytes (``start`` and ``count`` multiples of 8)."""
+    mask = (1 << bits) - 1
+    for g in range(start // 8, (start + count) // 8):
+        word = 0
+        for b in range(bits):
+            word = (word << 8) | np.int64(packed[g * bits + b])
+        group = out[8 * g : 8 * g + 8]
+        for k in range(8):
+            group[k] = np.float32((word >> ((7 - k) * bits)) & mask)
+
+
 @_jit
-def unrotate_codes(codes, out, segments, ranges, keep, words):  # type: ignore[no-untyped-def]
-    """``unrotate_two_bit`` for uint8 codes of any bit width, one per value."""
+def unrotate_codes(packed, bits, out, segments, ranges, keep, words):  # type: ignore[no-untyped-def]
+    """``unrotate_two_bit`` for codes of any width ``bits`` (1..8) in the MSB-first bitstream ``packed``,
+    unpacked chunk by chunk."""
     for s in range(segments.shape[0]):
         start, first_row, rows, width = segments[s, 0], segments[s, 1], segments[s, 2], segments[s, 3]
         chunk = min(CHUNK, width)
@@ -246,8 +261,7 @@ def unrotate_codes(codes, out, segments, ranges, keep, words):  # type: ignore[n
         for r in range(rows):
             base = start + r * width
             for at in range(base, base + width, chunk):
-                for i in range(at, at + chunk):
-                    out[i] = np.float32(codes[i])
+                _unpack_codes(packed, bits, out, at, chunk)
                 _chunk_stages(out, at, chunk, 1, min(chunk, h))
             lo, step = ranges[first_row + r, 0], ranges[first_row + r, 1]
             _finish_row(out, base, width, h, radix, lo, step, factor, words, base)

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..errors import WireError
-from .bitio import pack_uint, packed_size, unpack_uint8
+from .bitio import check_padding_bits, pack_uint, packed_size, unpack_uint8
 from .entropy import PayloadBits, empirical_entropy_bits
 from .hadamard import (compiled_kernels, compiled_kernels_failed, flip_by_sign_words, flip_random_signs, next_power_of_two, random_sign_words,
                        random_signs, rotate, signs_from_words, walsh_hadamard_unscaled)
@@ -272,6 +272,7 @@ def _decode_values(payload: _SketchPayload) -> np.ndarray:
         flip_random_signs(kept, payload.seed, _SIGN_STREAM)
         return kept
     words = random_sign_words(payload.seed, _SIGN_STREAM, kept.size)
+    check_padding_bits(payload.packed, payload.bits, payload.values)  # the kernels do not unpack the tail's
     kernels = compiled_kernels()
     rest = segments
     if kernels is not None and payload.layout.kernel_segments:
@@ -292,7 +293,7 @@ def _unrotate_compiled(kernels: ModuleType, payload: _SketchPayload, kept: np.nd
         kernels.unrotate_two_bit(payload.packed, kernels.two_bit_table_cached(), kept, table, ranges, payload.keep,
                                  words)
     else:
-        kernels.unrotate_codes(payload.codes(), kept, table, ranges, payload.keep, words)
+        kernels.unrotate_codes(payload.packed, payload.bits, kept, table, ranges, payload.keep, words)
 
 
 def _dequantize_segments(payload: _SketchPayload, segments: tuple[_Segment, ...], codes: np.ndarray,
