@@ -1,4 +1,4 @@
-"""Where a sketch decode's time goes: header and range checks, the sign words, the compiled kernel, the rest.
+"""Where a sketch decode's time goes: header and range checks, the sign key, the compiled kernel, the rest.
 
 Decodes ``--payloads`` different 2-bit sketch payloads (seeds 0, 1, …) of one vector of the cnn's size in a
 loop, as an aggregator does, and prints the median µs of each step of ``SketchCodec.decode`` timed apart in
@@ -17,7 +17,7 @@ from collections.abc import Callable
 import numpy as np
 
 from edgetrain.sdk.codecs import get_codec
-from edgetrain.sdk.codecs.hadamard import compiled_kernels, random_sign_words
+from edgetrain.sdk.codecs.hadamard import compiled_kernels, sign_key
 from edgetrain.sdk.codecs.params import check_size, read_params
 from edgetrain.sdk.codecs.quant import check_ranges
 from edgetrain.sdk.codecs.sketch import SketchCodec, encode_sketch
@@ -60,16 +60,16 @@ def main(argv: list[str] | None = None) -> int:
             codec._parse(data, args.size))[-1])
         timed("range check", lambda: check_ranges("sketch", payload.ranges[:, 0], payload.ranges[:, 1]))
         kept = np.empty(payload.values, dtype=np.float32)
-        words = timed("sign words", lambda: random_sign_words(payload.seed, 2, kept.size))
+        key = timed("sign key", lambda: np.uint64(sign_key(payload.seed, 2)))  # the kernel derives the words
         layout = payload.layout
         if args.bits == 2:
             timed("kernel (unpack, transform, scale, signs)", lambda: kernels.unrotate_two_bit(
                 payload.packed, kernels.two_bit_table_cached(), kept, layout.kernel_table,
-                payload.ranges.astype(np.float64), payload.keep, words))
+                payload.ranges.astype(np.float64), payload.keep, key))
         else:
             timed("kernel (unpack, transform, scale, signs)", lambda: kernels.unrotate_codes(
                 payload.packed, args.bits, kept, layout.kernel_table, payload.ranges.astype(np.float64), payload.keep,
-                words))
+                key))
     for i in range(args.repeats):  # apart: with the steps' arrays beside it the working set would be twice a decode's
         data = payloads[i % args.payloads]
         timed("whole decode", lambda: codec.decode(data, args.size, {}))

@@ -27,6 +27,8 @@ import functools
 import numba
 import numpy as np
 
+from .hadamard import SPLITMIX_GAMMA, SPLITMIX_M1, SPLITMIX_M2
+
 CHUNK = 4096  # float32 values per cache block: 16 KB, half of a typical 32 KB L1 data cache
 
 
@@ -161,14 +163,23 @@ def _scale_sign64(v, scale, word):  # type: ignore[no-untyped-def]
 
 
 @_inline
-def _scale_sign_rows(y, start, h, radix, scale, words, sign_at):  # type: ignore[no-untyped-def]
-    for m in range(radix):
-        at = m * h + start
-        _scale_sign64(y[at : at + 64], scale, words[(sign_at + at) // 64])
+def _sign_word(key, index):  # type: ignore[no-untyped-def]
+    """Word ``index`` of the signs (``hadamard.random_sign_words``): SplitMix64's output from ``key``."""
+    z = key + np.uint64(index + 1) * np.uint64(SPLITMIX_GAMMA)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(SPLITMIX_M1)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(SPLITMIX_M2)
+    return z ^ (z >> np.uint64(31))
 
 
 @_inline
-def _final_pass(x, base, h, radix, scale, words, sign_at):  # type: ignore[no-untyped-def]
+def _scale_sign_rows(y, start, h, radix, scale, key, sign_at):  # type: ignore[no-untyped-def]
+    for m in range(radix):
+        at = m * h + start
+        _scale_sign64(y[at : at + 64], scale, _sign_word(key, (sign_at + at) // 64))
+
+
+@_inline
+def _final_pass(x, base, h, radix, scale, key, sign_at):  # type: ignore[no-untyped-def]
     """The last radix-4 (or 2) pass (stride ``h``, a multiple of 64), 64 columns at a time, each run then
     scaled and signed while in L1. Four (two) slices: at the row's large power-of-two strides, 16 streams
     would fall in the same L1 sets."""
@@ -184,11 +195,11 @@ def _final_pass(x, base, h, radix, scale, words, sign_at):  # type: ignore[no-un
             for j in range(64):
                 a, b = xa[j], xb[j]
                 xa[j], xb[j] = a + b, a - b
-        _scale_sign_rows(y, start, h, radix, scale, words, sign_at)
+        _scale_sign_rows(y, start, h, radix, scale, key, sign_at)
 
 
 @_inline
-def _finish_row(x, base, width, h, radix, lo, step, factor, words, sign_at):  # type: ignore[no-untyped-def]
+def _finish_row(x, base, width, h, radix, lo, step, factor, key, sign_at):  # type: ignore[no-untyped-def]
     """The row at ``base`` once its chunk-level stages are done: the stages across the row, the last pass
     (``h``, ``radix``) fused with ``sketch``'s scale (``step * factor``, float32) and the signs, then the
     first entry, ``(lo n + step (H c)_0) factor`` in float64 (``H 1 = n e_0``), signed."""
@@ -202,11 +213,11 @@ def _finish_row(x, base, width, h, radix, lo, step, factor, words, sign_at):  # 
         total += x[base + m * h]
     scale = np.float32(step * factor)
     if h == 4 * CHUNK:  # the default 2**16 block (radix 4) and 2**15 tail (radix 2): a constant stride
-        _final_pass(x, base, 4 * CHUNK, radix, scale, words, sign_at)
+        _final_pass(x, base, 4 * CHUNK, radix, scale, key, sign_at)
     else:
-        _final_pass(x, base, h, radix, scale, words, sign_at)
+        _final_pass(x, base, h, radix, scale, key, sign_at)
     first = np.float32((lo * width + step * np.float64(total)) * factor)
-    x[base] = first if words[sign_at // 64] & np.uint64(1) else -first
+    x[base] = first if _sign_word(key, sign_at // 64) & np.uint64(1) else -first
 
 
 @_inline
@@ -215,11 +226,12 @@ def _row_factor(width, keep):  # type: ignore[no-untyped-def]
 
 
 @_jit
-def unrotate_two_bit(packed, table, out, segments, ranges, keep, words):  # type: ignore[no-untyped-def]
+def unrotate_two_bit(packed, table, out, segments, ranges, keep, key):  # type: ignore[no-untyped-def]
     """``out`` = the sketch's kept values from MSB-first 2-bit codes packed 4 to a byte in ``packed``: each
     row ``r`` (``segments``: (start, first range row, rows, width) per segment, widths powers of two >= 256,
     starts multiples of 64) is ``D H (lo[r] + step[r] c) / (sqrt(width) keep)``, ``ranges`` holding (lo,
-    step) per row in float64 and the signs of ``D`` being the bits of ``words``. Each L1-sized chunk is
+    step) per row in float64 and the signs of ``D`` the bits of ``hadamard.random_sign_words`` from the
+    SplitMix64 state ``key`` (``hadamard.sign_key``), each word computed where it is used. Each L1-sized chunk is
     unpacked and transformed while it is hot."""
     for s in range(segments.shape[0]):
         start, first_row, rows, width = segments[s, 0], segments[s, 1], segments[s, 2], segments[s, 3]
@@ -232,7 +244,7 @@ def unrotate_two_bit(packed, table, out, segments, ranges, keep, words):  # type
                 _two_bit_groups(packed, table, out, at, chunk)
                 _chunk_stages(out, at, chunk, 16, min(chunk, h))
             lo, step = ranges[first_row + r, 0], ranges[first_row + r, 1]
-            _finish_row(out, base, width, h, radix, lo, step, factor, words, base)
+            _finish_row(out, base, width, h, radix, lo, step, factor, key, base)
 
 
 @_inline
@@ -250,7 +262,7 @@ def _unpack_codes(packed, bits, out, start, count):  # type: ignore[no-untyped-d
 
 
 @_jit
-def unrotate_codes(packed, bits, out, segments, ranges, keep, words):  # type: ignore[no-untyped-def]
+def unrotate_codes(packed, bits, out, segments, ranges, keep, key):  # type: ignore[no-untyped-def]
     """``unrotate_two_bit`` for codes of any width ``bits`` (1..8) in the MSB-first bitstream ``packed``,
     unpacked chunk by chunk."""
     for s in range(segments.shape[0]):
@@ -264,4 +276,4 @@ def unrotate_codes(packed, bits, out, segments, ranges, keep, words):  # type: i
                 _unpack_codes(packed, bits, out, at, chunk)
                 _chunk_stages(out, at, chunk, 1, min(chunk, h))
             lo, step = ranges[first_row + r, 0], ranges[first_row + r, 1]
-            _finish_row(out, base, width, h, radix, lo, step, factor, words, base)
+            _finish_row(out, base, width, h, radix, lo, step, factor, key, base)

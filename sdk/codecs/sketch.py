@@ -25,8 +25,8 @@ import numpy as np
 from ..errors import WireError
 from .bitio import check_padding_bits, pack_uint, packed_size, unpack_uint8
 from .entropy import PayloadBits, empirical_entropy_bits
-from .hadamard import (compiled_kernels, compiled_kernels_failed, flip_by_sign_words, flip_random_signs, next_power_of_two, random_sign_words,
-                       random_signs, rotate, signs_from_words, walsh_hadamard_unscaled)
+from .hadamard import (compiled_kernels, compiled_kernels_failed, flip_by_sign_words, flip_random_signs, next_power_of_two,
+                       random_sign_words, random_signs, rotate, sign_key, signs_from_words, walsh_hadamard_unscaled)
 from .params import KnobParams, Knob, check_size, check_vector, non_negative, read_params
 from .quant import check_ranges, decode_values, dequantize_blocks, encode_values, quantize_blocks
 
@@ -58,7 +58,7 @@ def _segments(count: int, block: int) -> tuple[int, int, int]:
 
 
 _SKETCH_HEADER = struct.Struct("<BBBBdQ")  # tag, bits, log2(block), rotate, keep, seed
-# The tag names the format. 0x73 ('s', format 2): the signs of D are bits of the generator's words
+# The tag names the format. 0x73 ('s', format 2): the signs of D are the bits of SplitMix64 words
 # (hadamard.random_sign_words). 0x53 ('S', format 1, sent by releases before it): one sign per byte
 # (hadamard.random_signs). Both decode; encoders send format 2. A decoder that knows only format 1
 # refuses format 2 by its tag, never misreads it.
@@ -271,29 +271,29 @@ def _decode_values(payload: _SketchPayload) -> np.ndarray:
         _unrotate_segments(payload, segments, payload.codes(), kept, None)
         flip_random_signs(kept, payload.seed, _SIGN_STREAM)
         return kept
-    words = random_sign_words(payload.seed, _SIGN_STREAM, kept.size)
     check_padding_bits(payload.packed, payload.bits, payload.values)  # the kernels do not unpack the tail's
     kernels = compiled_kernels()
     rest = segments
     if kernels is not None and payload.layout.kernel_segments:
         try:
-            _unrotate_compiled(kernels, payload, kept, words)
+            _unrotate_compiled(kernels, payload, kept)
             rest = tuple(seg for seg in segments if seg not in payload.layout.kernel_segments)
         except Exception as exc:  # noqa: BLE001 - numba failing to compile on an untested platform must not
             compiled_kernels_failed(exc)  # take the aggregator down: numpy decodes the same bits
     if rest:
+        words = random_sign_words(payload.seed, _SIGN_STREAM, kept.size)
         _unrotate_segments(payload, rest, payload.codes(), kept, words)
     return kept
 
 
-def _unrotate_compiled(kernels: ModuleType, payload: _SketchPayload, kept: np.ndarray, words: np.ndarray) -> None:
+def _unrotate_compiled(kernels: ModuleType, payload: _SketchPayload, kept: np.ndarray) -> None:
     """The layout's kernel segments (widths >= _KERNEL_MIN_WIDTH) through the compiled kernels, in one call."""
     table, ranges = payload.layout.kernel_table, payload.ranges.astype(np.float64)
+    key = np.uint64(sign_key(payload.seed, _SIGN_STREAM))
     if payload.bits == 2:
-        kernels.unrotate_two_bit(payload.packed, kernels.two_bit_table_cached(), kept, table, ranges, payload.keep,
-                                 words)
+        kernels.unrotate_two_bit(payload.packed, kernels.two_bit_table_cached(), kept, table, ranges, payload.keep, key)
     else:
-        kernels.unrotate_codes(payload.packed, payload.bits, kept, table, ranges, payload.keep, words)
+        kernels.unrotate_codes(payload.packed, payload.bits, kept, table, ranges, payload.keep, key)
 
 
 def _dequantize_segments(payload: _SketchPayload, segments: tuple[_Segment, ...], codes: np.ndarray,
