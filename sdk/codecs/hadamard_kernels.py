@@ -47,19 +47,20 @@ def two_bit_table() -> np.ndarray:
     return np.ascontiguousarray(codes @ h4)
 
 
+# Annotations are for readers: numba types each kernel from the arguments of its first call.
 _jit = numba.njit(cache=True, boundscheck=False, nogil=True)
 _inline = numba.njit(inline="always", boundscheck=False)
 
 
 @_inline
-def _butterfly4(a, b, c, d):  # type: ignore[no-untyped-def]
+def _butterfly4(a: float, b: float, c: float, d: float) -> tuple[float, float, float, float]:
     """``H_4 (a, b, c, d)``: two radix-2 stages at once."""
     p, q, r, s = a + b, a - b, c + d, c - d
     return p + r, q + s, p - r, q - s
 
 
 @_inline
-def _butterfly16(y, k, h):  # type: ignore[no-untyped-def]
+def _butterfly16(y: np.ndarray, k: int, h: int) -> None:
     """``H_16`` in place on ``y[k], y[k + h], …, y[k + 15h]``: four radix-2 stages."""
     a0, a1, a2, a3 = _butterfly4(y[k], y[h + k], y[2 * h + k], y[3 * h + k])
     a4, a5, a6, a7 = _butterfly4(y[4 * h + k], y[5 * h + k], y[6 * h + k], y[7 * h + k])
@@ -72,15 +73,7 @@ def _butterfly16(y, k, h):  # type: ignore[no-untyped-def]
 
 
 @_inline
-def _butterfly8(y, k, h):  # type: ignore[no-untyped-def]
-    a0, a1, a2, a3 = _butterfly4(y[k], y[h + k], y[2 * h + k], y[3 * h + k])
-    a4, a5, a6, a7 = _butterfly4(y[4 * h + k], y[5 * h + k], y[6 * h + k], y[7 * h + k])
-    y[k], y[4 * h + k], y[h + k], y[5 * h + k] = a0 + a4, a0 - a4, a1 + a5, a1 - a5
-    y[2 * h + k], y[6 * h + k], y[3 * h + k], y[7 * h + k] = a2 + a6, a2 - a6, a3 + a7, a3 - a7
-
-
-@_inline
-def _radix16_pass(x, base, size, h):  # type: ignore[no-untyped-def]
+def _radix16_pass(x: np.ndarray, base: int, size: int, h: int) -> None:
     """Stages ``h .. 8h`` on ``x[base:base + size]``, one slice per group (call with a constant ``h``)."""
     for i in range(base, base + size, 16 * h):
         y = x[i : i + 16 * h]
@@ -89,7 +82,7 @@ def _radix16_pass(x, base, size, h):  # type: ignore[no-untyped-def]
 
 
 @_inline
-def _radix4_pass(x, base, size, h):  # type: ignore[no-untyped-def]
+def _radix4_pass(x: np.ndarray, base: int, size: int, h: int) -> None:
     """Stages ``h`` and ``2h``; four slices, so a runtime ``h`` still vectorises."""
     for i in range(base, base + size, 4 * h):
         xa, xb, xc, xd = x[i : i + h], x[i + h : i + 2 * h], x[i + 2 * h : i + 3 * h], x[i + 3 * h : i + 4 * h]
@@ -98,7 +91,7 @@ def _radix4_pass(x, base, size, h):  # type: ignore[no-untyped-def]
 
 
 @_inline
-def _radix2_pass(x, base, size, h):  # type: ignore[no-untyped-def]
+def _radix2_pass(x: np.ndarray, base: int, size: int, h: int) -> None:
     for i in range(base, base + size, 2 * h):
         xa, xb = x[i : i + h], x[i + h : i + 2 * h]
         for k in range(h):
@@ -107,7 +100,7 @@ def _radix2_pass(x, base, size, h):  # type: ignore[no-untyped-def]
 
 
 @_inline
-def _stages(x, base, size, h, top):  # type: ignore[no-untyped-def]
+def _stages(x: np.ndarray, base: int, size: int, h: int, top: int) -> None:
     """Stages ``h, 2h, …, top/2`` on each ``top``-long row of ``x[base:base + size]`` (runtime sizes)."""
     while 4 * h <= top:
         _radix4_pass(x, base, size, h)
@@ -117,7 +110,7 @@ def _stages(x, base, size, h, top):  # type: ignore[no-untyped-def]
 
 
 @_inline
-def _chunk_stages(x, start, chunk, h, top):  # type: ignore[no-untyped-def]
+def _chunk_stages(x: np.ndarray, start: int, chunk: int, h: int, top: int) -> None:
     """Stages ``h .. top/2`` on one chunk; a whole ``CHUNK`` from stage 16 (2-bit codes) or 1 in constant-
     stride radix-16 passes."""
     if chunk == CHUNK and top == CHUNK and h == 16:
@@ -132,17 +125,18 @@ def _chunk_stages(x, start, chunk, h, top):  # type: ignore[no-untyped-def]
 
 
 @_inline
-def _two_bit_groups(packed, table, out, start, count):  # type: ignore[no-untyped-def]
+def _two_bit_groups(packed: np.ndarray, table: np.ndarray, out: np.ndarray, start: int, count: int) -> None:
     """``out[start:start + count]`` = ``H_16`` of each group of 16 codes (4 bytes of ``packed``)."""
     for g in range(start // 16, (start + count) // 16):
-        l0, l1, l2, l3 = table[packed[4 * g]], table[packed[4 * g + 1]], table[packed[4 * g + 2]], table[packed[4 * g + 3]]
+        l0, l1 = table[packed[4 * g]], table[packed[4 * g + 1]]
+        l2, l3 = table[packed[4 * g + 2]], table[packed[4 * g + 3]]
         group = out[16 * g : 16 * g + 16]
         for m in range(4):
             group[m], group[m + 4], group[m + 8], group[m + 12] = _butterfly4(l0[m], l1[m], l2[m], l3[m])
 
 
 @_inline
-def _last_pass(width, h0):  # type: ignore[no-untyped-def]
+def _last_pass(width: int, h0: int) -> tuple[int, int]:
     """(h, radix) of a row's final pass: the last radix-4 (or radix-2, for an odd number of stages) pass of
     its stages across the row when it is wider than ``CHUNK``, else of its stages from ``h0``."""
     chunk = min(CHUNK, width)
@@ -154,7 +148,7 @@ def _last_pass(width, h0):  # type: ignore[no-untyped-def]
 
 
 @_inline
-def _scale_sign64(v, scale, word):  # type: ignore[no-untyped-def]
+def _scale_sign64(v: np.ndarray, scale: float, word: int) -> None:
     """``v[j] * scale`` for the 64 values of ``v``, negated where bit ``j`` of ``word`` is clear: an exact
     sign flip (IEEE rounding is symmetric, so ``v * -s == -(v * s)`` bit for bit)."""
     one = np.uint64(1)
@@ -163,7 +157,7 @@ def _scale_sign64(v, scale, word):  # type: ignore[no-untyped-def]
 
 
 @_inline
-def _sign_word(key, index):  # type: ignore[no-untyped-def]
+def _sign_word(key: int, index: int) -> int:
     """Word ``index`` of the signs (``hadamard.random_sign_words``): SplitMix64's output from ``key``."""
     z = key + np.uint64(index + 1) * np.uint64(SPLITMIX_GAMMA)
     z = (z ^ (z >> np.uint64(30))) * np.uint64(SPLITMIX_M1)
@@ -172,22 +166,23 @@ def _sign_word(key, index):  # type: ignore[no-untyped-def]
 
 
 @_inline
-def _scale_sign_rows(y, start, h, radix, scale, key, sign_at):  # type: ignore[no-untyped-def]
+def _scale_sign_rows(y: np.ndarray, start: int, h: int, radix: int, scale: float, key: int,
+                     sign_at: int) -> None:
     for m in range(radix):
         at = m * h + start
         _scale_sign64(y[at : at + 64], scale, _sign_word(key, (sign_at + at) // 64))
 
 
 @_inline
-def _final_pass(x, base, h, radix, scale, key, sign_at):  # type: ignore[no-untyped-def]
+def _final_pass(x: np.ndarray, base: int, h: int, radix: int, scale: float, key: int, sign_at: int) -> None:
     """The last radix-4 (or 2) pass (stride ``h``, a multiple of 64), 64 columns at a time, each run then
     scaled and signed while in L1. Four (two) slices: at the row's large power-of-two strides, 16 streams
     would fall in the same L1 sets."""
     y = x[base : base + radix * h]
     for start in range(0, h, 64):
         if radix == 4:
-            xa, xb, xc, xd = y[start : start + 64], y[h + start : h + start + 64], y[2 * h + start : 2 * h + start + 64], \
-                y[3 * h + start : 3 * h + start + 64]
+            xa, xb = y[start : start + 64], y[h + start : h + start + 64]
+            xc, xd = y[2 * h + start : 2 * h + start + 64], y[3 * h + start : 3 * h + start + 64]
             for j in range(64):
                 xa[j], xb[j], xc[j], xd[j] = _butterfly4(xa[j], xb[j], xc[j], xd[j])
         else:
@@ -199,7 +194,8 @@ def _final_pass(x, base, h, radix, scale, key, sign_at):  # type: ignore[no-unty
 
 
 @_inline
-def _finish_row(x, base, width, h, radix, lo, step, factor, key, sign_at):  # type: ignore[no-untyped-def]
+def _finish_row(x: np.ndarray, base: int, width: int, h: int, radix: int, lo: float, step: float, factor: float,
+                key: int, sign_at: int) -> None:
     """The row at ``base`` once its chunk-level stages are done: the stages across the row, the last pass
     (``h``, ``radix``) fused with ``sketch``'s scale (``step * factor``, float32) and the signs, then the
     first entry, ``(lo n + step (H c)_0) factor`` in float64 (``H 1 = n e_0``), signed."""
@@ -221,12 +217,13 @@ def _finish_row(x, base, width, h, radix, lo, step, factor, key, sign_at):  # ty
 
 
 @_inline
-def _row_factor(width, keep):  # type: ignore[no-untyped-def]
+def _row_factor(width: int, keep: float) -> float:
     return 1.0 / (np.sqrt(np.float64(width)) * keep)
 
 
 @_jit
-def unrotate_two_bit(packed, table, out, segments, ranges, keep, key):  # type: ignore[no-untyped-def]
+def unrotate_two_bit(packed: np.ndarray, table: np.ndarray, out: np.ndarray, segments: np.ndarray, ranges: np.ndarray,
+                     keep: float, key: int) -> None:
     """``out`` = the sketch's kept values from MSB-first 2-bit codes packed 4 to a byte in ``packed``: each
     row ``r`` (``segments``: (start, first range row, rows, width) per segment, widths powers of two >= 256,
     starts multiples of 64) is ``D H (lo[r] + step[r] c) / (sqrt(width) keep)``, ``ranges`` holding (lo,
@@ -248,7 +245,7 @@ def unrotate_two_bit(packed, table, out, segments, ranges, keep, key):  # type: 
 
 
 @_inline
-def _unpack_codes(packed, bits, out, start, count):  # type: ignore[no-untyped-def]
+def _unpack_codes(packed: np.ndarray, bits: int, out: np.ndarray, start: int, count: int) -> None:
     """``out[start:start + count]`` = codes ``start ..`` of the MSB-first bitstream ``packed`` of ``bits``-bit
     codes (1..8), as float32: eight codes are ``bits`` whole bytes (``start`` and ``count`` multiples of 8)."""
     mask = (1 << bits) - 1
@@ -262,7 +259,8 @@ def _unpack_codes(packed, bits, out, start, count):  # type: ignore[no-untyped-d
 
 
 @_jit
-def unrotate_codes(packed, bits, out, segments, ranges, keep, key):  # type: ignore[no-untyped-def]
+def unrotate_codes(packed: np.ndarray, bits: int, out: np.ndarray, segments: np.ndarray, ranges: np.ndarray,
+                   keep: float, key: int) -> None:
     """``unrotate_two_bit`` for codes of any width ``bits`` (1..8) in the MSB-first bitstream ``packed``,
     unpacked chunk by chunk."""
     for s in range(segments.shape[0]):

@@ -25,8 +25,9 @@ import numpy as np
 from ..errors import WireError
 from .bitio import check_padding_bits, pack_uint, packed_size, unpack_uint8
 from .entropy import PayloadBits, empirical_entropy_bits
-from .hadamard import (compiled_kernels, compiled_kernels_failed, flip_by_sign_words, flip_random_signs, next_power_of_two,
-                       random_sign_words, random_signs, rotate, sign_key, signs_from_words, walsh_hadamard_unscaled)
+from .hadamard import (compiled_kernels, compiled_kernels_failed, flip_by_sign_words, flip_random_signs,
+                       next_power_of_two, random_sign_words, random_signs, rotate, sign_key, signs_from_words,
+                       walsh_hadamard_unscaled)
 from .params import KnobParams, Knob, check_size, check_vector, non_negative, read_params
 from .quant import check_ranges, decode_values, dequantize_blocks, encode_values, quantize_blocks
 
