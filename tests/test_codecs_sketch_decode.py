@@ -15,6 +15,7 @@ import pytest
 
 from edgetrain.sdk.codecs import get_codec, sketch
 from edgetrain.sdk.codecs.hadamard import random_signs
+from edgetrain.sdk.codecs.bitio import pack_uint
 from edgetrain.sdk.codecs.params import read_params
 from edgetrain.sdk.codecs.sketch import SketchCodec, encode_sketch, seeded_mask
 from edgetrain.sdk.errors import WireError
@@ -88,7 +89,7 @@ _SHAPES = [
     (1.0, 1 << 16, True, 215_370),  # the default: three full blocks and a padded tail
     (0.3, 1 << 10, True, 20_011),
     (1.0, 1 << 12, True, 4_096 + 100),  # a kernel-sized block and a tail too short for the kernels (128)
-    (1.0, 1 << 17, True, 150_000),  # a block wider than 2**16: more stages across the row than one pass
+    (1.0, 1 << 17, True, 150_000),  # wider than 2**16: more row stages than one pass, code sums past 2**24
     (1.0, 16, True, 1),
     (0.7, 64, False, 1_000),
 ]
@@ -99,8 +100,6 @@ _SHAPES = [
 @pytest.mark.parametrize("keep,block,rotate,size", _SHAPES)
 def test_decode_is_within_float32_rounding_of_the_float64_reference(bits: int, keep: float, block: int,
                                                                    rotate: bool, size: int, byte_signs: bool) -> None:
-    if rotate and block * (2**bits - 1) >= 2**24:
-        pytest.skip("H c may pass 2**24: the float32 transform is exact only below it (hadamard.walsh_hadamard_unscaled)")
     rng = np.random.default_rng(bits)
     vector = (rng.standard_normal(size) * rng.uniform(1e-4, 1e-1, size)).astype(np.float32)
     params = {"bits": bits, "keep": keep, "block": block, "rotate": rotate, "seed": 1234 + bits}
@@ -205,3 +204,37 @@ def test_padding_bits_are_refused_when_kernels_decode_the_blocks(bits: int) -> N
     corrupt = payload[:-1] + bytes([payload[-1] | 1])
     with pytest.raises(WireError, match="padding"):
         codec.decode(corrupt, vector.size, params)
+
+
+def test_rows_whose_code_sum_passes_2_to_24_count_it_exactly_on_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 2**18-value 8-bit block: its code sum passes 2**24, where float32 sums round. Both paths count it in
+    integers (the kernels from the packed bytes, numpy from the codes), so they still agree bit for bit, and
+    the first value is the float64 formula's."""
+    pytest.importorskip("numba")
+    size = 1 << 18
+    vector = np.random.default_rng(18).standard_normal(size).astype(np.float32)
+    params = {"bits": 8, "block": size, "seed": 5}
+    codec = get_codec("sketch")
+    payload, _ = codec.encode(vector, None, params)
+    compiled = codec.decode(payload, size, params)
+    monkeypatch.setattr(sketch, "compiled_kernels", lambda: None)
+    numpy_only = codec.decode(payload, size, params)
+    np.testing.assert_array_equal(compiled.view(np.uint32), numpy_only.view(np.uint32))
+    parsed = codec._parse(payload, size)
+    code_sum = int(parsed.codes().sum(dtype=np.int64))
+    assert code_sum >= 1 << 24
+    lo, step = (float(v) for v in parsed.ranges[0])
+    first = np.float32((lo * size + step * code_sum) / np.sqrt(size)) * np.float32(_reference_signs(0x73, 5, 1)[0])
+    assert compiled[0] == first
+
+
+def test_the_two_bit_code_sum_counts_every_code() -> None:
+    """The 2-bit kernel's integer code sum (used for rows of >= 2**23 values) against numpy's unpack."""
+    numba = pytest.importorskip("numba")
+    kernels = sketch.compiled_kernels()
+    assert kernels is not None
+    code_sum = numba.njit(lambda packed, start, count: kernels._two_bit_code_sum(packed, start, count))
+    codes = np.random.default_rng(3).integers(0, 4, 4096)
+    packed = np.frombuffer(pack_uint(codes, 2), dtype=np.uint8)
+    assert code_sum(packed, 0, 4096) == int(codes.sum())
+    assert code_sum(packed, 256, 1024) == int(codes[256:1280].sum())

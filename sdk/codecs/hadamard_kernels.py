@@ -30,6 +30,7 @@ import numpy as np
 from .hadamard import SPLITMIX_GAMMA, SPLITMIX_M1, SPLITMIX_M2
 
 CHUNK = 4096  # float32 values per cache block: 16 KB, half of a typical 32 KB L1 data cache
+FLOAT32_EXACT = 1 << 24  # integers up to here are exact in float32: a row's code sum below it needs no count
 
 
 @functools.cache
@@ -195,18 +196,22 @@ def _final_pass(x: np.ndarray, base: int, h: int, radix: int, scale: float, key:
 
 @_inline
 def _finish_row(x: np.ndarray, base: int, width: int, h: int, radix: int, lo: float, step: float, factor: float,
-                key: int, sign_at: int) -> None:
+                key: int, sign_at: int, exact_sum: int) -> None:
     """The row at ``base`` once its chunk-level stages are done: the stages across the row, the last pass
     (``h``, ``radix``) fused with ``sketch``'s scale (``step * factor``, float32) and the signs, then the
-    first entry, ``(lo n + step (H c)_0) factor`` in float64 (``H 1 = n e_0``), signed."""
+    first entry, ``(lo n + step (H c)_0) factor`` in float64 (``H 1 = n e_0``), signed. ``(H c)_0`` is the
+    row's code sum: ``exact_sum`` when the caller counted it (>= 0, for rows whose sum may pass 2**24, where
+    float32 sums round), else the transform's own first entry (exact below 2**24)."""
     chunk = min(CHUNK, width)
     if width > chunk and h == 4 * CHUNK:
         _stages(x, base, width, CHUNK, 4 * CHUNK)
     elif width > chunk:
         _stages(x, base, width, chunk, h)
-    total = np.float32(0)
-    for m in range(radix):  # (H c)_0 = the sum of the last pass's first column
-        total += x[base + m * h]
+    total = np.float64(exact_sum)
+    if exact_sum < 0:  # (H c)_0 = the sum of the last pass's first column, exact below 2**24
+        total = np.float64(x[base]) + np.float64(x[base + h])
+        for m in range(2, radix):
+            total += np.float64(x[base + m * h])
     scale = np.float32(step * factor)
     if h == 4 * CHUNK:  # the default 2**16 block (radix 4) and 2**15 tail (radix 2): a constant stride
         _final_pass(x, base, 4 * CHUNK, radix, scale, key, sign_at)
@@ -241,7 +246,18 @@ def unrotate_two_bit(packed: np.ndarray, table: np.ndarray, out: np.ndarray, seg
                 _two_bit_groups(packed, table, out, at, chunk)
                 _chunk_stages(out, at, chunk, 16, min(chunk, h))
             lo, step = ranges[first_row + r, 0], ranges[first_row + r, 1]
-            _finish_row(out, base, width, h, radix, lo, step, factor, key, base)
+            exact = _two_bit_code_sum(packed, base, width) if width * 3 >= FLOAT32_EXACT else -1
+            _finish_row(out, base, width, h, radix, lo, step, factor, key, base, exact)
+
+
+@_inline
+def _two_bit_code_sum(packed: np.ndarray, start: int, count: int) -> int:
+    """The sum of 2-bit codes ``start .. start + count`` (whole bytes), in integers."""
+    total = 0
+    for byte in packed[start // 4 : (start + count) // 4]:
+        value = np.int64(byte)
+        total += (value >> 6) + ((value >> 4) & 3) + ((value >> 2) & 3) + (value & 3)
+    return total
 
 
 @_inline
@@ -274,4 +290,19 @@ def unrotate_codes(packed: np.ndarray, bits: int, out: np.ndarray, segments: np.
                 _unpack_codes(packed, bits, out, at, chunk)
                 _chunk_stages(out, at, chunk, 1, min(chunk, h))
             lo, step = ranges[first_row + r, 0], ranges[first_row + r, 1]
-            _finish_row(out, base, width, h, radix, lo, step, factor, key, base)
+            exact = _code_sum(packed, bits, base, width) if width * ((1 << bits) - 1) >= FLOAT32_EXACT else -1
+            _finish_row(out, base, width, h, radix, lo, step, factor, key, base, exact)
+
+
+@_inline
+def _code_sum(packed: np.ndarray, bits: int, start: int, count: int) -> int:
+    """The sum of ``bits``-bit codes ``start .. start + count`` (multiples of 8), in integers."""
+    mask = (1 << bits) - 1
+    total = 0
+    for g in range(start // 8, (start + count) // 8):
+        word = 0
+        for b in range(bits):
+            word = (word << 8) | np.int64(packed[g * bits + b])
+        for k in range(8):
+            total += (word >> ((7 - k) * bits)) & mask
+    return total

@@ -72,13 +72,17 @@ def _power_of_two(value: int) -> bool:
     return value >= 1 and value & (value - 1) == 0
 
 
-def _unrotated_block_values(codes: np.ndarray, lo: np.ndarray, step: np.ndarray, keep: float) -> np.ndarray:
+def _unrotated_block_values(codes: np.ndarray, lo: np.ndarray, step: np.ndarray, keep: float, bits: int) -> np.ndarray:
     """``H (lo + step c) / (sqrt(n) keep)`` for each row of codes ``c`` (before ``D``'s signs), float32:
     ``H c`` exactly, times one float32 factor per block; the first entry also carries ``lo n``, in float64."""
     width = codes.shape[1]
     transformed = walsh_hadamard_unscaled(codes)
     factor = 1.0 / (math.sqrt(width) * keep)
-    first = (lo * width + step * transformed[:, 0].astype(np.float64)) * factor
+    # (H c)_0 is the row's code sum; float32 sums are exact below 2**24, beyond it count it in integers
+    # (lo n and step (H c)_0 cancel, so its rounding would be magnified), as the compiled kernels do.
+    code_sums = (codes.sum(axis=1, dtype=np.int64).astype(np.float64) if width * ((1 << bits) - 1) >= 1 << 24
+                 else transformed[:, 0].astype(np.float64))
+    first = (lo * width + step * code_sums) * factor
     transformed *= (step * factor).astype(np.float32)[:, None]
     transformed[:, 0] = first
     return transformed
@@ -315,7 +319,7 @@ def _unrotate_segments(payload: _SketchPayload, segments: tuple[_Segment, ...], 
         out = kept[seg.start : seg.start + seg.rows * seg.width]
         lo, step = _segment_ranges(payload, seg)
         block_codes = codes[seg.start : seg.start + out.size].reshape(seg.rows, seg.width)
-        out[:] = _unrotated_block_values(block_codes, lo, step, payload.keep).reshape(-1)
+        out[:] = _unrotated_block_values(block_codes, lo, step, payload.keep, payload.bits).reshape(-1)
         if words is not None:
             flip_by_sign_words(out, words, seg.start)
 
