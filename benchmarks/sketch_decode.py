@@ -62,14 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         kept = np.empty(payload.values, dtype=np.float32)
         key = timed("sign key", lambda: np.uint64(sign_key(payload.seed, 2)))  # the kernel derives the words
         layout = payload.layout
-        if args.bits == 2:
-            timed("kernel (unpack, transform, scale, signs)", lambda: kernels.unrotate_two_bit(
-                payload.packed, kernels.two_bit_table_cached(), kept, layout.kernel_table,
-                payload.ranges.astype(np.float64), payload.keep, key))
-        else:
-            timed("kernel (unpack, transform, scale, signs)", lambda: kernels.unrotate_codes(
-                payload.packed, args.bits, kept, layout.kernel_table, payload.ranges.astype(np.float64), payload.keep,
-                key))
+        timed("kernel (unpack, transform, scale, signs)", lambda: kernels.unrotate(
+            payload.packed, args.bits, kernels.two_bit_table_cached(), kept, layout.kernel_table,
+            payload.ranges.astype(np.float64), payload.keep, key))
     for i in range(args.repeats):  # apart: with the steps' arrays beside it the working set would be twice a decode's
         data = payloads[i % args.payloads]
         timed("whole decode", lambda: codec.decode(data, args.size, {}))

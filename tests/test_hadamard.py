@@ -77,7 +77,7 @@ def test_flipping_by_sign_words_is_multiplying_by_those_signs_from_start(start: 
 
 @pytest.mark.parametrize("width", [256, 512, 4096, 8192, 1 << 15, 1 << 16, 1 << 17])
 def test_the_compiled_codes_transform_equals_the_definition(width: int) -> None:
-    """Rows of random 8-bit codes through ``unrotate_codes`` with step 1, lo 0, factor 1 (keep = 1/sqrt(n)):
+    """Rows of random 8-bit codes through ``unrotate`` with step 1, lo 0, factor 1 (keep = 1/sqrt(n)):
     exactly D H c, for every row width's mix of chunk and row passes (the signs from the same key)."""
     pytest.importorskip("numba")
     kernels = compiled_kernels()
@@ -87,7 +87,8 @@ def test_the_compiled_codes_transform_equals_the_definition(width: int) -> None:
     out = np.empty(rows * width, dtype=np.float32)
     segments = np.array([[0, 0, rows, width]], dtype=np.int64)
     ranges = np.array([[0.0, 1.0]] * rows)
-    kernels.unrotate_codes(codes, 8, out, segments, ranges, 1.0 / np.sqrt(width), np.uint64(sign_key(width, 2)))
+    kernels.unrotate(codes, 8, kernels.two_bit_table_cached(), out, segments, ranges, 1.0 / np.sqrt(width),
+                     np.uint64(sign_key(width, 2)))
     signs = signs_from_words(random_sign_words(width, 2, rows * width), rows * width)
     expected = walsh_hadamard_unscaled(codes.reshape(rows, width).astype(np.float32)).reshape(-1) * signs  # exact
     np.testing.assert_array_equal(out, expected)

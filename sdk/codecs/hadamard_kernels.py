@@ -227,37 +227,33 @@ def _row_factor(width: int, keep: float) -> float:
 
 
 @_jit
-def unrotate_two_bit(packed: np.ndarray, table: np.ndarray, out: np.ndarray, segments: np.ndarray, ranges: np.ndarray,
-                     keep: float, key: int) -> None:
-    """``out`` = the sketch's kept values from MSB-first 2-bit codes packed 4 to a byte in ``packed``: each
-    row ``r`` (``segments``: (start, first range row, rows, width) per segment, widths powers of two >= 256,
-    starts multiples of 64) is ``D H (lo[r] + step[r] c) / (sqrt(width) keep)``, ``ranges`` holding (lo,
-    step) per row in float64 and the signs of ``D`` the bits of ``hadamard.random_sign_words`` from the
-    SplitMix64 state ``key`` (``hadamard.sign_key``), each word computed where it is used. Each L1-sized chunk is
-    unpacked and transformed while it is hot."""
+def unrotate(packed: np.ndarray, bits: int, table: np.ndarray, out: np.ndarray, segments: np.ndarray,
+             ranges: np.ndarray, keep: float, key: int) -> None:
+    """``out`` = the sketch's kept values from the MSB-first ``bits``-bit codes (1..8) in ``packed``: each row
+    ``r`` (``segments``: (start, first range row, rows, width) per segment, widths powers of two >= 256, starts
+    multiples of 64) is ``D H (lo[r] + step[r] c) / (sqrt(width) keep)``, ``ranges`` holding (lo, step) per row
+    in float64 and the signs of ``D`` the bits of ``hadamard.random_sign_words`` from the SplitMix64 state
+    ``key`` (``hadamard.sign_key``), each word computed where it is used. Each L1-sized chunk is unpacked and
+    transformed while it is hot: 2-bit codes through ``table`` (``two_bit_table``) with their first four
+    stages, other widths eight codes at a time."""
+    first_stage = 16 if bits == 2 else 1
     for s in range(segments.shape[0]):
         start, first_row, rows, width = segments[s, 0], segments[s, 1], segments[s, 2], segments[s, 3]
         chunk = min(CHUNK, width)
-        h, radix = _last_pass(width, 16)
+        h, radix = _last_pass(width, first_stage)
         factor = _row_factor(width, keep)
+        may_round = width * ((1 << bits) - 1) >= FLOAT32_EXACT  # the row's code sum may pass float32's integers
         for r in range(rows):
             base = start + r * width
             for at in range(base, base + width, chunk):
-                _two_bit_groups(packed, table, out, at, chunk)
-                _chunk_stages(out, at, chunk, 16, min(chunk, h))
+                if bits == 2:
+                    _two_bit_groups(packed, table, out, at, chunk)
+                else:
+                    _unpack_codes(packed, bits, out, at, chunk)
+                _chunk_stages(out, at, chunk, first_stage, min(chunk, h))
             lo, step = ranges[first_row + r, 0], ranges[first_row + r, 1]
-            exact = _two_bit_code_sum(packed, base, width) if width * 3 >= FLOAT32_EXACT else -1
+            exact = _code_sum(packed, bits, base, width) if may_round else -1
             _finish_row(out, base, width, h, radix, lo, step, factor, key, base, exact)
-
-
-@_inline
-def _two_bit_code_sum(packed: np.ndarray, start: int, count: int) -> int:
-    """The sum of 2-bit codes ``start .. start + count`` (whole bytes), in integers."""
-    total = 0
-    for byte in packed[start // 4 : (start + count) // 4]:
-        value = np.int64(byte)
-        total += (value >> 6) + ((value >> 4) & 3) + ((value >> 2) & 3) + (value & 3)
-    return total
 
 
 @_inline
@@ -272,26 +268,6 @@ def _unpack_codes(packed: np.ndarray, bits: int, out: np.ndarray, start: int, co
         group = out[8 * g : 8 * g + 8]
         for k in range(8):
             group[k] = np.float32((word >> ((7 - k) * bits)) & mask)
-
-
-@_jit
-def unrotate_codes(packed: np.ndarray, bits: int, out: np.ndarray, segments: np.ndarray, ranges: np.ndarray,
-                   keep: float, key: int) -> None:
-    """``unrotate_two_bit`` for codes of any width ``bits`` (1..8) in the MSB-first bitstream ``packed``,
-    unpacked chunk by chunk."""
-    for s in range(segments.shape[0]):
-        start, first_row, rows, width = segments[s, 0], segments[s, 1], segments[s, 2], segments[s, 3]
-        chunk = min(CHUNK, width)
-        h, radix = _last_pass(width, 1)
-        factor = _row_factor(width, keep)
-        for r in range(rows):
-            base = start + r * width
-            for at in range(base, base + width, chunk):
-                _unpack_codes(packed, bits, out, at, chunk)
-                _chunk_stages(out, at, chunk, 1, min(chunk, h))
-            lo, step = ranges[first_row + r, 0], ranges[first_row + r, 1]
-            exact = _code_sum(packed, bits, base, width) if width * ((1 << bits) - 1) >= FLOAT32_EXACT else -1
-            _finish_row(out, base, width, h, radix, lo, step, factor, key, base, exact)
 
 
 @_inline

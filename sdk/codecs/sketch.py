@@ -295,10 +295,7 @@ def _unrotate_compiled(kernels: ModuleType, payload: _SketchPayload, kept: np.nd
     """The layout's kernel segments (widths >= _KERNEL_MIN_WIDTH) through the compiled kernels, in one call."""
     table, ranges = payload.layout.kernel_table, payload.ranges.astype(np.float64)
     key = np.uint64(sign_key(payload.seed, _SIGN_STREAM))
-    if payload.bits == 2:
-        kernels.unrotate_two_bit(payload.packed, kernels.two_bit_table_cached(), kept, table, ranges, payload.keep, key)
-    else:
-        kernels.unrotate_codes(payload.packed, payload.bits, kept, table, ranges, payload.keep, key)
+    kernels.unrotate(payload.packed, payload.bits, kernels.two_bit_table_cached(), kept, table, ranges, payload.keep, key)
 
 
 def _dequantize_segments(payload: _SketchPayload, segments: tuple[_Segment, ...], codes: np.ndarray,
