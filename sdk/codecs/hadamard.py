@@ -99,18 +99,18 @@ def flip_random_signs(values: np.ndarray, seed: int, stream: int) -> None:
 SPLITMIX_GAMMA = 0x9E3779B97F4A7C15
 SPLITMIX_M1 = 0xBF58476D1CE4E5B9
 SPLITMIX_M2 = 0x94D049BB133111EB
-_U64 = (1 << 64) - 1
 
 
-def _splitmix_mix(z: int) -> int:
-    z = ((z ^ (z >> 30)) * SPLITMIX_M1) & _U64
-    z = ((z ^ (z >> 27)) * SPLITMIX_M2) & _U64
-    return z ^ (z >> 31)
+def _splitmix_mix(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's output mix of each uint64 in ``z`` (wrapping mod 2**64)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(SPLITMIX_M1)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(SPLITMIX_M2)
+    return z ^ (z >> np.uint64(31))
 
 
 def sign_key(seed: int, stream: int) -> int:
     """The SplitMix64 state the signs of ``(seed, stream)`` start from: ``mix(seed) XOR stream``."""
-    return _splitmix_mix(seed & _U64) ^ stream
+    return int(_splitmix_mix(np.array([seed], dtype=np.uint64))[0]) ^ stream
 
 
 def random_sign_words(seed: int, stream: int, n: int) -> np.ndarray:
@@ -118,11 +118,8 @@ def random_sign_words(seed: int, stream: int, n: int) -> np.ndarray:
     ``i`` is +1 where bit ``i % 64`` of word ``i // 64`` is set, word ``w`` being SplitMix64's output
     ``mix(sign_key(seed, stream) + (w + 1) γ)`` (mod 2**64). 64 signs per word, and any word computable on
     its own: the compiled decoder computes them as it signs (hadamard_kernels)."""
-    count = -(-n // 64)
-    z = np.uint64(sign_key(seed, stream)) + np.arange(1, count + 1, dtype=np.uint64) * np.uint64(SPLITMIX_GAMMA)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(SPLITMIX_M1)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(SPLITMIX_M2)
-    return z ^ (z >> np.uint64(31))
+    counters = np.arange(1, -(-n // 64) + 1, dtype=np.uint64)
+    return _splitmix_mix(np.uint64(sign_key(seed, stream)) + counters * np.uint64(SPLITMIX_GAMMA))
 
 
 def _word_bits(words: np.ndarray, start: int, count: int) -> np.ndarray:
@@ -158,8 +155,9 @@ class _CompiledKernels:
         self._tried = False
 
     def get(self) -> ModuleType | None:
-        # Imported on first use, not with this module: numba costs ~0.3 s and ~65 MB to import, which a
-        # process that never decodes a rotated sketch should not pay.
+        # Imported on first use, not with this module: numba costs ~0.25 s and ~77 MB to import
+        # (docs/results/hot_path/sketch-startup.txt), which a process that never decodes a rotated sketch
+        # should not pay.
         if not self._tried:
             self._tried = True
             try:

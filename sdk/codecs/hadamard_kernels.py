@@ -1,11 +1,11 @@
 """Compiled (numba) kernels for the sketch decoder's inverse rotation: the fast Walsh-Hadamard transform
 of the integer quantisation codes, the per-block scale and the sign flips of ``D``.
 
-Loaded only through ``hadamard.compiled_kernels()``: numba costs ~0.3 s and ~65 MB to import, which a
+Loaded only through ``hadamard.compiled_kernels()``: numba costs ~0.25 s and ~77 MB to import, which a
 process that never decodes a sketch (every device, most aggregators) should not pay. Each kernel does
 exactly the float operations of the numpy path in ``sketch``/``hadamard`` (integer sums, exact in float32
 below 2**24; one float32 multiply per value; the block's first entry in float64), so the two paths give
-bit-identical vectors (tests/test_hadamard_kernels.py).
+bit-identical vectors (tests/test_codecs_sketch_decode.py, tests/test_hadamard.py).
 
 The transform is the iterative radix-2 FWHT (Fino & Algazi, "Unified matrix treatment of the fast
 Walsh-Hadamard transform", IEEE Trans. Computers 1976) with several stages per pass over the data, cache-
@@ -15,10 +15,10 @@ first four stages come with unpacking: a 256-entry table holds ``H_4`` of the fo
 one radix-4 butterfly combines four bytes.
 
 Why the shapes below: LLVM vectorises a butterfly loop only when it can prove that its loads and stores do
-not overlap. With one slice and offsets that are compile-time constants (``CHUNK``-sized passes, the
-literal branches) it can; with a runtime stride it needs a runtime check per pair of slices, which it
-gives up on past a few, so the general (rarer) sizes use radix-4 passes over four slices. Measured on the
-default 215,370-value payload: radix-16 chunk passes take half the time of radix-4 ones.
+not overlap. With one slice and offsets that are compile-time constants (the ``CHUNK``-sized passes of
+``_chunk_stages``) it can; with a runtime stride it needs a runtime check per pair of slices, which it
+gives up on past a few, so the passes across a row are radix-4 over four slices. In development
+measurements on the default 215,370-value payload, radix-16 chunk passes took half the time of radix-4 ones.
 """
 from __future__ import annotations
 
@@ -203,9 +203,7 @@ def _finish_row(x: np.ndarray, base: int, width: int, h: int, radix: int, lo: fl
     row's code sum: ``exact_sum`` when the caller counted it (>= 0, for rows whose sum may pass 2**24, where
     float32 sums round), else the transform's own first entry (exact below 2**24)."""
     chunk = min(CHUNK, width)
-    if width > chunk and h == 4 * CHUNK:
-        _stages(x, base, width, CHUNK, 4 * CHUNK)
-    elif width > chunk:
+    if width > chunk:
         _stages(x, base, width, chunk, h)
     total = np.float64(exact_sum)
     if exact_sum < 0:  # (H c)_0 = the sum of the last pass's first column, exact below 2**24
@@ -213,10 +211,7 @@ def _finish_row(x: np.ndarray, base: int, width: int, h: int, radix: int, lo: fl
         for m in range(2, radix):
             total += np.float64(x[base + m * h])
     scale = np.float32(step * factor)
-    if h == 4 * CHUNK:  # the default 2**16 block (radix 4) and 2**15 tail (radix 2): a constant stride
-        _final_pass(x, base, 4 * CHUNK, radix, scale, key, sign_at)
-    else:
-        _final_pass(x, base, h, radix, scale, key, sign_at)
+    _final_pass(x, base, h, radix, scale, key, sign_at)
     first = np.float32((lo * width + step * np.float64(total)) * factor)
     x[base] = first if _sign_word(key, sign_at // 64) & np.uint64(1) else -first
 

@@ -8,7 +8,6 @@ probabilistic quantisation of Konečný et al. 2016).
 from __future__ import annotations
 
 import math
-
 import struct
 from collections.abc import Mapping
 from typing import Any, ClassVar

@@ -99,6 +99,18 @@ class _Segment:
 
 
 @dataclass(frozen=True)
+class _Layout:
+    """How ``kept_count`` values travel in blocks: the segments, the values sent (the kept ones plus the
+    tail's padding), the rows (one range each) and, for the compiled kernels, the segments they take."""
+
+    segments: tuple[_Segment, ...]
+    values: int
+    rows: int
+    kernel_segments: tuple[_Segment, ...]
+    kernel_table: np.ndarray  # (start, first range row, rows, width) of each kernel segment, int64, read-only
+
+
+@dataclass(frozen=True)
 class _SketchPayload:
     """A sketch payload's header and fields, checked against the size it must decode to."""
 
@@ -125,18 +137,6 @@ class _SketchPayload:
 
     def codes(self) -> np.ndarray:
         return unpack_uint8(self.packed, self.bits, self.values)
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """How ``kept_count`` values travel in blocks: the segments, the values sent (the kept ones plus the
-    tail's padding), the rows (one range each) and, for the compiled kernels, the segments they take."""
-
-    segments: tuple[_Segment, ...]
-    values: int
-    rows: int
-    kernel_segments: tuple[_Segment, ...]
-    kernel_table: np.ndarray  # (start, first range row, rows, width) of each kernel segment, int64, read-only
 
 
 @functools.lru_cache(maxsize=64)
@@ -208,9 +208,9 @@ class SketchCodec(KnobParams):
         return out
 
     def warm_up(self, params: Mapping[str, Any]) -> None:
-        """Compile, or load from numba's cache, the kernel that updates of this spec will use: a few seconds
-        the first time on a machine, ~0.5 s after, paid here (at the aggregator's start) rather than by the
-        first update of round 1."""
+        """Compile, or load from numba's cache, the kernel that updates of this spec will use: ~10 s the
+        first time on a machine, ~0.6 s after (sketch-startup.txt), paid here (at the aggregator's start)
+        rather than by the first update of round 1."""
         p = read_params(self.name, params, self._knobs)
         if p["rotate"] and compiled_kernels() is not None:
             vector = np.zeros(2 * _KERNEL_MIN_WIDTH, dtype=np.float32)
